@@ -1,0 +1,136 @@
+"""``ocixfs mount``: validate an image and serve it at a mountpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+NAME = "mount"
+HELP = "mount an image read-only, fetching file contents lazily"
+DESCRIPTION = """\
+Mount IMAGE (a local .ocix file or an http(s) URL) read-only at MOUNTPOINT.
+
+The manifest is downloaded (if a URL), pinned (--digest) and validated before anything is
+mounted. File contents are fetched from the blob store(s) only when first read, verified
+against their BLAKE3 hash and kept in the local cache, which every mount on the host shares.
+
+Without --foreground the command returns once the mount serves requests (exit 0) or has
+failed (exit 1 with the reason), leaving a daemon in the background. With --foreground it
+stays attached and tells systemd (NOTIFY_SOCKET) when it is ready. SIGTERM or SIGINT, or
+'ocixfs umount MOUNTPOINT', unmount cleanly.
+
+examples:
+  ocixfs mount debian.ocix /mnt/root --store https://blobs.example.org/store/
+  ocixfs mount https://example.org/images/app.ocix /mnt/app \\
+      --digest b3:3f1c… --store https://cdn-a/store/ --store https://cdn-b/store/
+"""
+
+FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
+              "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
+              "nofail", "_netdev", "user", "nouser", "users", "defaults"}
+VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="manifest file or http(s) URL")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory")
+    parser.add_argument("--store", action="append", default=[], metavar="URL",
+                        help="blob store (http(s)://, file://, or a directory); repeat for "
+                        "mirrors, tried in order (default: the manifest's directory)")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="local cache shared by all mounts (default /var/cache/ocixfs as "
+                        "root, else $XDG_CACHE_HOME/ocixfs)")
+    parser.add_argument("--digest", metavar="b3:HEX", help="refuse a manifest with another hash")
+    parser.add_argument("--deadline", type=float, default=30.0, metavar="SECONDS",
+                        help="a read that cannot be served within this time fails with EIO "
+                        "(default 30)")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground (for systemd Type=notify)")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="comma-separated mount options: suid, dev (opt in), allow_other, "
+                        "store=URL, cache=DIR, digest=b3:HEX, deadline=SECONDS, log=FILE")
+    parser.add_argument("--log-file", type=Path, metavar="FILE",
+                        help="where the background daemon logs (default: the runtime dir)")
+    parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+
+
+def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]]:
+    """Split ``-o`` strings into flags and ``key=value`` pairs; ``x-*`` options are ignored."""
+    from ..errors import UsageError
+
+    flags: set[str] = set()
+    values: dict[str, list[str]] = {}
+    for group in text:
+        for option in filter(None, group.split(",")):
+            key, sep, value = option.partition("=")
+            if key.startswith(("x-", "comment")):
+                continue
+            if sep and key in VALUE_OPTIONS:
+                values.setdefault(key, []).append(value)
+            elif not sep and key in FUSE_FLAGS:
+                flags.add(key)
+            else:
+                raise UsageError(f"unknown mount option {option!r}")
+    if "rw" in flags:
+        raise UsageError("ocixfs mounts are read-only; option 'rw' is not supported")
+    return flags, values
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cache import default_cache_dir
+    from ..daemon import MountConfig, check_mountpoint, run_background, run_foreground
+    from ..errors import UsageError
+    from ..image import default_store_for, is_url, load_image
+    from ..stores import normalize_store
+    from ..tree import Tree
+
+    flags, values = parse_mount_options(args.options)
+    stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
+    digest = args.digest or (values["digest"][-1] if "digest" in values else None)
+    image = load_image(args.image, expected_digest=digest)
+    if not stores:
+        default = default_store_for(args.image)
+        if default is None:
+            raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
+        stores = [default]
+    cache_values = values.get("cache", []) + values.get("cache_dir", [])
+    cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
+    deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
+    if deadline <= 0:
+        raise UsageError("--deadline must be positive")
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    check_mountpoint(mountpoint)
+    tree = Tree.from_manifest(image.manifest)
+    log_file = args.log_file or (Path(values["log"][-1]) if "log" in values else None)
+    if log_file is None and not args.foreground:
+        log_file = _default_log_file(mountpoint)
+    config = MountConfig(
+        image=args.image if is_url(args.image) else os.path.abspath(args.image),
+        mountpoint=mountpoint,
+        stores=tuple(stores),
+        cache_dir=cache_dir,
+        read_deadline=deadline,
+        suid="suid" in flags,
+        dev="dev" in flags,
+        allow_other=os.geteuid() == 0 or "allow_other" in flags,
+        fsname=_fsname(args.image),
+        log_file=log_file,
+        debug_fuse=args.debug_fuse,
+    )
+    if args.foreground:
+        return run_foreground(config, tree, image.digest)
+    return run_background(config, tree, image.digest)
+
+
+def _default_log_file(mountpoint: Path) -> Path:
+    from ..control import mount_id, runtime_dir
+
+    runtime_dir().mkdir(mode=0o755, parents=True, exist_ok=True)
+    return runtime_dir() / f"{mount_id(mountpoint)}.log"
+
+
+def _fsname(image: str) -> str:
+    """The mount source shown by mount(8) and df: the image name, made option-safe."""
+    name = image.rstrip("/").rsplit("/", 1)[-1] or "ocixfs"
+    return "".join(c if c.isalnum() or c in "._-:+@" else "_" for c in name)[:200]

@@ -1,0 +1,81 @@
+"""The exceptions ocixfs raises, and where each family comes from.
+
+::
+
+    OcixError                    base of everything ocixfs raises on purpose
+    ├── FormatError              a manifest (or profile) is malformed or violates a limit
+    ├── BuildError               a build source is unusable (bad layer, escaping path, ...)
+    ├── StoreError               a blob store could not be written or read locally
+    ├── CacheError               the local cache could not store or serve a blob
+    │   └── CacheFullError       ... because the disk or the quota is full
+    ├── FetchError               no source delivered a verified blob (HTTP, file://)
+    │   ├── BlobNotFound         every source answered "not there"
+    │   ├── BlobCorrupt          a source delivered bytes whose hash did not match
+    │   └── FetchTimeout         the overall deadline passed
+    └── UsageError               the user asked for something impossible (bad option, ...)
+
+Lower-level errors (httpx, OSError, cbor2) are translated into these at exactly one place
+per layer: the fetcher for the network, the format decoder for CBOR. The FUSE layer maps
+every ``OcixError`` (and anything unexpected) to ``EIO``; the command line prints the
+message as one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlobCorrupt",
+    "BlobNotFound",
+    "BuildError",
+    "CacheError",
+    "CacheFullError",
+    "FetchError",
+    "FetchTimeout",
+    "FormatError",
+    "OcixError",
+    "StoreError",
+    "UsageError",
+]
+
+
+class OcixError(Exception):
+    """Base class: a failure ocixfs understands and can explain in one line."""
+
+
+class FormatError(OcixError):
+    """A manifest or profile is not valid OCIX (or exceeds a safety limit)."""
+
+
+class BuildError(OcixError):
+    """A build source cannot be turned into an image."""
+
+
+class StoreError(OcixError):
+    """A blob store could not be read or written."""
+
+
+class CacheError(OcixError):
+    """The local cache could not store or serve a blob."""
+
+
+class CacheFullError(CacheError):
+    """No space (disk or quota) to store a blob."""
+
+
+class FetchError(OcixError):
+    """No source delivered a verified copy of a blob."""
+
+
+class BlobNotFound(FetchError):
+    """Every source said the blob does not exist."""
+
+
+class BlobCorrupt(FetchError):
+    """A source delivered bytes whose BLAKE3 hash did not match the name."""
+
+
+class FetchTimeout(FetchError):
+    """The overall deadline for a blob passed."""
+
+
+class UsageError(OcixError):
+    """The command line asked for something that cannot be done."""
