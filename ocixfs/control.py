@@ -104,11 +104,11 @@ class ControlServer:
     def bind(self) -> trio.socket.SocketType:
         """Create the listening socket (replacing a stale one) before the mount goes live."""
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.path.unlink(missing_ok=True)
-        sock._sock.bind(os.fspath(self.path))  # sync bind: path is local, no await needed
+        sock.bind(os.fspath(self.path))
         sock.listen(16)
-        return sock
+        return trio.socket.from_stdlib_socket(sock)
 
     async def serve(self, sock: trio.socket.SocketType) -> None:
         """Accept and answer requests until cancelled; remove the socket file at the end."""

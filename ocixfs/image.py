@@ -29,7 +29,9 @@ def is_url(text: str) -> bool:
     return urlsplit(text).scheme in ("http", "https")
 
 
-def read_manifest_bytes(source: str, *, limits: Limits = DEFAULT_LIMITS, timeout: float = 30.0) -> bytes:
+def read_manifest_bytes(
+    source: str, *, limits: Limits = DEFAULT_LIMITS, timeout: float = 30.0
+) -> bytes:
     """The raw bytes of a manifest, refusing anything larger than ``limits.max_bytes``."""
     if is_url(source):
         return _download(source, limits.max_bytes, timeout)

@@ -113,4 +113,6 @@ class MountSession:
             if all(self._reader.is_cached(chunk) for chunk in blobs):
                 files_local += 1
                 size_local += node.size
-        return {"files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local}
+        return {
+            "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
+        }

@@ -7,6 +7,7 @@ mount behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -21,13 +22,21 @@ OCIXFS = [sys.executable, "-m", "ocixfs"]
 
 
 def fuse_available() -> bool:
-    return os.path.exists("/dev/fuse") and os.geteuid() == 0 and shutil.which("fusermount3") is not None
+    return (
+        os.path.exists("/dev/fuse")
+        and os.geteuid() == 0
+        and shutil.which("fusermount3") is not None
+    )
 
 
-needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs root, /dev/fuse and fusermount3")
+needs_fuse = pytest.mark.skipif(
+    not fuse_available(), reason="needs root, /dev/fuse and fusermount3"
+)
 
 
-def run_ocixfs(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_ocixfs(
+    *args: str, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([*OCIXFS, *args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"ocixfs {' '.join(args)} exited {result.returncode}: {result.stderr}")
@@ -97,7 +106,5 @@ class Mount:
 
 
 def _kill_quietly(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 9)
-    except ProcessLookupError:
-        pass

@@ -1,0 +1,95 @@
+"""A throw-away nginx serving a directory on a loopback port, with an access log to count
+requests. Skips the test when nginx is not installed (scripts/install installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+CONFIG = """\
+daemon off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {work}/access.log;
+    client_body_temp_path {work}/tmp;
+    proxy_temp_path {work}/tmp;
+    fastcgi_temp_path {work}/tmp;
+    uwsgi_temp_path {work}/tmp;
+    scgi_temp_path {work}/tmp;
+    types {{ application/json json; }}
+    default_type application/octet-stream;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Nginx:
+    """``with Nginx(root, work) as server: server.url`` — stopped on exit, always."""
+
+    def __init__(self, root: Path, work: Path) -> None:
+        if not os.path.exists(NGINX):
+            pytest.skip("nginx is not installed (scripts/install installs nginx-light)")
+        self.root = root
+        self.work = work
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Nginx:
+        (self.work / "tmp").mkdir(parents=True, exist_ok=True)
+        config = self.work / "nginx.conf"
+        config.write_text(CONFIG.format(work=self.work, port=self.port, root=self.root))
+        self.process = subprocess.Popen(
+            [NGINX, "-c", os.fspath(config), "-e", os.fspath(self.work / "error.log")]
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        "nginx did not start: " + (self.work / "error.log").read_text()
+                    ) from None
+                time.sleep(0.02)
+
+    def requests(self) -> list[str]:
+        """The request paths logged so far."""
+        log = self.work / "access.log"
+        if not log.exists():
+            return []
+        return [
+            line.split('"')[1].split()[1] for line in log.read_text().splitlines() if '"' in line
+        ]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
