@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from .errors import OcixError, UsageError
+from .profile import Profile
 
 __all__ = ["MountConfig", "check_mountpoint", "mount_options", "run_background", "run_foreground"]
 
@@ -52,7 +53,10 @@ class MountConfig:
     fsname: str = "ocixfs"
     log_file: Path | None = None
     debug_fuse: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    profile: Profile | None = None
+    fill_rest: bool = False
+    record_profile: Path | None = None
+    prefetch_concurrency: int = 16
 
 
 def mount_options(config: MountConfig) -> set[str]:

@@ -16,6 +16,8 @@ import pyfuse3
 import trio
 
 from .control import ControlServer
+from .prefetch import Prefetcher, cached_profile_path, plan, save_profile
+from .profile import AccessRecorder
 
 if TYPE_CHECKING:
     from .daemon import MountConfig
@@ -38,18 +40,21 @@ class MountSession:
         self.started = time.monotonic()
         self._ops: Operations | None = None
         self._reader: Reader | None = None
+        self._recorder = AccessRecorder()
+        self._prefetcher: Prefetcher | None = None
 
     async def serve(self, ready: Callable[[], None]) -> None:
         from .daemon import mount_options
         from .fs import Operations
-        from .reader import ReaderConfig, open_reader
+        from .config import FetchConfig, ReaderConfig
+        from .reader import open_reader
 
-        reader_config = ReaderConfig(read_deadline=self.config.read_deadline)
+        reader_config = ReaderConfig(fetch=FetchConfig(deadline=self.config.read_deadline))
         async with AsyncExitStack() as stack:
             reader = await stack.enter_async_context(
                 open_reader(self.config.stores, self.config.cache_dir, reader_config)
             )
-            ops = Operations(self.tree, reader)
+            ops = Operations(self.tree, reader, access_log=self._recorder)
             self._ops, self._reader = ops, reader
             control = self._control_server()
             listening = control.bind()
@@ -59,11 +64,30 @@ class MountSession:
                     nursery.start_soon(control.serve, listening)
                     nursery.start_soon(self._stop_on_signals)
                     nursery.start_soon(self._announce_when_serving, ready)
+                    self._start_prefetch(nursery, reader)
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
             finally:
                 pyfuse3.close(unmount=True)
+                self._save_profiles()
         log.info("%s: unmounted", self.config.mountpoint)
+
+    def _start_prefetch(self, nursery: trio.Nursery, reader: Reader) -> None:
+        chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
+        if not chunks:
+            return
+        self._prefetcher = Prefetcher(reader, concurrency=self.config.prefetch_concurrency)
+        nursery.start_soon(self._prefetcher.run, chunks)
+
+    def _save_profiles(self) -> None:
+        """Keep what this mount saw: for the next mount on this host, and where asked."""
+        if not len(self._recorder):
+            return
+        recorded = self._recorder.profile()
+        cached = cached_profile_path(self.config.cache_dir, self.image_digest)
+        save_profile(cached, recorded)
+        if self.config.record_profile is not None:
+            save_profile(self.config.record_profile, recorded)
 
     async def _announce_when_serving(self, ready: Callable[[], None]) -> None:
         await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
@@ -81,7 +105,11 @@ class MountSession:
         control = ControlServer(self.config.mountpoint)
         control.register("pid", self._pid)
         control.register("stats", self._stats)
+        control.register("profile", self._profile)
         return control
+
+    async def _profile(self, _message: dict[str, Any]) -> dict[str, Any]:
+        return {"entries": [list(entry) for entry in self._recorder.profile().entries]}
 
     async def _pid(self, _message: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid()}
@@ -100,6 +128,8 @@ class MountSession:
             "fs": self._ops.statistics().as_dict(),
             "reader": self._reader.statistics().as_dict(),
             "image_files": present,
+            "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
+            "profile_files": len(self._recorder),
         }
 
     def _local_presence(self) -> dict[str, int]:

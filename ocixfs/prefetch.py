@@ -13,19 +13,30 @@ never raised: a prefetch that fails simply leaves the read to fetch on demand.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import trio
 
-from .errors import OcixError
+from .errors import FormatError, OcixError
+from .fetcher import Priority
 from .format import Chunk
-from .profile import Profile
+from .profile import MAX_PROFILE_BYTES, Profile, decode_profile, encode_profile
 from .tree import Node, Tree
 
-__all__ = ["BackgroundFetcher", "Prefetcher", "PrefetchStats", "plan"]
+__all__ = [
+    "BackgroundFetcher",
+    "PrefetchStats",
+    "Prefetcher",
+    "cached_profile_path",
+    "locate_profile",
+    "plan",
+    "save_profile",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ DEFAULT_CONCURRENCY = 16
 class BackgroundFetcher(Protocol):
     def is_cached(self, chunk: Chunk) -> bool: ...
 
-    async def prefetch(self, chunk: Chunk) -> None: ...
+    async def ensure(self, chunk: Chunk, *, priority: Priority) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +110,10 @@ class Prefetcher:
         self._finished_at = time.monotonic()
         log.info(
             "prefetch finished: %d blobs, %d bytes in %.1f s (%d failed)",
-            self._done_blobs, self._done_bytes, self._finished_at - self._started, self._failed,
+            self._done_blobs,
+            self._done_bytes,
+            self._finished_at - self._started,
+            self._failed,
         )
 
     async def _worker(self, queue: Iterable[Chunk]) -> None:
@@ -108,7 +122,7 @@ class Prefetcher:
                 self._count_done(chunk)
                 continue
             try:
-                await self._fetcher.prefetch(chunk)
+                await self._fetcher.ensure(chunk, priority=Priority.PREFETCH)
             except OcixError as exc:
                 self._failed += 1
                 log.warning("prefetch of %s failed: %s", chunk.hex, exc)
@@ -130,3 +144,85 @@ class Prefetcher:
             finished=self._finished,
             seconds=round(end - self._started, 3) if self._started else 0.0,
         )
+
+
+# ----------------------------------------------------------------------------------------
+# Finding the profile for a mount
+
+
+def cached_profile_path(cache_dir: Path, image_digest: str) -> Path:
+    """Where a host keeps the profile it recorded for an image (keyed by manifest hash)."""
+    return cache_dir / "profiles" / f"{image_digest.removeprefix('b3:')}.profile"
+
+
+def locate_profile(mode: str, image: str, cache_dir: Path, image_digest: str) -> Profile | None:
+    """The profile a mount plays back for ``--prefetch MODE``.
+
+    ``none``: no profile. A file name: that file (an unreadable or invalid one is an
+    error). ``auto``/``all``: ``IMAGE.profile`` beside the manifest (also for URLs), else
+    the one this host recorded for the image, else none; a broken one is logged and ignored.
+    """
+    from .image import is_url
+
+    if mode == "none":
+        return None
+    if mode not in ("auto", "all"):
+        return _read_profile(Path(mode), strict=True)
+    beside = (
+        _fetch_profile_url(image + ".profile")
+        if is_url(image)
+        else _read_profile(Path(image + ".profile"), strict=False)
+    )
+    return beside or _read_profile(cached_profile_path(cache_dir, image_digest), strict=False)
+
+
+def _read_profile(path: Path, *, strict: bool) -> Profile | None:
+    from .errors import UsageError
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+    except FileNotFoundError:
+        if strict:
+            raise UsageError(f"{path}: no such profile") from None
+        return None
+    except OSError as exc:
+        if strict:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        return None
+    return _decode_or_warn(data, os.fspath(path), strict=strict)
+
+
+def _fetch_profile_url(url: str) -> Profile | None:
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=10, follow_redirects=True)
+    except httpx.HTTPError as exc:
+        log.warning("%s: %s", url, exc)
+        return None
+    if response.status_code != 200:
+        return None
+    return _decode_or_warn(response.content, url, strict=False)
+
+
+def _decode_or_warn(data: bytes, source: str, *, strict: bool) -> Profile | None:
+    try:
+        return decode_profile(data, source=source)
+    except FormatError as exc:
+        if strict:
+            raise
+        log.warning("ignoring %s", exc)
+        return None
+
+
+def save_profile(path: Path, profile: Profile) -> None:
+    """Write atomically (temp + rename); a failure is logged, never raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(encode_profile(profile))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot save profile %s: %s", path, exc.strerror)

@@ -16,6 +16,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 CONFIG = """\
 daemon off;
+user root root;
 worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;

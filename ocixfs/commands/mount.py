@@ -29,7 +29,7 @@ examples:
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
               "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
               "nofail", "_netdev", "user", "nouser", "users", "defaults"}
-VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log"}
+VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                         help="comma-separated mount options: suid, dev (opt in), allow_other, "
                         "store=URL, cache=DIR, digest=b3:HEX, deadline=SECONDS, log=FILE")
+    parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
+                        help="what to fetch before it is read: 'auto' plays the profile beside "
+                        "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
+                        "that, then fetches the rest of the image; FILE plays that profile")
+    parser.add_argument("--prefetch-concurrency", type=int, default=16, metavar="N",
+                        help="blobs fetched at once in the background (default 16)")
+    parser.add_argument("--record-profile", type=Path, metavar="FILE",
+                        help="write the access profile of this mount to FILE at unmount")
     parser.add_argument("--log-file", type=Path, metavar="FILE",
                         help="where the background daemon logs (default: the runtime dir)")
     parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..daemon import MountConfig, check_mountpoint, run_background, run_foreground
     from ..errors import UsageError
     from ..image import default_store_for, is_url, load_image
+    from ..prefetch import locate_profile
     from ..stores import normalize_store
     from ..tree import Tree
 
@@ -102,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
     check_mountpoint(mountpoint)
     tree = Tree.from_manifest(image.manifest)
+    prefetch = values["prefetch"][-1] if "prefetch" in values else args.prefetch
+    profile = locate_profile(prefetch, args.image, cache_dir, image.digest)
     log_file = args.log_file or (Path(values["log"][-1]) if "log" in values else None)
     if log_file is None and not args.foreground:
         log_file = _default_log_file(mountpoint)
@@ -117,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         fsname=_fsname(args.image),
         log_file=log_file,
         debug_fuse=args.debug_fuse,
+        profile=profile,
+        fill_rest=prefetch == "all",
+        record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
+        prefetch_concurrency=args.prefetch_concurrency,
     )
     if args.foreground:
         return run_foreground(config, tree, image.digest)
