@@ -108,7 +108,7 @@ class Prefetcher:
                 nursery.start_soon(self._worker, queue)
         self._finished = True
         self._finished_at = time.monotonic()
-        log.info(
+        log.debug(
             "prefetch finished: %d blobs, %d bytes in %.1f s (%d failed)",
             self._done_blobs,
             self._done_bytes,

@@ -449,3 +449,71 @@ def test_foreground_notifies_systemd_when_ready(
                 process.kill()
                 process.wait()
             subprocess.run(["fusermount3", "-u", "-z", os.fspath(mnt)], capture_output=True)
+
+
+def test_profile_recorded_in_order_and_played_back(
+    tmp_path: Path, image: tuple[Path, Path, Path]
+) -> None:
+    root, store, ocix = image
+    order = [
+        "etc/hostname",
+        "usr/share/data/small-03.txt",
+        "usr/bin/tool",
+        "usr/share/data/large.bin",
+    ]
+    recorded = tmp_path / "start.profile"
+    with Nginx(store, tmp_path / "nginx") as nginx:
+        with Mount(
+            ocix,
+            tmp_path / "mnt",
+            "--store",
+            nginx.url,
+            "--cache-dir",
+            os.fspath(tmp_path / "c1"),
+            "--record-profile",
+            os.fspath(recorded),
+            "--prefetch",
+            "none",
+        ) as mount:
+            for name in order:
+                (mount.mountpoint / name).read_bytes()
+        shown = run_ocixfs("profile", "show", os.fspath(recorded), "--json").stdout
+        import json
+
+        paths = [path for path, _ in json.loads(shown)["entries"]]
+        assert paths == ["/" + name for name in order]
+        before = len(blob_requests(nginx))
+        with Mount(
+            ocix,
+            tmp_path / "mnt",
+            "--store",
+            nginx.url,
+            "--cache-dir",
+            os.fspath(tmp_path / "c2"),
+            "--prefetch",
+            os.fspath(recorded),
+        ) as mount:
+            wait_for(
+                lambda: (mount.stats()["prefetch"] or {}).get("finished") is True, what="prefetch"
+            )
+            prefetched = len(blob_requests(nginx)) - before
+            assert prefetched == 1 + 1 + 1 + 4  # three small files and four chunks
+            nginx.__exit__(None, None, None)  # everything the profile named is local now
+            for name in order:
+                assert (mount.mountpoint / name).read_bytes() == (root / name).read_bytes()
+
+
+def test_cached_profile_is_used_by_the_next_mount_of_the_image(
+    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
+) -> None:
+    _, _, ocix = image
+    cache = os.fspath(tmp_path / "cache")
+    with Mount(ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", cache) as mount:
+        (mount.mountpoint / "etc/hostname").read_bytes()
+        (mount.mountpoint / "usr/share/data/small-07.txt").read_bytes()
+        digest = str(mount.stats()["image_digest"])
+    profiles = list((tmp_path / "cache" / "profiles").glob("*.profile"))
+    assert [p.name for p in profiles] == [digest.removeprefix("b3:") + ".profile"]
+    with Mount(ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", cache) as mount:
+        stats = mount.stats()["prefetch"]
+        assert isinstance(stats, dict) and stats["planned_blobs"] == 2
