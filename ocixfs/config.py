@@ -1,0 +1,100 @@
+"""Settings of the data path (cache, fetcher, reader) as small frozen value objects.
+
+Every field has a module-level default; build variants with ``dataclasses.replace``.
+Durations are seconds, sizes are bytes. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_CACHE_CONFIG",
+    "DEFAULT_FETCH_CONFIG",
+    "DEFAULT_READER_CONFIG",
+    "CacheConfig",
+    "FetchConfig",
+    "ReaderConfig",
+]
+
+
+def _default_threads() -> int:
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    """The local blob cache.
+
+    - ``open_files``: how many cache files stay open (an LRU of file descriptors).
+    - ``inline_read_max``: reads up to this size are a plain ``pread`` on the trio thread
+      (from the page cache that is ~100 µs for 1 MiB, while a worker-thread hop costs
+      ~180 µs here); larger reads go to a worker thread.
+    - ``fsync``: fsync each blob before renaming it into place. Without it a power loss
+      can leave a blob whose name promises bytes it does not hold.
+    - ``stale_tmp_age``: a leftover temporary file is removed at start only when no
+      process holds its lock and it is older than this (or its writer's pid is gone).
+    """
+
+    open_files: int = 256
+    inline_read_max: int = 1 << 20
+    fsync: bool = True
+    stale_tmp_age: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchConfig:
+    """Fetching blobs from the stores (mirrors, tried in order).
+
+    - ``deadline``: how long an on-demand read may wait for the network in total.
+    - ``connect_timeout``/``read_timeout``: per socket operation (``read_timeout`` is how
+      long a body may stall before the source counts as failed).
+    - ``min_rate``: after ``rate_window`` seconds a transfer slower than this (bytes/s) is
+      abandoned; a blob's own fetch may run ``deadline + size / min_rate`` seconds, so big
+      whole-file blobs can finish on slow links while waiting readers still give up at
+      ``deadline``.
+    - ``on_demand_slots``/``background_slots``: concurrent fetches of each class; they
+      never share slots, so queued background work cannot delay an on-demand fetch.
+    - ``rounds``: passes over the source list for transient failures, ``backoff`` apart
+      (doubling, jittered).
+    - ``failure_memory``: a blob whose fetch just failed fails fast for this long (the
+      kernel retries a failed READ at once; the retry must not wait a second deadline).
+    - ``source_penalty``: a source that just failed is tried after healthy ones for this long.
+    - ``write_batch``: body bytes gathered before one worker-thread hop (hash + write).
+    - ``zstd_max_window``: largest zstd window accepted (bounds decoder memory).
+    - ``max_redirects``: HTTP redirects followed per request.
+    - ``threads``: worker threads for hashing, decompression, fsync and file:// reads.
+    """
+
+    deadline: float = 30.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    min_rate: float = 32 * 1024
+    rate_window: float = 10.0
+    on_demand_slots: int = 16
+    background_slots: int = 4
+    rounds: int = 2
+    backoff: float = 0.2
+    failure_memory: float = 5.0
+    source_penalty: float = 30.0
+    write_batch: int = 1 << 20
+    zstd_max_window: int = 1 << 25
+    max_redirects: int = 4
+    threads: int = field(default_factory=_default_threads)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReaderConfig:
+    """Everything ``open_reader`` needs; ``readahead`` is how many following chunks of a
+    chunked file a read queues in the background (0 disables). Sequential reads of 1 MiB
+    chunks over local HTTP ran about twice as fast with 4 as with 1, and no faster with 8."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    readahead: int = 4
+
+
+DEFAULT_CACHE_CONFIG = CacheConfig()
+DEFAULT_FETCH_CONFIG = FetchConfig()
+DEFAULT_READER_CONFIG = ReaderConfig()
