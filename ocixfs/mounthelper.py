@@ -8,6 +8,10 @@ default; the mount is read-only regardless); ``x-*``, ``_netdev``, ``noauto``, `
 ``defaults`` and other fstab-only words are ignored. Several ``store=`` options are mirrors,
 in order. ``-n`` (no mtab), ``-s`` (sloppy) and ``-v`` are accepted; ``-f`` (fake) only
 validates the image.
+
+mount(8) never passes ``suid`` or ``dev`` on to a helper (they are its defaults, so it keeps
+them as flags), which leaves a helper unable to tell them from "not asked for". Through
+mount(8) and fstab, ``allow_suid`` and ``allow_dev`` opt in instead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import sys
 from collections.abc import Sequence
 
 __all__ = ["main", "translate"]
+
+ALIASES = {"allow_suid": "suid", "allow_dev": "dev"}
 
 
 def translate(argv: Sequence[str]) -> list[str]:
@@ -27,9 +33,9 @@ def translate(argv: Sequence[str]) -> list[str]:
     while args:
         arg = args.pop(0)
         if arg == "-o" and args:
-            options.extend(o for o in args.pop(0).split(",") if o and o != "rw")
+            options.extend(_options(args.pop(0)))
         elif arg.startswith("-o") and len(arg) > 2:
-            options.extend(o for o in arg[2:].split(",") if o and o != "rw")
+            options.extend(_options(arg[2:]))
         elif arg == "-t" and args:
             args.pop(0)
         elif arg.startswith("-") and len(arg) > 1:
@@ -42,6 +48,10 @@ def translate(argv: Sequence[str]) -> list[str]:
     if options and not fake:
         command += ["-o", ",".join(options)]
     return command
+
+
+def _options(text: str) -> list[str]:
+    return [ALIASES.get(o, o) for o in text.split(",") if o and o != "rw"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
