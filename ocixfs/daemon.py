@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from .config import DEFAULT_FETCH_CONFIG, CacheQuota, FetchConfig
 from .errors import OcixError, UsageError
 from .profile import Profile
 
@@ -40,7 +41,9 @@ READY_TIMEOUT = 120.0
 
 @dataclass(frozen=True, kw_only=True)
 class MountConfig:
-    """Everything the daemon needs, resolved from the command line."""
+    """Everything the daemon needs, resolved from the command line. ``fetch`` holds the
+    network settings (timeouts, CA and credentials files); ``read_deadline`` overrides its
+    ``deadline``."""
 
     image: str
     mountpoint: Path
@@ -53,10 +56,14 @@ class MountConfig:
     fsname: str = "ocixfs"
     log_file: Path | None = None
     debug_fuse: bool = False
+    kernel_flags: frozenset[str] = frozenset()
+    """Generic mount flags passed through to the kernel (``noexec``, ``noatime``, …)."""
     profile: Profile | None = None
     fill_rest: bool = False
     record_profile: Path | None = None
     prefetch_concurrency: int = 16
+    fetch: FetchConfig = DEFAULT_FETCH_CONFIG
+    cache_quota: CacheQuota = field(default_factory=CacheQuota)
 
 
 def mount_options(config: MountConfig) -> set[str]:
@@ -68,7 +75,7 @@ def mount_options(config: MountConfig) -> set[str]:
         options.add("allow_other")
     if config.debug_fuse:
         options.add("debug")
-    return options
+    return options | set(config.kernel_flags)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -82,7 +89,38 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not is_dir:
         raise UsageError(f"{mountpoint}: not a directory")
     if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint}: already a mountpoint")
+        raise UsageError(f"{mountpoint}: already a mountpoint{_mount_owner(mountpoint)}")
+
+
+def _mount_owner(mountpoint: Path) -> str:
+    """Who holds a mountpoint, for the refusal message. After a daemon died, the kernel's
+    caches still answer ``stat`` on the root, so only the silent control socket tells."""
+    from .control import request, socket_path
+
+    if not socket_path(mountpoint).exists():
+        if _mount_type(mountpoint) == "fuse.ocixfs":
+            return f" (a stale ocixfs mount; run 'ocixfs umount {mountpoint}' first)"
+        return ""
+    try:
+        pid = request(mountpoint, "pid", timeout=2)["pid"]
+    except OcixError:
+        return f" whose ocixfs daemon is gone; run 'ocixfs umount {mountpoint}' first"
+    return f" (served by ocixfs daemon {pid})"
+
+
+def _mount_type(mountpoint: Path) -> str:
+    """The file system type of the topmost mount at ``mountpoint`` ("" if none)."""
+    target = os.fsencode(mountpoint).replace(b" ", b"\\040")
+    found = b""
+    try:
+        with open("/proc/self/mounts", "rb") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == target:
+                    found = fields[2]
+    except OSError:
+        return ""
+    return found.decode(errors="replace")
 
 
 # ----------------------------------------------------------------------------------------

@@ -349,12 +349,21 @@ def test_suid_and_dev_are_off_unless_asked(
     with Mount(ocix, tmp_path / "m1", "--store", server.url, "--cache-dir", cache) as mount:
         options = _mount_options(mount.mountpoint)
         assert {"ro", "nosuid", "nodev"} <= options
+        assert "noexec" not in options
         assert "allow_other" in options or os.geteuid() != 0
     with Mount(
-        ocix, tmp_path / "m2", "--store", server.url, "--cache-dir", cache, "-o", "suid,dev"
+        ocix,
+        tmp_path / "m2",
+        "--store",
+        server.url,
+        "--cache-dir",
+        cache,
+        "-o",
+        "suid,dev,noexec,noatime,x-systemd.automount,_netdev",
     ) as mount:
         options = _mount_options(mount.mountpoint)
         assert "nosuid" not in options and "nodev" not in options
+        assert {"noexec", "noatime"} <= options
 
 
 def _mount_options(mountpoint: Path) -> set[str]:
