@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_FETCH_CONFIG",
     "DEFAULT_READER_CONFIG",
     "CacheConfig",
+    "CacheQuota",
     "FetchConfig",
     "ReaderConfig",
 ]
@@ -24,10 +25,35 @@ def _default_threads() -> int:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CacheQuota:
+    """How large the cache may grow: ``size`` bytes when set, else ``share`` of the
+    filesystem holding the cache, at most ``cap`` bytes; neither size nor share means no
+    limit. The default, min(10 % of the filesystem, 20 GiB), holds the hot sets of several
+    large images, never becomes what fills a small root disk, and on a big disk still keeps
+    an unattended host from piling up stale blobs.
+    """
+
+    size: int | None = None
+    share: float | None = 0.10
+    cap: int | None = 20 << 30
+
+    def limit(self, filesystem_bytes: int) -> int | None:
+        """The limit in bytes on a filesystem of ``filesystem_bytes`` (``None``: unlimited)."""
+        if self.size is not None:
+            return self.size
+        if self.share is None:
+            return None
+        limit = int(filesystem_bytes * self.share)
+        return limit if self.cap is None else min(limit, self.cap)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CacheConfig:
     """The local blob cache.
 
-    - ``open_files``: how many cache files stay open (an LRU of file descriptors).
+    - ``open_files``: how many cache files stay open (an LRU of file descriptors). An open
+      blob is pinned (never evicted), so the LRU also holds at most ``open_share`` of the
+      quota's bytes (always at least the most recent blob).
     - ``inline_read_max``: reads up to this size are a plain ``pread`` on the trio thread
       (from the page cache that is ~100 µs for 1 MiB, while a worker-thread hop costs
       ~180 µs here); larger reads go to a worker thread.
@@ -35,12 +61,26 @@ class CacheConfig:
       can leave a blob whose name promises bytes it does not hold.
     - ``stale_tmp_age``: a leftover temporary file is removed at start only when no
       process holds its lock and it is older than this (or its writer's pid is gone).
+    - ``quota``: the size limit; a fill that would exceed it first evicts least recently
+      used blobs until the cache holds at most ``low_water`` of the limit.
+    - ``touch_interval``: a blob's last use (its atime, set by ocixfs) is refreshed at most
+      this often per process: the LRU order is exact to within this many seconds.
+    - ``rescan_interval``: the shared usage counter is checked against a directory scan
+      (in a background thread) at start when its last scan is older than this.
+    - ``evict_wait``: how long a fill waits for another process's eviction to finish
+      before it stores its blob anyway (over the quota).
     """
 
     open_files: int = 256
+    open_share: float = 0.10
     inline_read_max: int = 1 << 20
     fsync: bool = True
     stale_tmp_age: float = 60.0
+    quota: CacheQuota = field(default_factory=CacheQuota)
+    low_water: float = 0.90
+    touch_interval: float = 60.0
+    rescan_interval: float = 3600.0
+    evict_wait: float = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,7 +103,10 @@ class FetchConfig:
     - ``source_penalty``: a source that just failed is tried after healthy ones for this long.
     - ``write_batch``: body bytes gathered before one worker-thread hop (hash + write).
     - ``zstd_max_window``: largest zstd window accepted (bounds decoder memory).
-    - ``max_redirects``: HTTP redirects followed per request.
+    - ``max_redirects``: HTTP redirects followed per request (never https to http).
+    - ``ca_file``: PEM certificates trusted in addition to the system's store.
+    - ``auth_file``: credentials for stores, one ``URL bearer TOKEN`` or
+      ``URL basic USER:PASSWORD`` per line (netrc is read too); see ``transport``.
     - ``threads``: worker threads for hashing, decompression, fsync and file:// reads.
     """
 
@@ -81,6 +124,8 @@ class FetchConfig:
     write_batch: int = 1 << 20
     zstd_max_window: int = 1 << 25
     max_redirects: int = 4
+    ca_file: str | None = None
+    auth_file: str | None = None
     threads: int = field(default_factory=_default_threads)
 
 

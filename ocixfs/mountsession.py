@@ -4,6 +4,7 @@ control socket together, and guarantees the FUSE mount is gone when ``serve`` re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import trio
 from .control import ControlServer
 from .prefetch import Prefetcher, cached_profile_path, plan, save_profile
 from .profile import AccessRecorder
+from .transport import redact
 
 if TYPE_CHECKING:
     from .daemon import MountConfig
@@ -44,12 +46,14 @@ class MountSession:
         self._prefetcher: Prefetcher | None = None
 
     async def serve(self, ready: Callable[[], None]) -> None:
+        from .config import CacheConfig, ReaderConfig
         from .daemon import mount_options
         from .fs import Operations
-        from .config import FetchConfig, ReaderConfig
         from .reader import open_reader
 
-        reader_config = ReaderConfig(fetch=FetchConfig(deadline=self.config.read_deadline))
+        fetch = dataclasses.replace(self.config.fetch, deadline=self.config.read_deadline)
+        cache = CacheConfig(quota=self.config.cache_quota)
+        reader_config = ReaderConfig(cache=cache, fetch=fetch)
         async with AsyncExitStack() as stack:
             reader = await stack.enter_async_context(
                 open_reader(self.config.stores, self.config.cache_dir, reader_config)
@@ -92,7 +96,7 @@ class MountSession:
     async def _announce_when_serving(self, ready: Callable[[], None]) -> None:
         await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
         ready()
-        log.info("%s: serving %s", self.config.mountpoint, self.config.image)
+        log.info("%s: serving %s", self.config.mountpoint, redact(self.config.image))
 
     async def _stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -119,9 +123,9 @@ class MountSession:
         present = await trio.to_thread.run_sync(self._local_presence)
         return {
             "mountpoint": os.fspath(self.config.mountpoint),
-            "image": self.config.image,
+            "image": redact(self.config.image),
             "image_digest": self.image_digest,
-            "stores": list(self.config.stores),
+            "stores": [redact(store) for store in self.config.stores],
             "cache_dir": os.fspath(self.config.cache_dir),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import CacheQuota, FetchConfig
 
 NAME = "mount"
 HELP = "mount an image read-only, fetching file contents lazily"
@@ -29,7 +34,9 @@ examples:
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
               "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
               "nofail", "_netdev", "user", "nouser", "users", "defaults"}
-VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch"}
+KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
+VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
+                 "store_auth", "ca_file", "timeout", "cache_max_size"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,15 +48,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="local cache shared by all mounts (default /var/cache/ocixfs as "
                         "root, else $XDG_CACHE_HOME/ocixfs)")
+    parser.add_argument("--cache-max-size", metavar="SIZE",
+                        help="quota of the cache: 10G, 500M, 20%% (of its filesystem) or "
+                        "unlimited; least recently used blobs are evicted beyond it (default "
+                        "10%% of the filesystem, at most 20G; also -o cache_max_size=SIZE)")
     parser.add_argument("--digest", metavar="b3:HEX", help="refuse a manifest with another hash")
     parser.add_argument("--deadline", type=float, default=30.0, metavar="SECONDS",
                         help="a read that cannot be served within this time fails with EIO "
                         "(default 30)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="per attempt: how long connecting, or a stalled transfer, may take "
+                        "before the next mirror is tried (default 5 to connect, 10 to read)")
+    parser.add_argument("--store-auth", metavar="FILE",
+                        help="credentials for the stores (and an http(s) IMAGE), one per line: "
+                        "'URL bearer TOKEN' or 'URL basic USER:PASSWORD', sent only to URLs "
+                        "under URL; netrc ($NETRC or ~/.netrc) is used too")
+    parser.add_argument("--ca-file", metavar="FILE",
+                        help="PEM CA certificates to trust in addition to the system's")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground (for systemd Type=notify)")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                         help="comma-separated mount options: suid, dev (opt in), allow_other, "
-                        "store=URL, cache=DIR, digest=b3:HEX, deadline=SECONDS, log=FILE")
+                        "store=URL, cache=DIR, digest=b3:HEX, deadline=SECONDS, log=FILE, "
+                        "timeout=SECONDS, store_auth=FILE, ca_file=FILE")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
@@ -97,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     flags, values = parse_mount_options(args.options)
     stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
     digest = args.digest or (values["digest"][-1] if "digest" in values else None)
-    image = load_image(args.image, expected_digest=digest)
+    fetch = _fetch_config(args, values)
+    image = load_image(args.image, expected_digest=digest, http=fetch)
     if not stores:
         default = default_store_for(args.image)
         if default is None:
@@ -105,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         stores = [default]
     cache_values = values.get("cache", []) + values.get("cache_dir", [])
     cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
+    cache_dir = Path(os.path.abspath(cache_dir))  # the daemon runs in /
     deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
     if deadline <= 0:
         raise UsageError("--deadline must be positive")
@@ -112,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint)
     tree = Tree.from_manifest(image.manifest)
     prefetch = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    profile = locate_profile(prefetch, args.image, cache_dir, image.digest)
+    profile = locate_profile(prefetch, args.image, cache_dir, image.digest, fetch)
     log_file = args.log_file or (Path(values["log"][-1]) if "log" in values else None)
     if log_file is None and not args.foreground:
         log_file = _default_log_file(mountpoint)
@@ -121,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         mountpoint=mountpoint,
         stores=tuple(stores),
         cache_dir=cache_dir,
+        cache_quota=_cache_quota(args, values),
         read_deadline=deadline,
+        kernel_flags=frozenset(flags & KERNEL_FLAGS),
         suid="suid" in flags,
         dev="dev" in flags,
         allow_other=os.geteuid() == 0 or "allow_other" in flags,
@@ -132,10 +157,48 @@ def run(args: argparse.Namespace) -> int:
         fill_rest=prefetch == "all",
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,
+        fetch=fetch,
     )
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)
+
+
+def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> FetchConfig:
+    """Network settings from the options; the CA and credentials files are checked now,
+    so a mistake is reported before anything is mounted."""
+    from ..config import FetchConfig
+    from ..errors import UsageError
+    from ..transport import load_credentials, ssl_context
+
+    def last(name: str, given: str | None) -> str | None:
+        return given if given is not None else (values[name][-1] if name in values else None)
+
+    fetch = FetchConfig(
+        ca_file=last("ca_file", args.ca_file), auth_file=last("store_auth", args.store_auth)
+    )
+    timeout = last("timeout", None if args.timeout is None else str(args.timeout))
+    if timeout is not None:
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            raise UsageError(f"--timeout {timeout}: not a number") from None
+        if not seconds > 0:
+            raise UsageError("--timeout must be positive")
+        fetch = replace(fetch, connect_timeout=seconds, read_timeout=seconds)
+    if fetch.ca_file is not None:
+        ssl_context(fetch.ca_file)
+    load_credentials(fetch.auth_file)
+    return fetch
+
+
+def _cache_quota(args: argparse.Namespace, values: dict[str, list[str]]) -> CacheQuota:
+    from ..cachedir import parse_quota
+    from ..config import CacheQuota
+
+    spec = args.cache_max_size or (values["cache_max_size"][-1] if "cache_max_size" in values
+                                   else None)
+    return CacheQuota() if spec is None else parse_quota(spec)
 
 
 def _default_log_file(mountpoint: Path) -> Path:
@@ -146,6 +209,9 @@ def _default_log_file(mountpoint: Path) -> Path:
 
 
 def _fsname(image: str) -> str:
-    """The mount source shown by mount(8) and df: the image name, made option-safe."""
-    name = image.rstrip("/").rsplit("/", 1)[-1] or "ocixfs"
+    """The mount source shown by mount(8) and df: the image name (never credentials from
+    its URL), made option-safe."""
+    from ..transport import redact
+
+    name = redact(image).rstrip("/").rsplit("/", 1)[-1] or "ocixfs"
     return "".join(c if c.isalnum() or c in "._-:+@" else "_" for c in name)[:200]
