@@ -31,9 +31,9 @@ COMMANDS = (
 )
 
 
-def _load_commands() -> list[ModuleType]:
+def _load_commands(names: Sequence[str] = COMMANDS) -> list[ModuleType]:
     modules = []
-    for name in COMMANDS:
+    for name in names:
         try:
             modules.append(importlib.import_module(f"ocixfs.commands.{name}"))
         except ModuleNotFoundError as exc:
@@ -42,7 +42,17 @@ def _load_commands() -> list[ModuleType]:
     return modules
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_command(argv: Sequence[str]) -> Sequence[str]:
+    """Import only the module of the command being run (start-up time matters for
+    ``mount``); ``--help`` and unknown words load them all."""
+    rest = list(argv)
+    while rest and rest[0] == "--debug":
+        rest.pop(0)
+    module = rest[0].replace("-", "_") if rest else ""
+    return (module,) if module in COMMANDS else COMMANDS
+
+
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocixfs",
         description=(
@@ -52,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="log debug messages to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _load_commands():
+    for module in _load_commands(commands):
         cmd = sub.add_parser(
             module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import OcixError, UsageError
     from .log import setup_logging
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_requested_command(argv)).parse_args(argv)
     setup_logging(debug=args.debug)
     try:
         status: int = args._run(args)
