@@ -25,6 +25,9 @@ Contract:
 - Bytes stream into a ``BlobWriter`` in batches (hash + write, and zstd decompression,
   in worker threads). A body longer than the blob, or a zstd stream that decompresses to
   more, is cut and counted as corrupt; nothing unverified reaches the cache.
+- HTTP clients come from ``transport`` (system CAs, proxies from the environment,
+  credentials scoped to their URL, bounded redirects, never https→http); labels and
+  messages never show credentials.
 - httpx and ``OSError`` exceptions from sources are translated in one place
   (``_source_errors``); they never escape this module.
 """
@@ -62,6 +65,7 @@ from .errors import (
     UsageError,
 )
 from .format import Chunk
+from .transport import async_client, describe, redact
 
 __all__ = [
     "FetchStatistics",
@@ -117,7 +121,7 @@ def _source_errors() -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise _AttemptFailed(_Kind.TIMEOUT, f"timed out ({type(exc).__name__})") from exc
     except httpx.HTTPError as exc:
-        raise _AttemptFailed(_Kind.CONNECTION, f"{type(exc).__name__}: {exc}") from exc
+        raise _AttemptFailed(_Kind.CONNECTION, describe(exc)) from exc
     except FileNotFoundError as exc:
         raise _AttemptFailed(_Kind.NOT_FOUND, "no such file") from exc
     except OSError as exc:
@@ -182,7 +186,7 @@ def _advertises_zstd(label: str, raw: bytes) -> bool:
 
 class _HttpSource(Source):
     def __init__(self, base: str, client: httpx.AsyncClient) -> None:
-        super().__init__(_redact(base))
+        super().__init__(redact(base))
         self._base = base.rstrip("/")
         self._client = client
 
@@ -268,31 +272,14 @@ def _open_rb(path: Path) -> BinaryIO:
     return open(path, "rb", buffering=0)  # noqa: SIM115 -- closed by the caller
 
 
-def _redact(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def make_http_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.AsyncClient:
-    """The shared client: explicit timeouts, a pool sized to the fetch slots, a few
-    redirects. ``trust_env`` stays on so ``HTTP(S)_PROXY`` reach a site proxy."""
+    """The shared client (see ``transport``: system CAs plus ``ca_file``, proxies from the
+    environment, scoped credentials, a few redirects but never https→http), with explicit
+    timeouts and a pool sized to the fetch slots. Raises ``UsageError`` for a bad CA or
+    credentials file."""
     slots = config.on_demand_slots + config.background_slots
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.read_timeout,
-            write=config.read_timeout,
-            pool=config.deadline,
-        ),
-        limits=httpx.Limits(max_connections=slots + 2, max_keepalive_connections=slots),
-        follow_redirects=True,
-        max_redirects=config.max_redirects,
-        headers={"User-Agent": "ocixfs"},
-    )
+    limits = httpx.Limits(max_connections=slots + 2, max_keepalive_connections=slots)
+    return async_client(config, limits=limits)
 
 
 def parse_stores(stores: Sequence[str]) -> list[str | Path]:

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import hmac
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from .config import DEFAULT_FETCH_CONFIG, FetchConfig
 from .errors import FormatError, UsageError
 from .format import DEFAULT_LIMITS, Limits, Manifest, decode, manifest_digest
 
-__all__ = ["LoadedImage", "default_store_for", "is_url", "load_image", "read_manifest_bytes"]
+__all__ = [
+    "LoadedImage",
+    "default_store_for",
+    "is_url",
+    "load_image",
+    "read_limited",
+    "read_manifest_bytes",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +40,19 @@ def is_url(text: str) -> bool:
 
 
 def read_manifest_bytes(
-    source: str, *, limits: Limits = DEFAULT_LIMITS, timeout: float = 30.0
+    source: str, *, limits: Limits = DEFAULT_LIMITS, http: FetchConfig = DEFAULT_FETCH_CONFIG
 ) -> bytes:
-    """The raw bytes of a manifest, refusing anything larger than ``limits.max_bytes``."""
+    """The raw bytes of a manifest, refusing anything larger than ``limits.max_bytes``.
+    A URL is fetched with ``transport.download`` (system CAs, ``http.ca_file``,
+    credentials, bounded size and rate)."""
     if is_url(source):
-        return _download(source, limits.max_bytes, timeout)
+        from .transport import download
+
+        return download(source, max_bytes=limits.max_bytes, config=http)
     path = Path(source)
     try:
         with path.open("rb") as f:
-            data = f.read(limits.max_bytes + 1)
+            data = read_limited(f, limits.max_bytes)
     except OSError as exc:
         raise UsageError(f"{source}: {exc.strerror or exc}") from None
     if len(data) > limits.max_bytes:
@@ -46,32 +60,38 @@ def read_manifest_bytes(
     return data
 
 
-def _download(url: str, max_bytes: int, timeout: float) -> bytes:
-    import httpx
+def read_limited(file: BinaryIO, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``file`` (one more than allowed tells the caller it
+    is too big), using memory for what the file holds, not for the limit: a plain
+    ``read(limit + 1)`` reserves the whole limit up front (1 GiB for a manifest), which
+    fails under an address-space limit even for a tiny file."""
+    if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        size = os.fstat(file.fileno()).st_size
+        return file.read(min(size, limit) + 1)
+    pieces = []
+    total = 0
+    while total <= limit:
+        piece = file.read(min(1 << 20, limit + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
 
-    try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise UsageError(f"{url}: HTTP {response.status_code}")
-            parts: list[bytes] = []
-            total = 0
-            for part in response.iter_bytes():
-                total += len(part)
-                if total > max_bytes:
-                    raise FormatError(f"{url}: larger than the {max_bytes}-byte manifest limit")
-                parts.append(part)
-            return b"".join(parts)
-    except httpx.HTTPError as exc:
-        raise UsageError(f"{url}: {exc}") from None
 
+def load_image(
+    source: str, *, expected_digest: str | None = None, http: FetchConfig = DEFAULT_FETCH_CONFIG
+) -> LoadedImage:
+    """Read, pin and decode an image; every failure is a one-line ``OcixError`` (a URL's
+    credentials never appear in it)."""
+    from .transport import redact
 
-def load_image(source: str, *, expected_digest: str | None = None) -> LoadedImage:
-    """Read, pin and decode an image; every failure is a one-line ``OcixError``."""
-    data = read_manifest_bytes(source)
+    data = read_manifest_bytes(source, http=http)
     digest = manifest_digest(data)
+    shown = redact(source)
     if expected_digest is not None and not hmac.compare_digest(digest, expected_digest.lower()):
-        raise FormatError(f"{source}: digest is {digest}, expected {expected_digest}")
-    name = source if is_url(source) else os.path.basename(source) or source
+        raise FormatError(f"{shown}: digest is {digest}, expected {expected_digest}")
+    name = shown if is_url(source) else os.path.basename(source) or source
     return LoadedImage(source=source, digest=digest, manifest=decode(data, source=name))
 
 

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import trio
 
+from .config import DEFAULT_FETCH_CONFIG, FetchConfig
 from .errors import FormatError, OcixError
 from .fetcher import Priority
 from .format import Chunk
@@ -155,7 +156,9 @@ def cached_profile_path(cache_dir: Path, image_digest: str) -> Path:
     return cache_dir / "profiles" / f"{image_digest.removeprefix('b3:')}.profile"
 
 
-def locate_profile(mode: str, image: str, cache_dir: Path, image_digest: str) -> Profile | None:
+def locate_profile(
+    mode: str, image: str, cache_dir: Path, image_digest: str, http: FetchConfig | None = None
+) -> Profile | None:
     """The profile a mount plays back for ``--prefetch MODE``.
 
     ``none``: no profile. A file name: that file (an unreadable or invalid one is an
@@ -169,7 +172,7 @@ def locate_profile(mode: str, image: str, cache_dir: Path, image_digest: str) ->
     if mode not in ("auto", "all"):
         return _read_profile(Path(mode), strict=True)
     beside = (
-        _fetch_profile_url(image + ".profile")
+        _fetch_profile_url(image + ".profile", http or DEFAULT_FETCH_CONFIG)
         if is_url(image)
         else _read_profile(Path(image + ".profile"), strict=False)
     )
@@ -193,17 +196,18 @@ def _read_profile(path: Path, *, strict: bool) -> Profile | None:
     return _decode_or_warn(data, os.fspath(path), strict=strict)
 
 
-def _fetch_profile_url(url: str) -> Profile | None:
-    import httpx
+def _fetch_profile_url(url: str, http: FetchConfig) -> Profile | None:
+    from .errors import BlobNotFound
+    from .transport import download, redact
 
     try:
-        response = httpx.get(url, timeout=10, follow_redirects=True)
-    except httpx.HTTPError as exc:
-        log.warning("%s: %s", url, exc)
+        data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http)
+    except BlobNotFound:
         return None
-    if response.status_code != 200:
+    except OcixError as exc:
+        log.warning("%s", exc)
         return None
-    return _decode_or_warn(response.content, url, strict=False)
+    return _decode_or_warn(data, redact(url), strict=False)
 
 
 def _decode_or_warn(data: bytes, source: str, *, strict: bool) -> Profile | None:

@@ -12,6 +12,10 @@ matches when its path equals the name or its last component does; ``"*"`` matche
         server.fault("*", Fault(stall=5.0))                  # headers come after 5 s
         ... server.count(chunk.hex) ...
 
+``FaultServer(root, tls=context)`` serves https (the handshake runs in the handler
+thread); ``server.auth = "Bearer x"`` answers 401 to requests without that
+``Authorization`` header.
+
 ``stop()`` closes the listening socket and every open connection and releases stalled
 handlers at once, so a stopped server looks like a dead host (connection refused).
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import socket
+import ssl
 import struct
 import threading
 import urllib.parse
@@ -54,6 +59,11 @@ class Fault:
     - ``tamper``: flip one byte in the middle of the body (same length).
     - ``extra``: bytes appended to the body (Content-Length counts them).
     - ``rate``: send the body at about this many bytes per second.
+    - ``redirect``: answer 302 to ``redirect`` + the request path (another server's URL,
+      or this one's for a loop).
+    - ``body``: send these bytes with 200 instead of the file (an HTML error page...).
+    - ``endless``: send the body without a length and never stop (until the client leaves).
+    - ``header_bytes``: add response headers of about this many bytes in total.
     """
 
     status: int | None = None
@@ -65,6 +75,10 @@ class Fault:
     tamper: bool = False
     extra: bytes = b""
     rate: float | None = None
+    redirect: str | None = None
+    body: bytes | None = None
+    endless: bool = False
+    header_bytes: int = 0
 
 
 NO_FAULT = Fault()
@@ -107,6 +121,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.server.owner._track(self.connection, add=True)
 
+    def handle(self) -> None:
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError):
+                return  # the client refused our certificate, or left
+        super().handle()
+
     def finish(self) -> None:
         with contextlib.suppress(OSError):
             super().finish()
@@ -125,14 +147,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault.stall and owner._sleep(fault.stall):
             self.close_connection = True
             return
+        if owner.auth is not None and self.headers.get("Authorization") != owner.auth:
+            self._reply(401, b"unauthorized\n", send_body=send_body)
+            return
         if fault.status is not None:
             self._reply(fault.status, b"fault\n", send_body=send_body)
+            return
+        if fault.redirect is not None:
+            self.send_response(302)
+            self.send_header("Location", fault.redirect.rstrip("/") + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if fault.endless:
+            self._send_endless(fault)
             return
         target = owner.root.joinpath(path.lstrip("/")).resolve()
         if not target.is_relative_to(owner.root) or not target.is_file():
             self._reply(404, b"not found\n", send_body=send_body)
             return
-        data = target.read_bytes()
+        data = target.read_bytes() if fault.body is None else fault.body
         status, data, extra_headers = _apply_range(self.headers.get("Range"), data)
         if fault.tamper and data:
             middle = len(data) // 2
@@ -143,6 +177,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra_headers.items():
             self.send_header(name, value)
+        for number in range(fault.header_bytes // 1000):
+            self.send_header(f"X-Padding-{number}", "p" * 980)
         self.end_headers()
         if send_body and status < 300:
             try:
@@ -151,6 +187,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
         elif send_body:
             self.wfile.write(data)
+
+    def _send_endless(self, fault: Fault) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        piece = b"\0" * (max(1, int(fault.rate / 50)) if fault.rate else 1 << 16)
+        with contextlib.suppress(OSError):
+            while not self.server.owner._stopping.is_set():
+                self.wfile.write(piece)
+                if fault.rate and self.server.owner._sleep(len(piece) / fault.rate):
+                    return
 
     def _reply(self, status: int, body: bytes, *, send_body: bool) -> None:
         self.send_response(status)
@@ -219,10 +268,19 @@ class _Server(http.server.ThreadingHTTPServer):
 class FaultServer:
     """See the module docstring. Thread-safe; use from the test's thread."""
 
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.root = Path(root).resolve()
         self.host = host
         self.port = port
+        self.tls = tls
+        self.auth: str | None = None
         self._lock = threading.Lock()
         self._faults: dict[str, tuple[Fault, int | None]] = {}
         self._counts: Counter[str] = Counter()
@@ -234,7 +292,7 @@ class FaultServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def __enter__(self) -> FaultServer:
         self.start()
@@ -250,6 +308,10 @@ class FaultServer:
             return
         self._stopping.clear()
         server = _Server((self.host, self.port), _Handler)
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         server.owner = self
         self.port = server.server_address[1]
         self._server = server

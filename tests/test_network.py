@@ -1,0 +1,498 @@
+"""Network behaviour of the data path (issue 5, item 2), against real local servers.
+
+Fetcher-level tests use ``tests/faultserver.py`` servers (plain and TLS), a forwarding
+proxy and a black-hole address; the real-mount tests at the end run ``ocixfs mount``.
+Failover over each kind of broken response is in ``test_fetcher.py::test_failover``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from ocixfs.cache import Cache
+from ocixfs.config import FetchConfig
+from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
+from ocixfs.fetcher import Fetcher, make_http_client, make_sources, parse_stores
+from ocixfs.format import Chunk
+from ocixfs.transport import download, load_credentials, redact, ssl_context
+from tests.faultserver import Fault, FaultServer, make_store
+from tests.forwardproxy import ForwardProxy
+from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
+from tests.reliabilitykit import black_hole, mount_args, read_or_errno, write_image
+from tests.tlscerts import Certs, make_ca, needs_openssl, server_context
+
+FAST = FetchConfig(
+    deadline=5.0, connect_timeout=1.0, read_timeout=1.0, backoff=0.01, threads=4
+)
+CONTENTS = [os.urandom(n) for n in (70_000, 1, 5_000)]
+TOKEN = "tok-7f3a9c-SECRET"
+PASSWORD = "pw-41b2-SECRET"
+PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[Path, list[Chunk]]:
+    root = tmp_path / "store"
+    return root, make_store(root, CONTENTS)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+@contextlib.asynccontextmanager
+async def fetching(
+    stores: Sequence[str], cache_dir: Path, config: FetchConfig = FAST
+) -> AsyncIterator[tuple[Fetcher, Cache]]:
+    limiter = trio.CapacityLimiter(config.threads)
+    with Cache(cache_dir, limiter=limiter) as cache:
+        async with make_http_client(config) as client, trio.open_nursery() as nursery:
+            sources = make_sources(parse_stores(stores), client=client, limiter=limiter)
+            try:
+                yield Fetcher(sources, cache, config, nursery=nursery, limiter=limiter), cache
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def fetched(cache: Cache, chunk: Chunk) -> bytes | None:
+    return await cache.read(chunk, 0, chunk.size)
+
+
+# --- timeouts, minimum rate, retries, failover -------------------------------------------
+
+
+async def test_connect_timeout_fails_over_to_the_next_mirror(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    config = replace(FAST, connect_timeout=0.3)
+    with black_hole() as dead, FaultServer(root) as good:
+        async with fetching([dead, good.url], tmp_path / "cache", config) as (fetcher, cache):
+            with trio.fail_after(20):
+                await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+            assert fetcher.statistics().errors == {"timeout": 1}
+
+
+async def test_transfer_below_the_minimum_rate_fails_over(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    config = replace(FAST, min_rate=200_000, rate_window=0.3, read_timeout=30)
+    with FaultServer(root) as slow, FaultServer(root) as good:
+        slow.fault("*", Fault(rate=10_000))  # 70 kB at 10 kB/s: alive, but far too slow
+        async with fetching([slow.url, good.url], tmp_path / "cache", config) as (fetcher, cache):
+            with trio.fail_after(20):
+                await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+            assert fetcher.statistics().errors == {"slow": 1}
+            assert good.count(chunks[0].hex) == 1
+
+
+async def test_retries_are_bounded_and_spaced(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    config = replace(FAST, rounds=3, backoff=0.2)
+    with FaultServer(root) as server:
+        server.fault("*", Fault(status=503))
+        async with fetching([server.url], tmp_path / "cache", config) as (fetcher, _):
+            started = trio.current_time()
+            with pytest.raises(FetchError, match="HTTP 503"):
+                await fetcher.ensure(chunks[0])
+            # two jittered pauses of at least half of 0.2 s and 0.4 s
+            assert trio.current_time() - started >= 0.3
+            assert server.count(chunks[0].hex) == 3
+
+
+async def test_a_transient_failure_is_retried(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    with FaultServer(root) as server:
+        server.fault(chunks[0].hex, Fault(reset=0), times=1)
+        async with fetching([server.url], tmp_path / "cache") as (fetcher, cache):
+            await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+            assert server.count(chunks[0].hex) == 2
+
+
+async def test_failover_returns_to_the_first_mirror_after_a_while(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    config = replace(FAST, source_penalty=0.5)
+    with FaultServer(root) as first, FaultServer(root) as second:
+        first.fault(chunks[0].hex, Fault(status=500))
+        async with fetching([first.url, second.url], tmp_path / "cache", config) as (fetcher, _):
+            await fetcher.ensure(chunks[0])
+            assert (first.count(chunks[0].hex), second.count(chunks[0].hex)) == (1, 1)
+            first.clear()
+            await fetcher.ensure(chunks[1])  # the first mirror is still being avoided
+            assert (first.count(chunks[1].hex), second.count(chunks[1].hex)) == (0, 1)
+            await trio.sleep(0.6)  # let the penalty expire (setup, not an assertion)
+            await fetcher.ensure(chunks[2])
+            assert (first.count(chunks[2].hex), second.count(chunks[2].hex)) == (1, 0)
+
+
+# --- redirects ---------------------------------------------------------------------------
+
+
+async def test_redirect_to_another_host_is_followed_without_credentials(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    auth_file = tmp_path / "auth"
+    with FaultServer(root) as origin, FaultServer(root, host="127.0.0.2") as cdn:
+        auth_file.write_text(f"{origin.url}/ bearer {TOKEN}\n")
+        origin.auth = f"Bearer {TOKEN}"
+        origin.fault("*", Fault(redirect=cdn.url))
+        config = replace(FAST, auth_file=os.fspath(auth_file))
+        async with fetching([origin.url], tmp_path / "cache", config) as (fetcher, cache):
+            await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+        assert cdn.count(chunks[0].hex) == 1
+        assert origin.headers(chunks[0].hex)[0]["Authorization"] == f"Bearer {TOKEN}"
+        assert all("Authorization" not in headers for headers in cdn.headers())
+
+
+async def test_redirect_loop_fails_over(tmp_path: Path, store: tuple[Path, list[Chunk]]) -> None:
+    root, chunks = store
+    with FaultServer(root) as looping, FaultServer(root) as good:
+        looping.fault("*", Fault(redirect=looping.url))
+        async with fetching([looping.url, good.url], tmp_path / "cache") as (fetcher, cache):
+            await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+            assert fetcher.statistics().errors == {"connection": 1}
+        assert looping.count(chunks[0].hex) == FAST.max_redirects + 1
+
+
+@needs_openssl
+async def test_redirect_from_https_to_http_is_refused(
+    tmp_path: Path, store: tuple[Path, list[Chunk]], certs: Certs
+) -> None:
+    root, chunks = store
+    config = replace(FAST, ca_file=os.fspath(certs.ca))
+    with (
+        FaultServer(root, tls=server_context(certs)) as secure,
+        FaultServer(root, host="127.0.0.2") as plain,
+    ):
+        secure.fault("*", Fault(redirect=plain.url))
+        async with fetching([secure.url], tmp_path / "cache", config) as (fetcher, _):
+            with pytest.raises(FetchError, match="refused redirect from https"):
+                await fetcher.ensure(chunks[0])
+        assert plain.count() == 0
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+def test_tls_trusts_the_system_store() -> None:
+    """The same CAs as OpenSSL's defaults (what the distribution manages), not a bundle."""
+    ours, system = ssl_context(), ssl.create_default_context()
+    assert ours.verify_mode == ssl.CERT_REQUIRED and ours.check_hostname
+    assert ours.get_ca_certs() == system.get_ca_certs()
+    if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+        assert ours.get_ca_certs()
+
+
+@needs_openssl
+async def test_tls_with_an_unknown_ca_is_refused(
+    tmp_path: Path, store: tuple[Path, list[Chunk]], certs: Certs
+) -> None:
+    root, chunks = store
+    with FaultServer(root, tls=server_context(certs)) as server:
+        async with fetching([server.url], tmp_path / "cache") as (fetcher, _):
+            with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+                await fetcher.ensure(chunks[0])
+        assert server.count() == 0  # no request was sent over the untrusted connection
+
+
+@needs_openssl
+@pytest.mark.parametrize("how", ["ca_file", "SSL_CERT_FILE"])
+async def test_tls_with_a_private_ca(
+    tmp_path: Path,
+    store: tuple[Path, list[Chunk]],
+    certs: Certs,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    root, chunks = store
+    config = FAST
+    if how == "ca_file":
+        config = replace(FAST, ca_file=os.fspath(certs.ca))
+    else:
+        monkeypatch.setenv("SSL_CERT_FILE", os.fspath(certs.ca))
+    with FaultServer(root, tls=server_context(certs)) as server:
+        async with fetching([server.url], tmp_path / "cache", config) as (fetcher, cache):
+            await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+
+
+def test_bad_ca_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such CA file"):
+        ssl_context(os.fspath(tmp_path / "missing.pem"))
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    with pytest.raises(UsageError, match="not a readable PEM"):
+        ssl_context(os.fspath(tmp_path / "junk.pem"))
+
+
+# --- proxies -----------------------------------------------------------------------------
+
+
+async def test_http_proxy_from_the_environment(
+    tmp_path: Path, store: tuple[Path, list[Chunk]], no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    root, chunks = store
+    with FaultServer(root) as origin, ForwardProxy() as proxy:
+        no_proxy_env.setenv("HTTP_PROXY", proxy.url)
+        async with fetching([origin.url], tmp_path / "c1") as (fetcher, cache):
+            await fetcher.ensure(chunks[0])
+            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+        assert f"{origin.url}/blobs/blake3/{chunks[0].hex}" in proxy.requests
+        assert origin.headers(chunks[0].hex)[0]["Via"] == "1.1 ocixfs-test-proxy"
+        no_proxy_env.setenv("NO_PROXY", "127.0.0.1")
+        asked = len(proxy.requests)
+        async with fetching([origin.url], tmp_path / "c2") as (fetcher, _):
+            await fetcher.ensure(chunks[1])
+        assert len(proxy.requests) == asked
+        assert "Via" not in origin.headers(chunks[1].hex)[0]
+
+
+# --- credentials -------------------------------------------------------------------------
+
+
+async def test_bearer_token_from_the_auth_file(
+    tmp_path: Path, store: tuple[Path, list[Chunk]]
+) -> None:
+    root, chunks = store
+    with FaultServer(root) as server, FaultServer(root) as other:
+        server.auth = f"Bearer {TOKEN}"
+        auth_file = tmp_path / "auth"
+        auth_file.write_text(f"# store credentials\n\n{server.url}/ bearer {TOKEN}\n")
+        auth_file.chmod(0o600)
+        async with fetching([server.url], tmp_path / "c0") as (fetcher, _):
+            with pytest.raises(FetchError, match="HTTP 401"):
+                await fetcher.ensure(chunks[0])
+        config = replace(FAST, auth_file=os.fspath(auth_file))
+        async with fetching([other.url, server.url], tmp_path / "c1", config) as (fetcher, _):
+            other.fault(chunks[0].hex, Fault(status=404))
+            await fetcher.ensure(chunks[0])
+        assert other.headers(chunks[0].hex) and all(
+            "Authorization" not in headers for headers in other.headers()
+        ), "a token is sent only to the URLs it was given for"
+
+
+async def test_basic_auth_from_netrc_and_from_the_url(
+    tmp_path: Path, store: tuple[Path, list[Chunk]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, chunks = store
+    basic = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login alice password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    with FaultServer(root) as server:
+        server.auth = basic
+        monkeypatch.setenv("NETRC", os.fspath(netrc))
+        async with fetching([server.url], tmp_path / "c1") as (fetcher, _):
+            await fetcher.ensure(chunks[0])
+        monkeypatch.delenv("NETRC")
+        monkeypatch.setenv("HOME", os.fspath(tmp_path))  # no ~/.netrc there
+        url = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}"
+        async with fetching([url], tmp_path / "c2") as (fetcher, _):
+            await fetcher.ensure(chunks[1])
+            labels = list(fetcher.statistics().blobs_by_source)
+        assert labels == [f"http://127.0.0.1:{server.port}"]
+
+
+def test_credentials_never_show_their_secrets(tmp_path: Path) -> None:
+    auth_file = tmp_path / "auth"
+    auth_file.write_text(f"https://a.example/store bearer {TOKEN}\n")
+    credentials = load_credentials(os.fspath(auth_file), use_netrc=False)
+    assert TOKEN not in repr(credentials)
+    import httpx
+
+    assert credentials.header_for(httpx.URL("https://a.example/store/blobs/x")) == (
+        f"Bearer {TOKEN}"
+    )
+    assert credentials.header_for(httpx.URL("https://a.example/storefront/x")) is None
+    assert credentials.header_for(httpx.URL("http://a.example/store/x")) is None
+    auth_file.write_text(f"https://a.example/ token {TOKEN}\n")
+    with pytest.raises(UsageError, match="line 1") as caught:
+        load_credentials(os.fspath(auth_file))
+    assert TOKEN not in str(caught.value)
+    assert redact(f"https://alice:{PASSWORD}@h.example:8443/s/") == "https://h.example:8443/s/"
+    from ocixfs.commands.mount import _fsname  # the mount source /proc/mounts shows
+
+    assert PASSWORD not in _fsname(f"https://alice:{PASSWORD}@h.example")
+
+
+# --- small documents (manifests, profiles) -----------------------------------------------
+
+
+def test_download_is_bounded(tmp_path: Path) -> None:
+    (tmp_path / "doc").write_bytes(b"x" * 1000)
+    slow = replace(FAST, min_rate=1_000_000, rate_window=0.3)
+    with FaultServer(tmp_path) as server:
+        assert download(f"{server.url}/doc", max_bytes=1000) == b"x" * 1000
+        with pytest.raises(FormatError, match="larger than the limit of 999 bytes"):
+            download(f"{server.url}/doc", max_bytes=999)
+        with pytest.raises(BlobNotFound, match="HTTP 404"):
+            download(f"{server.url}/nothing", max_bytes=1000)
+        server.fault("doc", Fault(endless=True))
+        with pytest.raises(FormatError, match="larger than"):
+            download(f"{server.url}/doc", max_bytes=1 << 20)
+        server.fault("doc", Fault(endless=True, rate=50_000))
+        with pytest.raises(FetchError, match="below the minimum rate"):
+            download(f"{server.url}/doc", max_bytes=1 << 30, config=slow)
+        server.fault("doc", Fault(status=500))
+        url = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}/doc"
+        with pytest.raises(FetchError) as caught:
+            download(url, max_bytes=1000)
+        assert PASSWORD not in str(caught.value)
+
+
+# --- real mounts -------------------------------------------------------------------------
+
+FILES = {
+    "/etc/hostname": b"reliable\n",
+    "/data/a.bin": os.urandom(200_000),
+    "/data/b.bin": os.urandom(300_000),
+    "/data/c.bin": os.urandom(1000),
+}
+
+
+@needs_fuse
+@needs_openssl
+@pytest.mark.mount
+def test_mount_over_tls_with_a_token_keeps_secrets_out_of_logs(
+    tmp_path: Path, certs: Certs
+) -> None:
+    image = write_image(tmp_path / "image", FILES)
+    auth_file = tmp_path / "auth"
+    log_file = tmp_path / "daemon.log"
+    with FaultServer(image.store, tls=server_context(certs)) as server:
+        server.auth = f"Bearer {TOKEN}"
+        auth_file.write_text(f"{server.url}/ bearer {TOKEN}\n")
+        auth_file.chmod(0o600)
+        store = f"https://alice:{PASSWORD}@127.0.0.1:{server.port}/"
+        server.fault(image.hexes("/data/c.bin")[0], Fault(status=404))  # a failure to log
+        with Mount(image.ocix, tmp_path / "mnt", *mount_args(
+            store, tmp_path / "cache", "--ca-file", os.fspath(certs.ca),
+            "--store-auth", os.fspath(auth_file), "--log-file", os.fspath(log_file),
+        )) as mount:
+            for path in ("/etc/hostname", "/data/a.bin"):
+                assert (mount.mountpoint / path[1:]).read_bytes() == FILES[path]
+            assert read_or_errno(mount.mountpoint / "data/c.bin") == errno.EIO
+            stats = json.dumps(mount.stats())
+            assert f"https://127.0.0.1:{server.port}/" in stats
+        with open("/proc/self/mounts") as mounts:
+            shown = [stats, log_file.read_text(), mounts.read()]
+    assert "blob" in shown[1] and "HTTP 404" in shown[1]  # the log did record the failure
+    for text in shown:
+        assert TOKEN not in text and PASSWORD not in text
+
+
+@needs_fuse
+@needs_openssl
+@pytest.mark.mount
+def test_mount_without_the_ca_fails_reads_not_the_mount(tmp_path: Path, certs: Certs) -> None:
+    image = write_image(tmp_path / "image", FILES)
+    with (
+        FaultServer(image.store, tls=server_context(certs)) as server,
+        Mount(image.ocix, tmp_path / "mnt", *mount_args(server.url, tmp_path / "cache")) as mount,
+    ):
+        assert read_or_errno(mount.mountpoint / "etc/hostname") == errno.EIO
+        assert server.count() == 0
+        assert sorted(os.listdir(mount.mountpoint / "data")) == ["a.bin", "b.bin", "c.bin"]
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_mount_uses_the_proxy_from_the_environment(
+    tmp_path: Path, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    image = write_image(tmp_path / "image", FILES)
+    with FaultServer(image.store) as origin, ForwardProxy() as proxy:
+        no_proxy_env.setenv("HTTP_PROXY", proxy.url)
+        with Mount(image.ocix, tmp_path / "mnt", *mount_args(origin.url, tmp_path / "c")) as m:
+            assert (m.mountpoint / "data/b.bin").read_bytes() == FILES["/data/b.bin"]
+        assert f"{origin.url}/blobs/blake3/{image.hexes('/data/b.bin')[0]}" in proxy.requests
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_read_of_an_unreachable_file_ends_in_eio_and_its_reader_is_killable(
+    tmp_path: Path,
+) -> None:
+    image = write_image(tmp_path / "image", FILES)
+    deadline = 3.0
+    with FaultServer(image.store) as server, Mount(image.ocix, tmp_path / "mnt", *mount_args(
+        server.url, tmp_path / "cache", "--deadline", str(deadline), "--timeout", "60"
+    )) as mount:
+        assert (mount.mountpoint / "etc/hostname").read_bytes() == FILES["/etc/hostname"]
+        for path in ("/data/a.bin", "/data/b.bin"):  # accepts, then never answers
+            server.fault(image.hexes(path)[0], Fault(stall=600))
+        target = mount.mountpoint / "data/a.bin"
+        reader = subprocess.Popen([sys.executable, "-c", _READ_ONCE, os.fspath(target)])
+        try:
+            wait_for(lambda: server.count(image.hexes("/data/a.bin")[0]) > 0,
+                     what="the daemon to ask the server")
+            reader.send_signal(signal.SIGKILL)
+            # the kernel holds a killed reader until the daemon answers: the deadline
+            assert reader.wait(timeout=deadline * 2 + 20) == -signal.SIGKILL
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+        started = time.monotonic()
+        assert read_or_errno(mount.mountpoint / "data/b.bin") == errno.EIO
+        assert time.monotonic() - started < deadline * 2 + 20
+        assert mount.stats()["pid"] == mount.pid  # the daemon is still there
+        assert (mount.mountpoint / "etc/hostname").read_bytes() == FILES["/etc/hostname"]
+    assert not is_mounted(tmp_path / "mnt")
+
+
+_READ_ONCE = "import sys; open(sys.argv[1], 'rb').read()"
+
+
+@pytest.mark.parametrize(
+    "option", [["--store-auth", "/nonexistent/auth"], ["-o", "timeout=soon"]]
+)
+def test_bad_network_options_are_one_line_errors(tmp_path: Path, option: list[str]) -> None:
+    image = write_image(tmp_path / "image", {"/f": b"f"})
+    (tmp_path / "mnt").mkdir()
+    result = run_ocixfs(
+        "mount", os.fspath(image.ocix), os.fspath(tmp_path / "mnt"), "--store",
+        os.fspath(image.store), *option, check=False, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("ocixfs: ") and result.stderr.count("\n") == 1
+    assert not is_mounted(tmp_path / "mnt")
