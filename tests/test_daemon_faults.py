@@ -3,7 +3,7 @@ would) while processes read through it. What a user sees, and how it is recovere
 without a reboot: ``ocixfs umount`` detaches the dead mount lazily and a fresh
 ``ocixfs mount`` serves the same mountpoint, from the same (still consistent) cache.
 
-Measured behaviour of processes using the old mount (documented in docs/reliability.md):
+Measured behaviour of processes using the old mount (documented in the README, "Reliability"):
 a read blocked in the daemon fails at once with ENOTCONN; opens, new lookups and reads of
 content not in the page cache fail with ENOTCONN; what the kernel still caches (the
 attributes of names already looked up, pages of open files already read) keeps being
