@@ -51,7 +51,14 @@ class MountSession:
         from .fs import Operations
         from .reader import open_reader
 
-        fetch = dataclasses.replace(self.config.fetch, deadline=self.config.read_deadline)
+        # Prefetch workers each need a background slot to keep that many fetches in flight;
+        # on-demand reads keep their own slots, so this never delays them.
+        fetch = dataclasses.replace(
+            self.config.fetch,
+            deadline=self.config.read_deadline,
+            background_slots=max(self.config.fetch.background_slots,
+                                 self.config.prefetch_concurrency),
+        )
         cache = CacheConfig(quota=self.config.cache_quota)
         reader_config = ReaderConfig(cache=cache, fetch=fetch)
         async with AsyncExitStack() as stack:

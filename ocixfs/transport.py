@@ -29,6 +29,7 @@ are translated here for ``download`` and in the fetcher for blobs.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import netrc
 import os
@@ -83,8 +84,12 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
+@functools.lru_cache(maxsize=4)
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
-    """Certificate checks against the system's store, plus ``ca_file`` (PEM) if given."""
+    """Certificate checks against the system's store, plus ``ca_file`` (PEM) if given.
+
+    Made once per process (loading the system store costs ~50 ms) and shared by every
+    client; a context is not modified after it is made."""
     context = ssl.create_default_context()
     if ca_file is not None:
         try:
