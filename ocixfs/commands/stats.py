@@ -42,9 +42,11 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"local        {files['files_local']}/{files['files']} files, "
         f"{_size(files['bytes_local'])}/{_size(files['bytes'])}"
     )
-    for group in ("reader", "fs"):
-        lines.append(f"{group}:")
-        lines.extend(_flatten(stats[group], "  "))
+    lines.append(f"profile      {stats.get('profile_files', 0)} files accessed so far")
+    for group in ("prefetch", "reader", "fs"):
+        if stats.get(group):
+            lines.append(f"{group}:")
+            lines.extend(_flatten(stats[group], "  "))
     return "\n".join(lines)
 
 
