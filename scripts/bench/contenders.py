@@ -1,0 +1,390 @@
+"""The contenders: ways to get from an image on a server to a container that has started.
+
+Each contender opens a *session* for one image over one link (servers, relay and any
+one-off preparation, all outside the clock), then measures single runs. A run:
+
+1. makes fresh scratch directories (and, unless warm, a fresh cache), drops the page cache,
+   zeroes the relay's counters;
+2. starts the clock, pulls or mounts, runs the workload in a chroot, stops the clock at the
+   workload's exit;
+3. tears down (unmount, delete) outside the clock, then reads the link's counters again.
+
+Contenders (names used on the command line):
+
+- ``skopeo-umoci``   what Incus does for OCI images today (lxc/incus client/oci_images.go):
+                     ``skopeo copy`` from a registry, ``umoci unpack --keep-dirlinks``, then
+                     the workload. Incus then also re-tars and gzips the rootfs into its image
+                     store and unpacks it again; that is left out, so this row flatters it.
+- ``casync``         ``casync mount`` of a chunk store over HTTP: a lazy FUSE peer.
+- ``ocixfs``         ``ocixfs mount`` with a fresh cache and no profile anywhere.
+- ``ocixfs-profile`` ``ocixfs mount --prefetch FILE``, FILE recorded on an earlier run
+                     (``--record-profile``) in the same session.
+- ``ocixfs-warm``    ``ocixfs mount`` with a cache filled by an earlier run (page cache
+                     still dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from images import OCI_TAG, ImageSpec, chroot_env
+from relay import LinkProfile, Relay
+from servers import (
+    drop_caches,
+    is_mounted,
+    nginx,
+    registry,
+    run_logged,
+    started,
+    unmount,
+    wait_until,
+)
+
+__all__ = ["CONTENDERS", "Contender", "RunResult", "SessionContext"]
+
+PULL_TIMEOUT = 1800.0
+WORKLOAD_TIMEOUT = 600.0
+MOUNT_TIMEOUT = 120.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunResult:
+    seconds: float
+    bytes_down: int  # server -> client, at the workload's exit
+    bytes_up: int
+    bytes_down_total: int  # including anything still in flight until teardown ended
+    bytes_up_total: int
+    connections: int
+    requests: int
+    extra: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_down_total + self.bytes_up_total
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SessionContext:
+    spec: ImageSpec
+    image_dir: Path
+    link: LinkProfile
+    scratch: Path  # an empty directory owned by this session
+    log: Path
+    ocixfs: Path
+    ocix_image: Path | None = None
+    ocix_store: Path | None = None
+    manifest_over_link: bool = True
+
+
+class Session(Protocol):
+    def run_once(self) -> RunResult: ...
+
+
+class Contender(Protocol):
+    name: str
+    description: str
+    needs_ocixfs: bool
+
+    def session(self, ctx: SessionContext) -> contextlib.AbstractContextManager[Session]: ...
+
+
+def run_workload(ctx: SessionContext, root: Path) -> None:
+    proc = subprocess.run(
+        ["chroot", root, *ctx.spec.workload.argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=chroot_env(),
+        timeout=WORKLOAD_TIMEOUT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"workload exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-400:]}"
+        )
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def measure(
+    relay: Relay,
+    requests: Callable[[], int],
+    body: Callable[[contextlib.ExitStack], dict[str, object] | None],
+) -> RunResult:
+    """Time body from a dropped page cache to its return; its ExitStack is the teardown."""
+    drop_caches()
+    load = float(Path("/proc/loadavg").read_text().split()[0])
+    relay.reset_counters()
+    requests_before = requests()
+    with contextlib.ExitStack() as teardown:
+        start = time.perf_counter()
+        extra = body(teardown) or {}
+        seconds = time.perf_counter() - start
+        at_exit = relay.counters()
+    total = relay.counters()
+    extra["loadavg_before"] = load  # other work on the machine makes runs noisy: say so
+    return RunResult(
+        seconds=seconds,
+        bytes_down=at_exit.bytes_down,
+        bytes_up=at_exit.bytes_up,
+        bytes_down_total=total.bytes_down,
+        bytes_up_total=total.bytes_up,
+        connections=total.connections,
+        requests=requests() - requests_before,
+        extra=extra,
+    )
+
+
+# -- (a) skopeo copy + umoci unpack ------------------------------------------------------------
+
+
+class _SkopeoSession:
+    def __init__(self, ctx: SessionContext, relay: Relay, requests: Callable[[], int]) -> None:
+        self.ctx = ctx
+        self.relay = relay
+        self.requests = requests
+
+    def run_once(self) -> RunResult:
+        ctx = self.ctx
+        work = fresh_dir(ctx.scratch / "run")
+        source = f"docker://127.0.0.1:{self.relay.port}/bench/{ctx.spec.name}:latest"
+
+        def body(teardown: contextlib.ExitStack) -> dict[str, object]:
+            teardown.callback(shutil.rmtree, work, ignore_errors=True)
+            start = time.perf_counter()
+            pull = ["skopeo", "copy", "--insecure-policy", "--src-tls-verify=false", source]
+            run_logged([*pull, f"oci:{work / 'oci'}:{OCI_TAG}"], ctx.log, timeout=PULL_TIMEOUT)
+            pulled = time.perf_counter()
+            unpack = ["umoci", "unpack", "--keep-dirlinks", "--image", f"{work / 'oci'}:{OCI_TAG}"]
+            run_logged([*unpack, work / "bundle"], ctx.log, timeout=PULL_TIMEOUT)
+            unpacked = time.perf_counter()
+            run_workload(ctx, work / "bundle" / "rootfs")
+            steps = {
+                "skopeo_copy": pulled - start,
+                "umoci_unpack": unpacked - pulled,
+                "workload": time.perf_counter() - unpacked,
+            }
+            return {"steps_s": {k: round(v, 3) for k, v in steps.items()}}
+
+        return measure(self.relay, self.requests, body)
+
+
+class SkopeoUmoci:
+    name = "skopeo-umoci"
+    description = "skopeo copy from docker-registry, umoci unpack, chroot"
+    needs_ocixfs = False
+
+    @contextlib.contextmanager
+    def session(self, ctx: SessionContext) -> Iterator[Session]:
+        with registry(ctx.scratch / "registry-storage", ctx.scratch / "registry") as reg:
+            run_logged(
+                [
+                    "skopeo",
+                    "copy",
+                    "--insecure-policy",
+                    "--dest-tls-verify=false",
+                    f"oci:{ctx.image_dir / 'oci'}:{OCI_TAG}",
+                    f"docker://127.0.0.1:{reg.port}/bench/{ctx.spec.name}:latest",
+                ],
+                ctx.log,
+                timeout=PULL_TIMEOUT,
+            )
+            with Relay(target=("127.0.0.1", reg.port), link=ctx.link) as relay:
+                yield _SkopeoSession(ctx, relay, reg.requests)
+
+
+# -- (b) casync mount ------------------------------------------------------------------------
+
+
+class _CasyncSession:
+    def __init__(self, ctx: SessionContext, relay: Relay, requests: Callable[[], int]) -> None:
+        self.ctx = ctx
+        self.relay = relay
+        self.requests = requests
+
+    def run_once(self) -> RunResult:
+        ctx = self.ctx
+        mnt = fresh_dir(ctx.scratch / "mnt")
+        base = f"http://127.0.0.1:{self.relay.port}/{ctx.spec.name}"
+        argv: list[str | Path] = ["casync", "mount", f"--store={base}.castr", f"{base}.caidx", mnt]
+
+        def body(teardown: contextlib.ExitStack) -> dict[str, object]:
+            start = time.perf_counter()
+            proc = teardown.enter_context(started(argv, ctx.log))
+            teardown.callback(unmount, mnt, ctx.log)  # runs before the process is stopped
+            wait_until(
+                lambda: is_mounted(mnt),
+                MOUNT_TIMEOUT,
+                "casync mount",
+                alive=lambda: proc.poll() is None,
+            )
+            mounted = time.perf_counter()
+            run_workload(ctx, mnt)
+            steps = {"mount": mounted - start, "workload": time.perf_counter() - mounted}
+            return {"steps_s": {k: round(v, 3) for k, v in steps.items()}}
+
+        return measure(self.relay, self.requests, body)
+
+
+class Casync:
+    name = "casync"
+    description = "casync mount of a .caidx + .castr chunk store served by nginx"
+    needs_ocixfs = False
+
+    @contextlib.contextmanager
+    def session(self, ctx: SessionContext) -> Iterator[Session]:
+        with (
+            nginx(ctx.image_dir / "casync", ctx.scratch / "nginx") as server,
+            Relay(target=("127.0.0.1", server.port), link=ctx.link) as relay,
+        ):
+            yield _CasyncSession(ctx, relay, server.requests)
+
+
+# -- (c, d, e) ocixfs ------------------------------------------------------------------------
+
+
+class _OcixfsSession:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        relay: Relay,
+        requests: Callable[[], int],
+        *,
+        warm_cache: bool,
+        prefetch: str | None,
+    ) -> None:
+        self.ctx = ctx
+        self.relay = relay
+        self.requests = requests
+        self.warm_cache = warm_cache
+        self.prefetch = prefetch
+        self.cache = ctx.scratch / "cache"
+        self.runs = 0
+
+    def image_arg(self) -> str:
+        assert self.ctx.ocix_image is not None
+        if self.ctx.manifest_over_link:
+            return f"http://127.0.0.1:{self.relay.port}/{self.ctx.ocix_image.name}"
+        return str(self.ctx.ocix_image)
+
+    def mount_argv(self, mnt: Path, record: Path | None) -> list[str | Path]:
+        argv: list[str | Path] = [
+            self.ctx.ocixfs,
+            "mount",
+            self.image_arg(),
+            mnt,
+            "--store",
+            f"http://127.0.0.1:{self.relay.port}/store/",
+            "--cache-dir",
+            self.cache,
+            "--log-file",
+            self.ctx.scratch / "daemon.log",
+        ]
+        if self.prefetch is not None:
+            argv += ["--prefetch", self.prefetch]
+        if record is not None:
+            argv += ["--record-profile", record]
+        return argv
+
+    def run_once(self, *, record: Path | None = None) -> RunResult:
+        ctx = self.ctx
+        mnt = fresh_dir(ctx.scratch / "mnt")
+        if not (self.warm_cache and self.runs > 0):
+            fresh_dir(self.cache)
+        self.runs += 1
+
+        def body(teardown: contextlib.ExitStack) -> dict[str, object]:
+            extra: dict[str, object] = {}
+            teardown.callback(self.unmount, mnt)
+            start = time.perf_counter()
+            run_logged(self.mount_argv(mnt, record), ctx.log, timeout=MOUNT_TIMEOUT)
+            wait_until(lambda: is_mounted(mnt), MOUNT_TIMEOUT, "ocixfs mount")
+            # Off the clock: the teardown reads the counters before it unmounts.
+            teardown.callback(lambda: extra.update(stats=self.stats(mnt)))
+            mounted = time.perf_counter()
+            run_workload(ctx, mnt)
+            steps = {"mount": mounted - start, "workload": time.perf_counter() - mounted}
+            extra["steps_s"] = {k: round(v, 3) for k, v in steps.items()}
+            return extra
+
+        return measure(self.relay, self.requests, body)
+
+    def unmount(self, mnt: Path) -> None:
+        """`ocixfs umount` (which writes a recorded profile), then make sure it is gone."""
+        try:
+            run_logged([self.ctx.ocixfs, "umount", mnt], self.ctx.log, timeout=MOUNT_TIMEOUT)
+        finally:
+            unmount(mnt, self.ctx.log)
+
+    def stats(self, mnt: Path) -> object:
+        proc = subprocess.run(
+            [self.ctx.ocixfs, "stats", mnt, "--json"],
+            capture_output=True,
+            timeout=MOUNT_TIMEOUT,
+            check=False,
+        )
+        if proc.returncode != 0:
+            return {"error": proc.stderr.decode(errors="replace").strip()[-300:]}
+        try:
+            data: object = json.loads(proc.stdout)
+        except ValueError:
+            return {"error": "stats --json printed no JSON"}
+        return data
+
+
+class Ocixfs:
+    """An ocixfs contender; `mode` picks cold, profile-played or warm."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.name = {"cold": "ocixfs", "profile": "ocixfs-profile", "warm": "ocixfs-warm"}[mode]
+        self.description = {
+            "cold": "ocixfs mount, fresh cache, no profile",
+            "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run), fresh cache",
+            "warm": "ocixfs mount, cache filled by an earlier run",
+        }[mode]
+        self.needs_ocixfs = True
+
+    @contextlib.contextmanager
+    def session(self, ctx: SessionContext) -> Iterator[Session]:
+        assert ctx.ocix_image is not None
+        with (
+            nginx(ctx.ocix_image.parent, ctx.scratch / "nginx") as server,
+            Relay(target=("127.0.0.1", server.port), link=ctx.link) as relay,
+        ):
+            profile = ctx.scratch / "recorded.profile"
+            session = _OcixfsSession(
+                ctx,
+                relay,
+                server.requests,
+                warm_cache=self.mode == "warm",
+                prefetch=str(profile) if self.mode == "profile" else None,
+            )
+            if self.mode == "profile":
+                recorder = _OcixfsSession(
+                    ctx, relay, server.requests, warm_cache=False, prefetch="none"
+                )
+                recorder.run_once(record=profile)
+                if not profile.is_file():
+                    raise RuntimeError("--record-profile wrote no profile at unmount")
+            elif self.mode == "warm":
+                session.run_once()  # fills the cache; not counted
+            yield session
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.name: c for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("profile"), Ocixfs("warm"))
+}
