@@ -84,12 +84,18 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
-@functools.lru_cache(maxsize=4)
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     """Certificate checks against the system's store, plus ``ca_file`` (PEM) if given.
 
-    Made once per process (loading the system store costs ~50 ms) and shared by every
-    client; a context is not modified after it is made."""
+    Made once per process and setting (loading the system store costs ~50 ms) and shared by
+    every client; a context is not modified after it is made. ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` choose the system store, so they are part of the key."""
+    env = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    return _ssl_context(ca_file, env)
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_file: str | None, _env: tuple[str | None, str | None]) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if ca_file is not None:
         try:

@@ -139,8 +139,10 @@ def test_adds_round_trip_delay_and_a_handshake(server: tuple[str, int]) -> None:
         assert reader.readline() == b"again\n"
         again = time.monotonic() - start
         reader.close()
-    assert first >= 2 * rtt  # handshake, then request and reply
-    assert again >= rtt
+    # Handshake, then request and reply. The handshake's RTT starts at connect(), a moment
+    # before ``start``: allow that moment (0.39993 s was seen for 2 * 0.2).
+    assert first >= 2 * rtt - 0.02
+    assert again >= rtt - 0.02
     assert first < 2 * rtt + 2 and again < rtt + 2
 
 

@@ -1,5 +1,5 @@
-"""The README's Reliability section cannot drift from the tests: every test it names exists, and every
-test of the reliability files is named in it."""
+"""The README's Reliability section cannot drift from the tests: every test it names
+exists, and every test of the reliability files is named in it."""
 
 from __future__ import annotations
 
