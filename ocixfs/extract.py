@@ -40,6 +40,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -262,6 +263,7 @@ class _Plan:
         self.specials: list[Node] = []
         self.kinds: Counter[Kind] = Counter()
         self.skipped: Counter[str] = Counter()
+        self._skip_lock = threading.Lock()
         self._sort(tree)
 
     def _sort(self, tree: Tree) -> None:
@@ -397,9 +399,12 @@ class _Plan:
             self._skip("xattrs", f"{node.path}: xattr {name} not set: {exc.strerror}")
 
     def _skip(self, kind: str, message: str) -> None:
-        if not self.skipped[kind]:
+        """Count a skipped step; warn on the first of each kind. Writer threads call this."""
+        with self._skip_lock:
+            first = not self.skipped[kind]
+            self.skipped[kind] += 1
+        if first:
             log.warning("%s (further %s skipped silently)", message, kind)
-        self.skipped[kind] += 1
 
 
 def _copy_blob(source: Path, chunk: Chunk, fd: int, progress: Progress) -> None:
