@@ -5,6 +5,7 @@ usage: scripts/bench/run [--quick] [--images minbase,python,large] [--links 100m
                          [--runs N] [--work-dir DIR] [--json FILE] [--compress zstd|none]
                          [--manifest local|link] [--slow-run-seconds S] [--rebuild-images]
                          [--no-verify-link]
+       scripts/bench/run --render RESULTS.json...
 
 Run as root (chroot, mounts, drop_caches). ``--quick`` = python image, 100 Mbit/s link, 3
 runs (about 4 minutes; everything: about an hour). Images are built once with mmdebstrap
@@ -123,6 +124,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rebuild-images", action="store_true")
     parser.add_argument("--no-verify-link", dest="verify_link", action="store_false")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print the table of earlier results files (rows in the given order)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         given = set(argv if argv is not None else sys.argv[1:])
@@ -136,7 +144,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    log(f"got {signal.Signals(signum).name} at {datetime.datetime.now():%H:%M:%S}; tearing down")
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 # -- link verification -----------------------------------------------------------------------
@@ -481,8 +490,12 @@ def versions(ocixfs: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C (unless ignored, as under nohup)."""
-    wanted = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    """SIGINT, SIGTERM and SIGHUP unwind, saying which (unless ignored, as under nohup)."""
+    wanted = [
+        s
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(s) != signal.SIG_IGN
+    ]
     previous = {s: signal.signal(s, _raise_interrupt) for s in wanted}
     try:
         yield
@@ -491,8 +504,27 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def render(files: Sequence[Path]) -> str:
+    """The table of one or more results files, as one."""
+    rows: list[dict[str, object]] = []
+    infos: dict[str, dict[str, object]] = {}
+    links: dict[str, LinkProfile] = {}
+    runs = 0
+    for path in files:
+        data = json.loads(path.read_text())
+        rows += data["rows"]
+        infos.update(data["images"])
+        for label, link in data["links"].items():
+            links[label] = LinkProfile(name=label, rate_bps=link["rate_bps"], rtt=link["rtt_s"])
+        runs = max(runs, int(data["options"]["runs"]))
+    return table(rows, infos, links, runs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return 0
     if os.geteuid() != 0:
         log("scripts/bench/run: must run as root (chroot, mounts, drop_caches)")
         return 2
