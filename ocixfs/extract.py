@@ -466,7 +466,7 @@ class _Extraction:
             async with open_reader(stores, cache_dir, config) as reader:
                 await trio.to_thread.run_sync(self._plan.create_skeleton)
                 await self._fill(reader, paths)
-                stats = reader.statistics()
+                stats = reader.statistics().fetch
         if self._error is not None:
             raise self._error
         await trio.to_thread.run_sync(self._plan.finish_directories)

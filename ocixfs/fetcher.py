@@ -40,15 +40,13 @@ import heapq
 import json
 import logging
 import math
-import os
 import random
-import urllib.parse
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import httpx
 import trio
@@ -74,7 +72,6 @@ __all__ = [
     "Source",
     "make_http_client",
     "make_sources",
-    "parse_stores",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,46 +279,13 @@ def make_http_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.AsyncC
     return async_client(config, limits=limits)
 
 
-def parse_stores(stores: Sequence[str]) -> list[str | Path]:
-    """Check store names, in mirror order: an http(s) URL stays a string, a ``file://``
-    URL or an absolute path becomes a ``Path``. Raises ``UsageError``."""
-    if not stores:
-        raise UsageError("no blob store given")
-    parsed: list[str | Path] = []
-    for store in stores:
-        try:
-            parts = urllib.parse.urlsplit(store)
-        except ValueError:
-            raise UsageError(f"store {store!r} is not a valid URL") from None
-        if parts.scheme in ("http", "https") and parts.hostname and _valid_url(store):
-            parsed.append(store)
-        elif parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
-            parsed.append(Path(urllib.parse.unquote(parts.path)))
-        elif not parts.scheme and os.path.isabs(store):
-            parsed.append(Path(store))
-        else:
-            raise UsageError(
-                f"unsupported store {store!r} (use http://, https://, file:// or a path)"
-            )
-    return parsed
-
-
-def _valid_url(url: str) -> bool:
-    try:
-        httpx.URL(url)
-        urllib.parse.urlsplit(url).port  # noqa: B018 -- raises ValueError when out of range
-    except (httpx.InvalidURL, ValueError):
-        return False
-    return True
-
-
 def make_sources(
     stores: Sequence[str | Path],
     *,
     client: httpx.AsyncClient | None,
     limiter: trio.CapacityLimiter,
 ) -> list[Source]:
-    """Sources for ``parse_stores`` output; http(s) stores need ``client``."""
+    """Sources for ``stores.parse_stores`` output; http(s) stores need ``client``."""
     sources: list[Source] = []
     for store in stores:
         if isinstance(store, Path):
@@ -439,7 +403,9 @@ class _Scheduler:
 class FetchStatistics:
     """A snapshot. ``errors`` counts failed attempts by kind (one blob may fail at several
     sources); ``failed_blobs`` counts blobs no source delivered; ``fast_failures`` requests
-    answered from the recent-failure memory; ``wait_timeouts`` waiters that gave up."""
+    answered from the recent-failure memory; ``wait_timeouts`` waiters that gave up. Byte
+    and blob counts are of verified content; ``bytes_received_by_source`` counts what came
+    over the wire (compressed, failed attempts included)."""
 
     blobs_fetched: int
     bytes_fetched: int
@@ -451,6 +417,14 @@ class FetchStatistics:
     wait_timeouts: int
     in_flight: int
     queued: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values, in field order (copies of the mappings)."""
+        out: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            out[item.name] = dict(value) if isinstance(value, dict) else value
+        return out
 
 
 @dataclass(slots=True)

@@ -15,7 +15,8 @@ the cache, the HTTP client and the fetch tasks, and yields a ``Reader``:
   prefetching: ``ensure`` puts a blob in the cache without reading it (on-demand priority
   waits at most the deadline; lower priorities wait for their turn, never ahead of an
   on-demand fetch).
-- ``reader.statistics()`` is a frozen snapshot with ``as_dict()``.
+- ``reader.statistics()`` is a frozen snapshot (the fetcher's counters nested as ``fetch``)
+  with ``as_dict()``, one flat JSON-able level.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ import trio
 from .cache import Cache
 from .config import DEFAULT_READER_CONFIG, ReaderConfig
 from .errors import CacheError
-from .fetcher import Fetcher, Priority, make_http_client, make_sources, parse_stores
+from .fetcher import Fetcher, FetchStatistics, Priority, make_http_client, make_sources
 from .format import Chunk
+from .stores import parse_stores
 
 __all__ = ["Priority", "Reader", "ReaderStatistics", "open_reader"]
 
@@ -45,12 +47,12 @@ _LAYOUT_MIN_CHUNKS = 8
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReaderStatistics:
-    """A snapshot of the data path since the reader opened.
+    """A snapshot of the data path since the reader opened: the reader's own counters,
+    the fetcher's (``fetch``) and a few of the cache's.
 
     Hits and misses count chunks touched by reads; a wait is a read that needed the
-    network (its duration, in seconds). Byte and blob counts are of verified content;
-    ``bytes_received_by_source`` counts what came over the wire (compressed, failed
-    attempts included). ``errors`` counts failed attempts by kind."""
+    network (its duration, in seconds). ``as_dict()`` flattens ``fetch`` into the other
+    keys (``blobs_fetched``, ``bytes_received_by_source``, ``errors``, ...)."""
 
     reads: int
     bytes_read: int
@@ -59,26 +61,20 @@ class ReaderStatistics:
     waits: int
     wait_seconds_total: float
     wait_seconds_max: float
-    blobs_fetched: int
-    bytes_fetched: int
-    blobs_by_source: dict[str, int]
-    bytes_received_by_source: dict[str, int]
-    errors: dict[str, int]
-    failed_blobs: int
-    fast_failures: int
-    wait_timeouts: int
-    in_flight: int
-    queued: int
+    fetch: FetchStatistics
     cache_stored_blobs: int
     cache_stored_bytes: int
     cache_open_files: int
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (copies of the mappings)."""
+        """Plain JSON-able values, one flat level (copies of the mappings)."""
         out: dict[str, Any] = {}
-        for name in self.__slots__:
-            value = getattr(self, name)
-            out[name] = dict(value) if isinstance(value, dict) else value
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, FetchStatistics):
+                out.update(value.as_dict())
+            else:
+                out[item.name] = value
         return out
 
 
@@ -167,7 +163,6 @@ class Reader:
         await self._fetcher.ensure(chunk, priority=priority, deadline=deadline)
 
     def statistics(self) -> ReaderStatistics:
-        fetch = self._fetcher.statistics()
         cache = self._cache.statistics()
         return ReaderStatistics(
             reads=self._reads,
@@ -177,16 +172,7 @@ class Reader:
             waits=self._waits,
             wait_seconds_total=self._wait_total,
             wait_seconds_max=self._wait_max,
-            blobs_fetched=fetch.blobs_fetched,
-            bytes_fetched=fetch.bytes_fetched,
-            blobs_by_source=fetch.blobs_by_source,
-            bytes_received_by_source=fetch.bytes_received_by_source,
-            errors=fetch.errors,
-            failed_blobs=fetch.failed_blobs,
-            fast_failures=fetch.fast_failures,
-            wait_timeouts=fetch.wait_timeouts,
-            in_flight=fetch.in_flight,
-            queued=fetch.queued,
+            fetch=self._fetcher.statistics(),
             cache_stored_blobs=cache.stored_blobs,
             cache_stored_bytes=cache.stored_bytes,
             cache_open_files=cache.open_files,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -85,13 +86,13 @@ async def test_only_touched_chunks_are_fetched(
     async with open_reader([server.url], tmp_path / "cache", config) as reader:
         assert await reader.read(chunks, 3 * CHUNK + 10, CHUNK) == FILE[3 * CHUNK + 10 :][:CHUNK]
         # A blob is visible in the cache a moment before its flight is counted as done.
-        await wait_until(lambda: reader.statistics().blobs_fetched >= 4)
+        await wait_until(lambda: reader.statistics().fetch.blobs_fetched >= 4)
         assert reader.is_cached(chunks[5]) and reader.is_cached(chunks[6])
         counts = [server.count(chunk.hex) for chunk in chunks]
         assert counts == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]  # touched 3-4, read ahead 5-6
         stats = reader.statistics()
         assert (stats.cache_misses, stats.cache_hits, stats.waits) == (2, 0, 1)
-        assert stats.blobs_fetched == 4
+        assert stats.fetch.blobs_fetched == 4
 
 
 async def test_no_readahead(
@@ -151,13 +152,13 @@ async def test_deadline_then_fast_retry(
             await reader.read(whole, 0, 100)
         assert server.count() == requests
         stats = reader.statistics()
-        assert stats.fast_failures == 1
+        assert stats.fetch.fast_failures == 1
         assert stats.wait_seconds_max >= 0.5
         # once the flight itself has given up, the memory of its failure answers
-        await wait_until(lambda: reader.statistics().in_flight == 0)
+        await wait_until(lambda: reader.statistics().fetch.in_flight == 0)
         with pytest.raises(FetchError):
             await reader.read(whole, 0, 100)
-        assert reader.statistics().fast_failures == 2
+        assert reader.statistics().fetch.fast_failures == 2
         assert server.count() == requests
 
 
@@ -193,6 +194,14 @@ async def test_statistics_snapshot(
     assert after["bytes_received_by_source"] == {server.url: len(WHOLE)}
     assert after["cache_stored_blobs"] == 1
     assert after["waits"] == 1 and after["wait_seconds_total"] > 0
+    assert list(after) == [  # flat, in this order: `ocixfs stats --json` and scripts read it
+        "reads", "bytes_read", "cache_hits", "cache_misses", "waits", "wait_seconds_total",
+        "wait_seconds_max", "blobs_fetched", "bytes_fetched", "blobs_by_source",
+        "bytes_received_by_source", "errors", "failed_blobs", "fast_failures",
+        "wait_timeouts", "in_flight", "queued", "cache_stored_blobs", "cache_stored_bytes",
+        "cache_open_files",
+    ]
+    assert json.loads(json.dumps(after)) == after
 
 
 async def test_bad_store_is_a_usage_error(tmp_path: Path) -> None:
