@@ -5,10 +5,55 @@
 - fs_ops: the pyfuse3 Operations called directly (no kernel);
 - mount (``@pytest.mark.mount``): the ``ocixfs`` console script mounting real FUSE
   filesystems, served by nginx or the fault server; teardown always unmounts.
+
+Fixtures here (a module's own fixture of the same name wins):
+
+- ``mounts``: a ``tests.mounting.Mounts`` whose leftover mounts are lazy-unmounted at teardown;
+- ``serve``: ``serve(root, **options)`` starts a ``FaultServer``, stopped at teardown;
+- ``store``: a ``tests.servers.Store`` of the module's ``blob_contents`` fixture (which the
+  module defines) under ``tmp_path / "store"``; ``server`` serves it, and so do ``mirrors``
+  (two servers).
 """
 
 from __future__ import annotations
 
 import faulthandler
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faultserver import FaultServer
+from tests.mounting import Mounts
+from tests.servers import FaultServers, Mirrors, Store, blob_store
 
 faulthandler.enable()
+
+
+@pytest.fixture
+def mounts() -> Iterator[Mounts]:
+    made = Mounts()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[FaultServers]:
+    servers = FaultServers()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path, blob_contents: list[bytes]) -> Store:
+    return blob_store(tmp_path / "store", blob_contents)
+
+
+@pytest.fixture
+def server(store: Store, serve: FaultServers) -> FaultServer:
+    return serve(store.root)
+
+
+@pytest.fixture
+def mirrors(store: Store, serve: FaultServers) -> Mirrors:
+    return serve(store.root), serve(store.root)

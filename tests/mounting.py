@@ -2,7 +2,9 @@
 
 The daemon runs as a subprocess exactly as a user would start it; teardown always
 lazy-unmounts and then makes sure the process is gone, so a failing test never leaves a
-mount behind.
+mount behind. ``Mounts`` (the ``mounts`` fixture of ``tests/conftest.py``) makes a test's
+``Mount``s and, at its end, stops any still mounted, even one whose ``start()`` failed
+half-way (``with`` never stops those).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,15 @@ def is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[1] == target for line in mounts if len(line.split()) > 1)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def force_unmount(mountpoint: Path) -> None:
     """Lazy-unmount whatever is at ``mountpoint`` (teardown; never raises)."""
     for _ in range(3):
@@ -64,6 +75,13 @@ def force_unmount(mountpoint: Path) -> None:
             return
         subprocess.run(["fusermount3", "-u", "-z", os.fspath(mountpoint)], capture_output=True)
         subprocess.run(["umount", "-l", os.fspath(mountpoint)], capture_output=True)
+
+
+def store_args(stores: str | Sequence[str], cache: Path, *more: str) -> list[str]:
+    """``--store URL`` for each store, ``--cache-dir cache``, then ``more``."""
+    urls = [stores] if isinstance(stores, str) else list(stores)
+    pairs = [arg for url in urls for arg in ("--store", url)]
+    return [*pairs, "--cache-dir", os.fspath(cache), *more]
 
 
 class Mount:
@@ -103,6 +121,29 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Mounts:
+    """``mounts(image, mountpoint, *args)`` makes a ``Mount`` (not started: ``with`` it);
+    ``close()`` stops, with a lazy unmount, every one of them that is still mounted."""
+
+    def __init__(self) -> None:
+        self._made: list[Mount] = []
+
+    def __call__(self, image: Path | str, mountpoint: Path, *args: str) -> Mount:
+        mount = Mount(image, mountpoint, *args)
+        self._made.append(mount)
+        return mount
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as stack:
+            for mount in self._made:
+                stack.callback(_stop_if_mounted, mount)
+
+
+def _stop_if_mounted(mount: Mount) -> None:
+    if is_mounted(mount.mountpoint):
+        mount.stop()
 
 
 def _kill_quietly(pid: int) -> None:

@@ -86,7 +86,8 @@ class Nginx:
             line.split('"')[1].split()[1] for line in log.read_text().splitlines() if '"' in line
         ]
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Stop serving (a test's "the server is gone"); stopping again is harmless."""
         if self.process is not None:
             self.process.terminate()
             try:
@@ -94,3 +95,6 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

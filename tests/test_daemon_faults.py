@@ -24,7 +24,7 @@ import blake3
 import pytest
 
 from tests.faultserver import Fault, FaultServer
-from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
+from tests.mounting import Mount, is_mounted, needs_fuse, process_alive, run_ocixfs, wait_for
 from tests.reliabilitykit import mount_args, read_or_errno, write_image
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -58,14 +58,6 @@ def _errno_of(call: Callable[[], object]) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
 def test_killed_daemon_is_reported_then_recovered_by_umount_and_a_fresh_mount(
     tmp_path: Path,
 ) -> None:
@@ -95,7 +87,7 @@ def test_killed_daemon_is_reported_then_recovered_by_umount_and_a_fresh_mount(
                 if blocked.poll() is None:
                     blocked.kill()
                     blocked.wait()
-            wait_for(lambda: not _alive(first.pid or 0), what="the daemon to die")
+            wait_for(lambda: not process_alive(first.pid or 0), what="the daemon to die")
 
             # what users of the dead mount see
             assert is_mounted(mnt)
@@ -136,7 +128,7 @@ def test_umount_of_a_dead_mount_without_open_files(tmp_path: Path) -> None:
     with mount:
         assert mount.pid is not None
         os.kill(mount.pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(mount.pid or 0), what="the daemon to die")
+        wait_for(lambda: not process_alive(mount.pid or 0), what="the daemon to die")
         assert _errno_of(lambda: os.listdir(mount.mountpoint / "data")) in DEAD
         run_ocixfs("umount", os.fspath(mount.mountpoint), timeout=60)
         assert not is_mounted(mount.mountpoint)

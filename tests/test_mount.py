@@ -1,12 +1,14 @@
 """Tier 4: real FUSE mounts of real images, served by a real HTTP server (nginx).
 
-Each test builds an image from a directory tree with ``ocixfs build``, serves the store with
-nginx, and runs ``ocixfs mount`` as a user would. Teardown always unmounts.
+Each test builds an image from a directory tree with ``ocixfs build`` (the ``image``
+fixture), serves the store with nginx (``server``), and runs ``ocixfs mount`` as a user would
+(``mount_image``, or ``mounted`` for the default options). Teardown always unmounts.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -14,12 +16,24 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import blake3
 import pytest
 
-from tests.mounting import OCIXFS, Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
+from tests.mounting import (
+    OCIXFS,
+    Mount,
+    Mounts,
+    is_mounted,
+    needs_fuse,
+    process_alive,
+    run_ocixfs,
+    store_args,
+    wait_for,
+)
 from tests.nginx import Nginx
 from tests.treecompare import differences
 
@@ -98,103 +112,106 @@ def blob_requests(server: Nginx) -> list[str]:
     return [path for path in server.requests() if "/blobs/" in path]
 
 
+class Image(NamedTuple):
+    root: Path
+    store: Path
+    ocix: Path
+
+
 @pytest.fixture
-def image(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    """(rootfs, store, image.ocix) for a v1 image."""
+def format_version() -> str | None:
+    """``--format-version`` of the ``image`` build (None: the default); tests parametrize it."""
+    return None
+
+
+@pytest.fixture
+def image(tmp_path: Path, format_version: str | None) -> Image:
+    """The rootfs of ``make_rootfs``, its store, and the image built from it."""
     root = make_rootfs(tmp_path / "rootfs")
     store = tmp_path / "store"
-    yield root, store, build(root, store, tmp_path / "image.ocix")
+    version = () if format_version is None else ("--format-version", format_version)
+    return Image(root, store, build(root, store, tmp_path / "image.ocix", *version))
 
 
 @pytest.fixture
-def server(tmp_path: Path, image: tuple[Path, Path, Path]) -> Iterator[Nginx]:
-    with Nginx(image[1], tmp_path / "nginx") as nginx:
+def server(tmp_path: Path, image: Image) -> Iterator[Nginx]:
+    """nginx serving the image's store."""
+    with Nginx(image.store, tmp_path / "nginx") as nginx:
         yield nginx
 
 
-@pytest.mark.parametrize("version", ["0", "1"])
-def test_mounted_tree_equals_source(tmp_path: Path, version: str) -> None:
-    root = make_rootfs(tmp_path / "rootfs")
-    store = tmp_path / "store"
-    ocix = build(root, store, tmp_path / "image.ocix", "--format-version", version)
-    with (
-        Nginx(store, tmp_path / "nginx") as nginx,
-        Mount(
-            ocix,
-            tmp_path / "mnt",
-            "--store",
-            nginx.url,
-            "--cache-dir",
-            os.fspath(tmp_path / "cache"),
-        ) as mount,
-    ):
-        problems = differences(root, mount.mountpoint, check_xattrs=version == "1")
-        assert problems == []
-        st = os.lstat(mount.mountpoint / "usr/share/data/shared.txt")
-        assert st.st_nlink == 2
-        assert st.st_ino == os.lstat(mount.mountpoint / "usr/share/data/hardlink.txt").st_ino
+MountImage = Callable[..., Mount]
 
 
-def test_reading_one_file_fetches_only_its_blobs(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
-) -> None:
-    _, _, ocix = image
-    with Mount(
-        ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", os.fspath(tmp_path / "cache")
-    ) as mount:
-        subprocess.run(
-            ["find", os.fspath(mount.mountpoint), "-ls"], capture_output=True, check=True
-        )
-        assert blob_requests(server) == [], "metadata must not touch the network"
-        data = (mount.mountpoint / "etc/hostname").read_bytes()
-        assert data == b"ocixfs-test-0\n"
-        import blake3
+@pytest.fixture
+def mount_image(tmp_path: Path, image: Image, server: Nginx, mounts: Mounts) -> MountImage:
+    """``mount_image(*more)``: a ``Mount`` (to start with ``with``) of the image at
+    ``tmp_path / at``, from ``stores`` (default: ``server``) with the cache
+    ``tmp_path / cache`` and the options ``more``; ``ocix`` mounts another image."""
 
-        assert blob_requests(server) == [f"/blobs/blake3/{blake3.blake3(data).hexdigest()}"]
+    def make(
+        *more: str,
+        stores: Sequence[str] = (),
+        at: str = "mnt",
+        cache: str = "cache",
+        ocix: Path | None = None,
+    ) -> Mount:
+        args = store_args(stores or [server.url], tmp_path / cache, *more)
+        return mounts(ocix or image.ocix, tmp_path / at, *args)
+
+    return make
+
+
+@pytest.fixture
+def mounted(mount_image: MountImage) -> Iterator[Mount]:
+    """The image, mounted from ``server`` with the default options."""
+    with mount_image() as mount:
+        yield mount
+
+
+@pytest.mark.parametrize("format_version", ["0", "1"])
+def test_mounted_tree_equals_source(image: Image, mounted: Mount, format_version: str) -> None:
+    problems = differences(image.root, mounted.mountpoint, check_xattrs=format_version == "1")
+    assert problems == []
+    st = os.lstat(mounted.mountpoint / "usr/share/data/shared.txt")
+    assert st.st_nlink == 2
+    assert st.st_ino == os.lstat(mounted.mountpoint / "usr/share/data/hardlink.txt").st_ino
+
+
+def test_reading_one_file_fetches_only_its_blobs(server: Nginx, mounted: Mount) -> None:
+    subprocess.run(["find", os.fspath(mounted.mountpoint), "-ls"], capture_output=True, check=True)
+    assert blob_requests(server) == [], "metadata must not touch the network"
+    data = (mounted.mountpoint / "etc/hostname").read_bytes()
+    assert data == b"ocixfs-test-0\n"
+    assert blob_requests(server) == [f"/blobs/blake3/{blake3.blake3(data).hexdigest()}"]
 
 
 def test_partial_read_of_chunked_file_fetches_touched_chunks(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
+    image: Image, server: Nginx, mounted: Mount
 ) -> None:
-    root, _, ocix = image
-    with Mount(
-        ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", os.fspath(tmp_path / "cache")
-    ) as mount:
-        with open(mount.mountpoint / "usr/share/data/large.bin", "rb") as f:
-            f.seek(2 * MiB + 100)
-            got = f.read(1000)
-        assert (
-            got == (root / "usr/share/data/large.bin").read_bytes()[2 * MiB + 100 : 2 * MiB + 1100]
-        )
-        # The kernel's read-ahead and ours may add the next chunk, never all four.
-        assert 1 <= len(blob_requests(server)) <= 2
+    with open(mounted.mountpoint / "usr/share/data/large.bin", "rb") as f:
+        f.seek(2 * MiB + 100)
+        got = f.read(1000)
+    large = (image.root / "usr/share/data/large.bin").read_bytes()
+    assert got == large[2 * MiB + 100 : 2 * MiB + 1100]
+    # The kernel's read-ahead and ours may add the next chunk, never all four.
+    assert 1 <= len(blob_requests(server)) <= 2
 
 
 def test_tampered_blob_is_never_served(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
+    tmp_path: Path, image: Image, mount_image: MountImage
 ) -> None:
-    root, store, ocix = image
-    import blake3
-
-    good = (root / "etc/hostname").read_bytes()
-    blob = store / "blobs" / "blake3" / blake3.blake3(good).hexdigest()
+    good = (image.root / "etc/hostname").read_bytes()
+    blob = image.store / "blobs" / "blake3" / blake3.blake3(good).hexdigest()
     blob.write_bytes(b"evil-test-0!!\n")  # same length, wrong bytes
-    cache = tmp_path / "cache"
-    with Mount(
-        ocix,
-        tmp_path / "mnt",
-        "--store",
-        server.url,
-        "--cache-dir",
-        os.fspath(cache),
-        "--deadline",
-        "5",
-    ) as mount:
+    with mount_image("--deadline", "5") as mount:
         with pytest.raises(OSError) as caught:
             (mount.mountpoint / "etc/hostname").read_bytes()
         assert caught.value.errno == errno.EIO
         cached = [
-            p for p in cache.rglob("*") if p.is_file() and p.read_bytes() == b"evil-test-0!!\n"
+            p
+            for p in (tmp_path / "cache").rglob("*")
+            if p.is_file() and p.read_bytes() == b"evil-test-0!!\n"
         ]
         assert cached == []
         assert (mount.mountpoint / "etc/absolute-link").is_symlink()  # still serving
@@ -203,58 +220,32 @@ def test_tampered_blob_is_never_served(
 
 
 def test_tampered_blob_falls_back_to_next_mirror(
-    tmp_path: Path, image: tuple[Path, Path, Path]
+    tmp_path: Path, image: Image, server: Nginx, mount_image: MountImage
 ) -> None:
-    root, store, ocix = image
-    import blake3
-
-    good = (root / "etc/hostname").read_bytes()
+    good = (image.root / "etc/hostname").read_bytes()
     bad_store = tmp_path / "bad-store"
-    shutil.copytree(store, bad_store)
+    shutil.copytree(image.store, bad_store)
     (bad_store / "blobs" / "blake3" / blake3.blake3(good).hexdigest()).write_bytes(
         b"evil-test-0!!\n"
     )
     with (
         Nginx(bad_store, tmp_path / "bad") as bad,
-        Nginx(store, tmp_path / "good") as good_server,
-        Mount(
-            ocix,
-            tmp_path / "mnt",
-            "--store",
-            bad.url,
-            "--store",
-            good_server.url,
-            "--cache-dir",
-            os.fspath(tmp_path / "cache"),
-        ) as mount,
+        mount_image(stores=[bad.url, server.url]) as mount,
     ):
         assert (mount.mountpoint / "etc/hostname").read_bytes() == good
         assert len(blob_requests(bad)) >= 1
-        assert len(blob_requests(good_server)) == 1
+        assert len(blob_requests(server)) == 1
 
 
 def test_server_gone_cached_files_work_uncached_fail_fast(
-    tmp_path: Path, image: tuple[Path, Path, Path]
+    image: Image, server: Nginx, mount_image: MountImage
 ) -> None:
-    root, store, ocix = image
-    nginx = Nginx(store, tmp_path / "nginx")
-    with (
-        nginx,
-        Mount(
-            ocix,
-            tmp_path / "mnt",
-            "--store",
-            nginx.url,
-            "--cache-dir",
-            os.fspath(tmp_path / "cache"),
-            "--deadline",
-            "3",
-        ) as mount,
-    ):
+    source_hostname = (image.root / "etc/hostname").read_bytes()
+    with mount_image("--deadline", "3") as mount:
         hostname = mount.mountpoint / "etc/hostname"
-        assert hostname.read_bytes() == (root / "etc/hostname").read_bytes()
-        nginx.__exit__(None, None, None)
-        assert hostname.read_bytes() == (root / "etc/hostname").read_bytes()
+        assert hostname.read_bytes() == source_hostname
+        server.stop()
+        assert hostname.read_bytes() == source_hostname
         started = time.monotonic()
         with pytest.raises(OSError) as caught:
             (mount.mountpoint / "usr/share/data/small-05.txt").read_bytes()
@@ -263,104 +254,62 @@ def test_server_gone_cached_files_work_uncached_fail_fast(
             time.monotonic() - started < 3 * 2 + 10
         )  # the deadline (twice: kernel retries) + slack
         assert mount.stats()["pid"] == mount.pid
-        assert (mount.mountpoint / "etc/hostname").read_bytes() == (
-            root / "etc/hostname"
-        ).read_bytes()
+        assert (mount.mountpoint / "etc/hostname").read_bytes() == source_hostname
 
 
-def test_second_image_fetches_only_what_it_does_not_share(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    first_root = make_rootfs(tmp_path / "first")
+def test_second_image_fetches_only_what_it_does_not_share(
+    tmp_path: Path, image: Image, server: Nginx, mount_image: MountImage
+) -> None:
     second_root = tmp_path / "second"
-    subprocess.run(["cp", "-a", os.fspath(first_root), os.fspath(second_root)], check=True)
+    subprocess.run(["cp", "-a", os.fspath(image.root), os.fspath(second_root)], check=True)
     (second_root / "etc" / "hostname").write_text("the second image\n")
-    first = build(first_root, store, tmp_path / "first.ocix")
-    second = build(second_root, store, tmp_path / "second.ocix")
-    cache = tmp_path / "cache"
-    with Nginx(store, tmp_path / "nginx") as nginx:
-        with Mount(
-            first, tmp_path / "m1", "--store", nginx.url, "--cache-dir", os.fspath(cache)
-        ) as m1:
-            subprocess.run(
-                ["cat", *[os.fspath(p) for p in (m1.mountpoint / "usr/share/data").glob("*.txt")]],
-                capture_output=True,
-                check=True,
-            )
-        before = len(blob_requests(nginx))
-        with Mount(
-            second, tmp_path / "m2", "--store", nginx.url, "--cache-dir", os.fspath(cache)
-        ) as m2:
-            subprocess.run(
-                ["cat", *[os.fspath(p) for p in (m2.mountpoint / "usr/share/data").glob("*.txt")]],
-                capture_output=True,
-                check=True,
-            )
-            assert len(blob_requests(nginx)) == before
-            assert (m2.mountpoint / "etc/hostname").read_text() == "the second image\n"
-            assert len(blob_requests(nginx)) == before + 1
+    second = build(second_root, image.store, tmp_path / "second.ocix")
+
+    def read_all_text_files(mount: Mount) -> None:
+        texts = (mount.mountpoint / "usr/share/data").glob("*.txt")
+        subprocess.run(["cat", *map(os.fspath, texts)], capture_output=True, check=True)
+
+    with mount_image(at="m1") as m1:
+        read_all_text_files(m1)
+    before = len(blob_requests(server))
+    with mount_image(at="m2", ocix=second) as m2:
+        read_all_text_files(m2)
+        assert len(blob_requests(server)) == before
+        assert (m2.mountpoint / "etc/hostname").read_text() == "the second image\n"
+        assert len(blob_requests(server)) == before + 1
 
 
-def test_chroot_runs_a_program_from_the_mount(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
-) -> None:
-    _, _, ocix = image
-    with Mount(
-        ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", os.fspath(tmp_path / "cache")
-    ) as mount:
-        result = subprocess.run(
-            [
-                "chroot",
-                os.fspath(mount.mountpoint),
-                "/bin/sh",
-                "-c",
-                'read h < /etc/hostname; echo "$h"',
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        assert result.stdout == "ocixfs-test-0\n"
+def test_chroot_runs_a_program_from_the_mount(mounted: Mount) -> None:
+    script = 'read h < /etc/hostname; echo "$h"'
+    result = subprocess.run(
+        ["chroot", os.fspath(mounted.mountpoint), "/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ocixfs-test-0\n"
 
 
-def test_writes_fail_read_only(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
-) -> None:
-    _, _, ocix = image
-    with Mount(
-        ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", os.fspath(tmp_path / "cache")
-    ) as mount:
-        for attempt in (
-            lambda: (mount.mountpoint / "new").write_text("x"),
-            lambda: os.open(mount.mountpoint / "etc/hostname", os.O_RDWR),
-            lambda: (mount.mountpoint / "etc/hostname").unlink(),
-            lambda: (mount.mountpoint / "dir").mkdir(),
-        ):
-            with pytest.raises(OSError) as caught:
-                attempt()
-            assert caught.value.errno == errno.EROFS
+def test_writes_fail_read_only(mounted: Mount) -> None:
+    for attempt in (
+        lambda: (mounted.mountpoint / "new").write_text("x"),
+        lambda: os.open(mounted.mountpoint / "etc/hostname", os.O_RDWR),
+        lambda: (mounted.mountpoint / "etc/hostname").unlink(),
+        lambda: (mounted.mountpoint / "dir").mkdir(),
+    ):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS
 
 
-def test_suid_and_dev_are_off_unless_asked(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
-) -> None:
-    _, _, ocix = image
-    cache = os.fspath(tmp_path / "cache")
-    with Mount(ocix, tmp_path / "m1", "--store", server.url, "--cache-dir", cache) as mount:
+def test_suid_and_dev_are_off_unless_asked(mount_image: MountImage) -> None:
+    with mount_image(at="m1") as mount:
         options = _mount_options(mount.mountpoint)
         assert {"ro", "nosuid", "nodev"} <= options
         assert "noexec" not in options
         assert "allow_other" in options or os.geteuid() != 0
-    with Mount(
-        ocix,
-        tmp_path / "m2",
-        "--store",
-        server.url,
-        "--cache-dir",
-        cache,
-        "-o",
-        "suid,dev,noexec,noatime,x-systemd.automount,_netdev",
-    ) as mount:
+    with mount_image("-o", "suid,dev,noexec,noatime,x-systemd.automount,_netdev", at="m2") as mount:
         options = _mount_options(mount.mountpoint)
         assert "nosuid" not in options and "nodev" not in options
         assert {"noexec", "noatime"} <= options
@@ -390,39 +339,25 @@ def test_bad_manifest_mounts_nothing(tmp_path: Path) -> None:
     assert not is_mounted(mnt)
 
 
-def test_umount_waits_for_daemon_and_sigterm_unmounts(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
-) -> None:
-    _, _, ocix = image
-    mount = Mount(
-        ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", os.fspath(tmp_path / "cache")
-    )
+def test_umount_waits_for_daemon_and_sigterm_unmounts(mount_image: MountImage) -> None:
+    mount = mount_image()
     with mount:
         pid = mount.pid
         assert pid is not None
         run_ocixfs("umount", os.fspath(mount.mountpoint))
         assert not is_mounted(mount.mountpoint)
-        assert not _alive(pid)
+        assert not process_alive(pid)
     with mount:
         pid = mount.pid
         assert pid is not None
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not is_mounted(mount.mountpoint), what="unmount after SIGTERM")
-        wait_for(lambda: not _alive(pid), what="daemon exit after SIGTERM")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
+        wait_for(lambda: not process_alive(pid), what="daemon exit after SIGTERM")
 
 
 def test_foreground_notifies_systemd_when_ready(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
+    tmp_path: Path, image: Image, server: Nginx
 ) -> None:
-    _, _, ocix = image
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     notify_path = tmp_path / "notify.sock"
@@ -435,12 +370,9 @@ def test_foreground_notifies_systemd_when_ready(
                 *OCIXFS,
                 "mount",
                 "--foreground",
-                os.fspath(ocix),
+                os.fspath(image.ocix),
                 os.fspath(mnt),
-                "--store",
-                server.url,
-                "--cache-dir",
-                os.fspath(tmp_path / "cache"),
+                *store_args(server.url, tmp_path / "cache"),
             ],
             env=env,
             stderr=subprocess.PIPE,
@@ -461,68 +393,40 @@ def test_foreground_notifies_systemd_when_ready(
 
 
 def test_profile_recorded_in_order_and_played_back(
-    tmp_path: Path, image: tuple[Path, Path, Path]
+    tmp_path: Path, image: Image, server: Nginx, mount_image: MountImage
 ) -> None:
-    root, store, ocix = image
     order = [
         "etc/hostname",
         "usr/share/data/small-03.txt",
         "usr/bin/tool",
         "usr/share/data/large.bin",
     ]
-    recorded = tmp_path / "start.profile"
-    with Nginx(store, tmp_path / "nginx") as nginx:
-        with Mount(
-            ocix,
-            tmp_path / "mnt",
-            "--store",
-            nginx.url,
-            "--cache-dir",
-            os.fspath(tmp_path / "c1"),
-            "--record-profile",
-            os.fspath(recorded),
-            "--prefetch",
-            "none",
-        ) as mount:
-            for name in order:
-                (mount.mountpoint / name).read_bytes()
-        shown = run_ocixfs("profile", "show", os.fspath(recorded), "--json").stdout
-        import json
-
-        paths = [path for path, _ in json.loads(shown)["entries"]]
-        assert paths == ["/" + name for name in order]
-        before = len(blob_requests(nginx))
-        with Mount(
-            ocix,
-            tmp_path / "mnt",
-            "--store",
-            nginx.url,
-            "--cache-dir",
-            os.fspath(tmp_path / "c2"),
-            "--prefetch",
-            os.fspath(recorded),
-        ) as mount:
-            wait_for(
-                lambda: (mount.stats()["prefetch"] or {}).get("finished") is True, what="prefetch"
-            )
-            prefetched = len(blob_requests(nginx)) - before
-            assert prefetched == 1 + 1 + 1 + 4  # three small files and four chunks
-            nginx.__exit__(None, None, None)  # everything the profile named is local now
-            for name in order:
-                assert (mount.mountpoint / name).read_bytes() == (root / name).read_bytes()
+    recorded = os.fspath(tmp_path / "start.profile")
+    with mount_image("--record-profile", recorded, "--prefetch", "none", cache="c1") as mount:
+        for name in order:
+            (mount.mountpoint / name).read_bytes()
+    shown = run_ocixfs("profile", "show", recorded, "--json").stdout
+    paths = [path for path, _ in json.loads(shown)["entries"]]
+    assert paths == ["/" + name for name in order]
+    before = len(blob_requests(server))
+    with mount_image("--prefetch", recorded, cache="c2") as mount:
+        wait_for(lambda: (mount.stats()["prefetch"] or {}).get("finished") is True, what="prefetch")
+        prefetched = len(blob_requests(server)) - before
+        assert prefetched == 1 + 1 + 1 + 4  # three small files and four chunks
+        server.stop()  # everything the profile named is local now
+        for name in order:
+            assert (mount.mountpoint / name).read_bytes() == (image.root / name).read_bytes()
 
 
 def test_cached_profile_is_used_by_the_next_mount_of_the_image(
-    tmp_path: Path, image: tuple[Path, Path, Path], server: Nginx
+    tmp_path: Path, mount_image: MountImage
 ) -> None:
-    _, _, ocix = image
-    cache = os.fspath(tmp_path / "cache")
-    with Mount(ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", cache) as mount:
+    with mount_image() as mount:
         (mount.mountpoint / "etc/hostname").read_bytes()
         (mount.mountpoint / "usr/share/data/small-07.txt").read_bytes()
         digest = str(mount.stats()["image_digest"])
     profiles = list((tmp_path / "cache" / "profiles").glob("*.profile"))
     assert [p.name for p in profiles] == [digest.removeprefix("b3:") + ".profile"]
-    with Mount(ocix, tmp_path / "mnt", "--store", server.url, "--cache-dir", cache) as mount:
+    with mount_image() as mount:
         stats = mount.stats()["prefetch"]
         assert isinstance(stats, dict) and stats["planned_blobs"] == 2

@@ -8,7 +8,6 @@ Failover over each kind of broken response is in ``test_fetcher.py::test_failove
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
 import json
 import os
@@ -18,23 +17,20 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 
-from ocixfs.cache import Cache
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
-from ocixfs.fetcher import Fetcher, make_http_client, make_sources, parse_stores
-from ocixfs.format import Chunk
 from ocixfs.transport import download, load_credentials, redact, ssl_context
-from tests.faultserver import Fault, FaultServer, make_store
+from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
-from tests.reliabilitykit import black_hole, mount_args, read_or_errno, write_image
+from tests.reliabilitykit import Image, black_hole, mount_args, read_or_errno, write_image
+from tests.servers import FaultServers, Mirrors, Store, cached, fetching_with
 from tests.tlscerts import Certs, make_ca, needs_openssl, server_context
 
 FAST = FetchConfig(
@@ -44,12 +40,13 @@ CONTENTS = [os.urandom(n) for n in (70_000, 1, 5_000)]
 TOKEN = "tok-7f3a9c-SECRET"
 PASSWORD = "pw-41b2-SECRET"
 PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
+fetching = fetching_with(FAST)  # test_hostile.py borrows it
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[Path, list[Chunk]]:
-    root = tmp_path / "store"
-    return root, make_store(root, CONTENTS)
+def blob_contents() -> list[bytes]:
+    """What the ``store`` fixture (and ``server``, ``mirrors``) of tests/conftest.py hold."""
+    return CONTENTS
 
 
 @pytest.fixture(scope="module")
@@ -67,148 +64,128 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-@contextlib.asynccontextmanager
-async def fetching(
-    stores: Sequence[str], cache_dir: Path, config: FetchConfig = FAST
-) -> AsyncIterator[tuple[Fetcher, Cache]]:
-    limiter = trio.CapacityLimiter(config.threads)
-    with Cache(cache_dir, limiter=limiter) as cache:
-        async with make_http_client(config) as client, trio.open_nursery() as nursery:
-            sources = make_sources(parse_stores(stores), client=client, limiter=limiter)
-            try:
-                yield Fetcher(sources, cache, config, nursery=nursery, limiter=limiter), cache
-            finally:
-                nursery.cancel_scope.cancel()
-
-
-async def fetched(cache: Cache, chunk: Chunk) -> bytes | None:
-    return await cache.read(chunk, 0, chunk.size)
-
-
 # --- timeouts, minimum rate, retries, failover -------------------------------------------
 
 
 async def test_connect_timeout_fails_over_to_the_next_mirror(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, server: FaultServer
 ) -> None:
-    root, chunks = store
+    chunks = store.chunks
     config = replace(FAST, connect_timeout=0.3)
-    with black_hole() as dead, FaultServer(root) as good:
-        async with fetching([dead, good.url], tmp_path / "cache", config) as (fetcher, cache):
+    with black_hole() as dead:
+        async with fetching([dead, server.url], tmp_path / "cache", config) as (fetcher, cache):
             with trio.fail_after(20):
                 await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+            assert await cached(cache, chunks[0]) == CONTENTS[0]
             assert fetcher.statistics().errors == {"timeout": 1}
 
 
 async def test_transfer_below_the_minimum_rate_fails_over(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, mirrors: Mirrors
 ) -> None:
-    root, chunks = store
+    chunks = store.chunks
     config = replace(FAST, min_rate=200_000, rate_window=0.3, read_timeout=30)
-    with FaultServer(root) as slow, FaultServer(root) as good:
-        slow.fault("*", Fault(rate=10_000))  # 70 kB at 10 kB/s: alive, but far too slow
-        async with fetching([slow.url, good.url], tmp_path / "cache", config) as (fetcher, cache):
-            with trio.fail_after(20):
-                await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
-            assert fetcher.statistics().errors == {"slow": 1}
-            assert good.count(chunks[0].hex) == 1
+    slow, good = mirrors
+    slow.fault("*", Fault(rate=10_000))  # 70 kB at 10 kB/s: alive, but far too slow
+    async with fetching([slow.url, good.url], tmp_path / "cache", config) as (fetcher, cache):
+        with trio.fail_after(20):
+            await fetcher.ensure(chunks[0])
+        assert await cached(cache, chunks[0]) == CONTENTS[0]
+        assert fetcher.statistics().errors == {"slow": 1}
+        assert good.count(chunks[0].hex) == 1
 
 
 async def test_retries_are_bounded_and_spaced(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, server: FaultServer
 ) -> None:
-    root, chunks = store
+    chunks = store.chunks
     config = replace(FAST, rounds=3, backoff=0.2)
-    with FaultServer(root) as server:
-        server.fault("*", Fault(status=503))
-        async with fetching([server.url], tmp_path / "cache", config) as (fetcher, _):
-            started = trio.current_time()
-            with pytest.raises(FetchError, match="HTTP 503"):
-                await fetcher.ensure(chunks[0])
-            # two jittered pauses of at least half of 0.2 s and 0.4 s
-            assert trio.current_time() - started >= 0.3
-            assert server.count(chunks[0].hex) == 3
+    server.fault("*", Fault(status=503))
+    async with fetching([server.url], tmp_path / "cache", config) as (fetcher, _):
+        started = trio.current_time()
+        with pytest.raises(FetchError, match="HTTP 503"):
+            await fetcher.ensure(chunks[0])
+        # two jittered pauses of at least half of 0.2 s and 0.4 s
+        assert trio.current_time() - started >= 0.3
+        assert server.count(chunks[0].hex) == 3
 
 
 async def test_a_transient_failure_is_retried(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, server: FaultServer
 ) -> None:
-    root, chunks = store
-    with FaultServer(root) as server:
-        server.fault(chunks[0].hex, Fault(reset=0), times=1)
-        async with fetching([server.url], tmp_path / "cache") as (fetcher, cache):
-            await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
-            assert server.count(chunks[0].hex) == 2
+    chunks = store.chunks
+    server.fault(chunks[0].hex, Fault(reset=0), times=1)
+    async with fetching([server.url], tmp_path / "cache") as (fetcher, cache):
+        await fetcher.ensure(chunks[0])
+        assert await cached(cache, chunks[0]) == CONTENTS[0]
+        assert server.count(chunks[0].hex) == 2
 
 
 async def test_failover_returns_to_the_first_mirror_after_a_while(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, mirrors: Mirrors
 ) -> None:
-    root, chunks = store
+    chunks = store.chunks
     config = replace(FAST, source_penalty=0.5)
-    with FaultServer(root) as first, FaultServer(root) as second:
-        first.fault(chunks[0].hex, Fault(status=500))
-        async with fetching([first.url, second.url], tmp_path / "cache", config) as (fetcher, _):
-            await fetcher.ensure(chunks[0])
-            assert (first.count(chunks[0].hex), second.count(chunks[0].hex)) == (1, 1)
-            first.clear()
-            await fetcher.ensure(chunks[1])  # the first mirror is still being avoided
-            assert (first.count(chunks[1].hex), second.count(chunks[1].hex)) == (0, 1)
-            await trio.sleep(0.6)  # let the penalty expire (setup, not an assertion)
-            await fetcher.ensure(chunks[2])
-            assert (first.count(chunks[2].hex), second.count(chunks[2].hex)) == (1, 0)
+    first, second = mirrors
+    first.fault(chunks[0].hex, Fault(status=500))
+    async with fetching([first.url, second.url], tmp_path / "cache", config) as (fetcher, _):
+        await fetcher.ensure(chunks[0])
+        assert (first.count(chunks[0].hex), second.count(chunks[0].hex)) == (1, 1)
+        first.clear()
+        await fetcher.ensure(chunks[1])  # the first mirror is still being avoided
+        assert (first.count(chunks[1].hex), second.count(chunks[1].hex)) == (0, 1)
+        await trio.sleep(0.6)  # let the penalty expire (setup, not an assertion)
+        await fetcher.ensure(chunks[2])
+        assert (first.count(chunks[2].hex), second.count(chunks[2].hex)) == (1, 0)
 
 
 # --- redirects ---------------------------------------------------------------------------
 
 
 async def test_redirect_to_another_host_is_followed_without_credentials(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, server: FaultServer, serve: FaultServers
 ) -> None:
     root, chunks = store
+    origin, cdn = server, serve(root, host="127.0.0.2")
     auth_file = tmp_path / "auth"
-    with FaultServer(root) as origin, FaultServer(root, host="127.0.0.2") as cdn:
-        auth_file.write_text(f"{origin.url}/ bearer {TOKEN}\n")
-        origin.auth = f"Bearer {TOKEN}"
-        origin.fault("*", Fault(redirect=cdn.url))
-        config = replace(FAST, auth_file=os.fspath(auth_file))
-        async with fetching([origin.url], tmp_path / "cache", config) as (fetcher, cache):
-            await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
-        assert cdn.count(chunks[0].hex) == 1
-        assert origin.headers(chunks[0].hex)[0]["Authorization"] == f"Bearer {TOKEN}"
-        assert all("Authorization" not in headers for headers in cdn.headers())
+    auth_file.write_text(f"{origin.url}/ bearer {TOKEN}\n")
+    origin.auth = f"Bearer {TOKEN}"
+    origin.fault("*", Fault(redirect=cdn.url))
+    config = replace(FAST, auth_file=os.fspath(auth_file))
+    async with fetching([origin.url], tmp_path / "cache", config) as (fetcher, cache):
+        await fetcher.ensure(chunks[0])
+        assert await cached(cache, chunks[0]) == CONTENTS[0]
+    assert cdn.count(chunks[0].hex) == 1
+    assert origin.headers(chunks[0].hex)[0]["Authorization"] == f"Bearer {TOKEN}"
+    assert all("Authorization" not in headers for headers in cdn.headers())
 
 
-async def test_redirect_loop_fails_over(tmp_path: Path, store: tuple[Path, list[Chunk]]) -> None:
-    root, chunks = store
-    with FaultServer(root) as looping, FaultServer(root) as good:
-        looping.fault("*", Fault(redirect=looping.url))
-        async with fetching([looping.url, good.url], tmp_path / "cache") as (fetcher, cache):
-            await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
-            assert fetcher.statistics().errors == {"connection": 1}
-        assert looping.count(chunks[0].hex) == FAST.max_redirects + 1
+async def test_redirect_loop_fails_over(
+    tmp_path: Path, store: Store, mirrors: Mirrors
+) -> None:
+    chunks = store.chunks
+    looping, good = mirrors
+    looping.fault("*", Fault(redirect=looping.url))
+    async with fetching([looping.url, good.url], tmp_path / "cache") as (fetcher, cache):
+        await fetcher.ensure(chunks[0])
+        assert await cached(cache, chunks[0]) == CONTENTS[0]
+        assert fetcher.statistics().errors == {"connection": 1}
+    assert looping.count(chunks[0].hex) == FAST.max_redirects + 1
 
 
 @needs_openssl
 async def test_redirect_from_https_to_http_is_refused(
-    tmp_path: Path, store: tuple[Path, list[Chunk]], certs: Certs
+    tmp_path: Path, store: Store, certs: Certs, serve: FaultServers
 ) -> None:
     root, chunks = store
     config = replace(FAST, ca_file=os.fspath(certs.ca))
-    with (
-        FaultServer(root, tls=server_context(certs)) as secure,
-        FaultServer(root, host="127.0.0.2") as plain,
-    ):
-        secure.fault("*", Fault(redirect=plain.url))
-        async with fetching([secure.url], tmp_path / "cache", config) as (fetcher, _):
-            with pytest.raises(FetchError, match="refused redirect from https"):
-                await fetcher.ensure(chunks[0])
-        assert plain.count() == 0
+    secure = serve(root, tls=server_context(certs))
+    plain = serve(root, host="127.0.0.2")
+    secure.fault("*", Fault(redirect=plain.url))
+    async with fetching([secure.url], tmp_path / "cache", config) as (fetcher, _):
+        with pytest.raises(FetchError, match="refused redirect from https"):
+            await fetcher.ensure(chunks[0])
+    assert plain.count() == 0
 
 
 # --- TLS ---------------------------------------------------------------------------------
@@ -225,22 +202,23 @@ def test_tls_trusts_the_system_store() -> None:
 
 @needs_openssl
 async def test_tls_with_an_unknown_ca_is_refused(
-    tmp_path: Path, store: tuple[Path, list[Chunk]], certs: Certs
+    tmp_path: Path, store: Store, certs: Certs, serve: FaultServers
 ) -> None:
     root, chunks = store
-    with FaultServer(root, tls=server_context(certs)) as server:
-        async with fetching([server.url], tmp_path / "cache") as (fetcher, _):
-            with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
-                await fetcher.ensure(chunks[0])
-        assert server.count() == 0  # no request was sent over the untrusted connection
+    server = serve(root, tls=server_context(certs))
+    async with fetching([server.url], tmp_path / "cache") as (fetcher, _):
+        with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+            await fetcher.ensure(chunks[0])
+    assert server.count() == 0  # no request was sent over the untrusted connection
 
 
 @needs_openssl
 @pytest.mark.parametrize("how", ["ca_file", "SSL_CERT_FILE"])
 async def test_tls_with_a_private_ca(
     tmp_path: Path,
-    store: tuple[Path, list[Chunk]],
+    store: Store,
     certs: Certs,
+    serve: FaultServers,
     monkeypatch: pytest.MonkeyPatch,
     how: str,
 ) -> None:
@@ -250,10 +228,10 @@ async def test_tls_with_a_private_ca(
         config = replace(FAST, ca_file=os.fspath(certs.ca))
     else:
         monkeypatch.setenv("SSL_CERT_FILE", os.fspath(certs.ca))
-    with FaultServer(root, tls=server_context(certs)) as server:
-        async with fetching([server.url], tmp_path / "cache", config) as (fetcher, cache):
-            await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+    server = serve(root, tls=server_context(certs))
+    async with fetching([server.url], tmp_path / "cache", config) as (fetcher, cache):
+        await fetcher.ensure(chunks[0])
+        assert await cached(cache, chunks[0]) == CONTENTS[0]
 
 
 def test_bad_ca_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
@@ -268,14 +246,14 @@ def test_bad_ca_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
 
 
 async def test_http_proxy_from_the_environment(
-    tmp_path: Path, store: tuple[Path, list[Chunk]], no_proxy_env: pytest.MonkeyPatch
+    tmp_path: Path, store: Store, server: FaultServer, no_proxy_env: pytest.MonkeyPatch
 ) -> None:
-    root, chunks = store
-    with FaultServer(root) as origin, ForwardProxy() as proxy:
+    chunks, origin = store.chunks, server
+    with ForwardProxy() as proxy:
         no_proxy_env.setenv("HTTP_PROXY", proxy.url)
         async with fetching([origin.url], tmp_path / "c1") as (fetcher, cache):
             await fetcher.ensure(chunks[0])
-            assert await fetched(cache, chunks[0]) == CONTENTS[0]
+            assert await cached(cache, chunks[0]) == CONTENTS[0]
         assert f"{origin.url}/blobs/blake3/{chunks[0].hex}" in proxy.requests
         assert origin.headers(chunks[0].hex)[0]["Via"] == "1.1 ocixfs-test-proxy"
         no_proxy_env.setenv("NO_PROXY", "127.0.0.1")
@@ -290,46 +268,45 @@ async def test_http_proxy_from_the_environment(
 
 
 async def test_bearer_token_from_the_auth_file(
-    tmp_path: Path, store: tuple[Path, list[Chunk]]
+    tmp_path: Path, store: Store, mirrors: Mirrors
 ) -> None:
-    root, chunks = store
-    with FaultServer(root) as server, FaultServer(root) as other:
-        server.auth = f"Bearer {TOKEN}"
-        auth_file = tmp_path / "auth"
-        auth_file.write_text(f"# store credentials\n\n{server.url}/ bearer {TOKEN}\n")
-        auth_file.chmod(0o600)
-        async with fetching([server.url], tmp_path / "c0") as (fetcher, _):
-            with pytest.raises(FetchError, match="HTTP 401"):
-                await fetcher.ensure(chunks[0])
-        config = replace(FAST, auth_file=os.fspath(auth_file))
-        async with fetching([other.url, server.url], tmp_path / "c1", config) as (fetcher, _):
-            other.fault(chunks[0].hex, Fault(status=404))
+    chunks = store.chunks
+    server, other = mirrors
+    server.auth = f"Bearer {TOKEN}"
+    auth_file = tmp_path / "auth"
+    auth_file.write_text(f"# store credentials\n\n{server.url}/ bearer {TOKEN}\n")
+    auth_file.chmod(0o600)
+    async with fetching([server.url], tmp_path / "c0") as (fetcher, _):
+        with pytest.raises(FetchError, match="HTTP 401"):
             await fetcher.ensure(chunks[0])
-        assert other.headers(chunks[0].hex) and all(
-            "Authorization" not in headers for headers in other.headers()
-        ), "a token is sent only to the URLs it was given for"
+    config = replace(FAST, auth_file=os.fspath(auth_file))
+    async with fetching([other.url, server.url], tmp_path / "c1", config) as (fetcher, _):
+        other.fault(chunks[0].hex, Fault(status=404))
+        await fetcher.ensure(chunks[0])
+    assert other.headers(chunks[0].hex) and all(
+        "Authorization" not in headers for headers in other.headers()
+    ), "a token is sent only to the URLs it was given for"
 
 
 async def test_basic_auth_from_netrc_and_from_the_url(
-    tmp_path: Path, store: tuple[Path, list[Chunk]], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store: Store, server: FaultServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root, chunks = store
+    chunks = store.chunks
     basic = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
     netrc = tmp_path / "netrc"
     netrc.write_text(f"machine 127.0.0.1 login alice password {PASSWORD}\n")
     netrc.chmod(0o600)
-    with FaultServer(root) as server:
-        server.auth = basic
-        monkeypatch.setenv("NETRC", os.fspath(netrc))
-        async with fetching([server.url], tmp_path / "c1") as (fetcher, _):
-            await fetcher.ensure(chunks[0])
-        monkeypatch.delenv("NETRC")
-        monkeypatch.setenv("HOME", os.fspath(tmp_path))  # no ~/.netrc there
-        url = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}"
-        async with fetching([url], tmp_path / "c2") as (fetcher, _):
-            await fetcher.ensure(chunks[1])
-            labels = list(fetcher.statistics().blobs_by_source)
-        assert labels == [f"http://127.0.0.1:{server.port}"]
+    server.auth = basic
+    monkeypatch.setenv("NETRC", os.fspath(netrc))
+    async with fetching([server.url], tmp_path / "c1") as (fetcher, _):
+        await fetcher.ensure(chunks[0])
+    monkeypatch.delenv("NETRC")
+    monkeypatch.setenv("HOME", os.fspath(tmp_path))  # no ~/.netrc there
+    url = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}"
+    async with fetching([url], tmp_path / "c2") as (fetcher, _):
+        await fetcher.ensure(chunks[1])
+        labels = list(fetcher.statistics().blobs_by_source)
+    assert labels == [f"http://127.0.0.1:{server.port}"]
 
 
 def test_credentials_never_show_their_secrets(tmp_path: Path) -> None:
@@ -357,26 +334,26 @@ def test_credentials_never_show_their_secrets(tmp_path: Path) -> None:
 # --- small documents (manifests, profiles) -----------------------------------------------
 
 
-def test_download_is_bounded(tmp_path: Path) -> None:
+def test_download_is_bounded(tmp_path: Path, serve: FaultServers) -> None:
     (tmp_path / "doc").write_bytes(b"x" * 1000)
     slow = replace(FAST, min_rate=1_000_000, rate_window=0.3)
-    with FaultServer(tmp_path) as server:
-        assert download(f"{server.url}/doc", max_bytes=1000) == b"x" * 1000
-        with pytest.raises(FormatError, match="larger than the limit of 999 bytes"):
-            download(f"{server.url}/doc", max_bytes=999)
-        with pytest.raises(BlobNotFound, match="HTTP 404"):
-            download(f"{server.url}/nothing", max_bytes=1000)
-        server.fault("doc", Fault(endless=True))
-        with pytest.raises(FormatError, match="larger than"):
-            download(f"{server.url}/doc", max_bytes=1 << 20)
-        server.fault("doc", Fault(endless=True, rate=50_000))
-        with pytest.raises(FetchError, match="below the minimum rate"):
-            download(f"{server.url}/doc", max_bytes=1 << 30, config=slow)
-        server.fault("doc", Fault(status=500))
-        url = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}/doc"
-        with pytest.raises(FetchError) as caught:
-            download(url, max_bytes=1000)
-        assert PASSWORD not in str(caught.value)
+    server = serve(tmp_path)
+    assert download(f"{server.url}/doc", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(FormatError, match="larger than the limit of 999 bytes"):
+        download(f"{server.url}/doc", max_bytes=999)
+    with pytest.raises(BlobNotFound, match="HTTP 404"):
+        download(f"{server.url}/nothing", max_bytes=1000)
+    server.fault("doc", Fault(endless=True))
+    with pytest.raises(FormatError, match="larger than"):
+        download(f"{server.url}/doc", max_bytes=1 << 20)
+    server.fault("doc", Fault(endless=True, rate=50_000))
+    with pytest.raises(FetchError, match="below the minimum rate"):
+        download(f"{server.url}/doc", max_bytes=1 << 30, config=slow)
+    server.fault("doc", Fault(status=500))
+    url = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}/doc"
+    with pytest.raises(FetchError) as caught:
+        download(url, max_bytes=1000)
+    assert PASSWORD not in str(caught.value)
 
 
 # --- real mounts -------------------------------------------------------------------------
@@ -389,32 +366,37 @@ FILES = {
 }
 
 
+@pytest.fixture
+def image(tmp_path: Path) -> Image:
+    """An image of ``FILES`` and its store (``tests.reliabilitykit.write_image``)."""
+    return write_image(tmp_path / "image", FILES)
+
+
 @needs_fuse
 @needs_openssl
 @pytest.mark.mount
 def test_mount_over_tls_with_a_token_keeps_secrets_out_of_logs(
-    tmp_path: Path, certs: Certs
+    tmp_path: Path, certs: Certs, image: Image, serve: FaultServers
 ) -> None:
-    image = write_image(tmp_path / "image", FILES)
     auth_file = tmp_path / "auth"
     log_file = tmp_path / "daemon.log"
-    with FaultServer(image.store, tls=server_context(certs)) as server:
-        server.auth = f"Bearer {TOKEN}"
-        auth_file.write_text(f"{server.url}/ bearer {TOKEN}\n")
-        auth_file.chmod(0o600)
-        store = f"https://alice:{PASSWORD}@127.0.0.1:{server.port}/"
-        server.fault(image.hexes("/data/c.bin")[0], Fault(status=404))  # a failure to log
-        with Mount(image.ocix, tmp_path / "mnt", *mount_args(
-            store, tmp_path / "cache", "--ca-file", os.fspath(certs.ca),
-            "--store-auth", os.fspath(auth_file), "--log-file", os.fspath(log_file),
-        )) as mount:
-            for path in ("/etc/hostname", "/data/a.bin"):
-                assert (mount.mountpoint / path[1:]).read_bytes() == FILES[path]
-            assert read_or_errno(mount.mountpoint / "data/c.bin") == errno.EIO
-            stats = json.dumps(mount.stats())
-            assert f"https://127.0.0.1:{server.port}/" in stats
-        with open("/proc/self/mounts") as mounts:
-            shown = [stats, log_file.read_text(), mounts.read()]
+    server = serve(image.store, tls=server_context(certs))
+    server.auth = f"Bearer {TOKEN}"
+    auth_file.write_text(f"{server.url}/ bearer {TOKEN}\n")
+    auth_file.chmod(0o600)
+    store = f"https://alice:{PASSWORD}@127.0.0.1:{server.port}/"
+    server.fault(image.hexes("/data/c.bin")[0], Fault(status=404))  # a failure to log
+    with Mount(image.ocix, tmp_path / "mnt", *mount_args(
+        store, tmp_path / "cache", "--ca-file", os.fspath(certs.ca),
+        "--store-auth", os.fspath(auth_file), "--log-file", os.fspath(log_file),
+    )) as mount:
+        for path in ("/etc/hostname", "/data/a.bin"):
+            assert (mount.mountpoint / path[1:]).read_bytes() == FILES[path]
+        assert read_or_errno(mount.mountpoint / "data/c.bin") == errno.EIO
+        stats = json.dumps(mount.stats())
+        assert f"https://127.0.0.1:{server.port}/" in stats
+    with open("/proc/self/mounts") as mounts:
+        shown = [stats, log_file.read_text(), mounts.read()]
     assert "blob" in shown[1] and "HTTP 404" in shown[1]  # the log did record the failure
     for text in shown:
         assert TOKEN not in text and PASSWORD not in text
@@ -423,12 +405,11 @@ def test_mount_over_tls_with_a_token_keeps_secrets_out_of_logs(
 @needs_fuse
 @needs_openssl
 @pytest.mark.mount
-def test_mount_without_the_ca_fails_reads_not_the_mount(tmp_path: Path, certs: Certs) -> None:
-    image = write_image(tmp_path / "image", FILES)
-    with (
-        FaultServer(image.store, tls=server_context(certs)) as server,
-        Mount(image.ocix, tmp_path / "mnt", *mount_args(server.url, tmp_path / "cache")) as mount,
-    ):
+def test_mount_without_the_ca_fails_reads_not_the_mount(
+    tmp_path: Path, certs: Certs, image: Image, serve: FaultServers
+) -> None:
+    server = serve(image.store, tls=server_context(certs))
+    with Mount(image.ocix, tmp_path / "mnt", *mount_args(server.url, tmp_path / "cache")) as mount:
         assert read_or_errno(mount.mountpoint / "etc/hostname") == errno.EIO
         assert server.count() == 0
         assert sorted(os.listdir(mount.mountpoint / "data")) == ["a.bin", "b.bin", "c.bin"]
@@ -437,10 +418,10 @@ def test_mount_without_the_ca_fails_reads_not_the_mount(tmp_path: Path, certs: C
 @needs_fuse
 @pytest.mark.mount
 def test_mount_uses_the_proxy_from_the_environment(
-    tmp_path: Path, no_proxy_env: pytest.MonkeyPatch
+    tmp_path: Path, image: Image, serve: FaultServers, no_proxy_env: pytest.MonkeyPatch
 ) -> None:
-    image = write_image(tmp_path / "image", FILES)
-    with FaultServer(image.store) as origin, ForwardProxy() as proxy:
+    origin = serve(image.store)
+    with ForwardProxy() as proxy:
         no_proxy_env.setenv("HTTP_PROXY", proxy.url)
         with Mount(image.ocix, tmp_path / "mnt", *mount_args(origin.url, tmp_path / "c")) as m:
             assert (m.mountpoint / "data/b.bin").read_bytes() == FILES["/data/b.bin"]
@@ -450,11 +431,11 @@ def test_mount_uses_the_proxy_from_the_environment(
 @needs_fuse
 @pytest.mark.mount
 def test_read_of_an_unreachable_file_ends_in_eio_and_its_reader_is_killable(
-    tmp_path: Path,
+    tmp_path: Path, image: Image, serve: FaultServers
 ) -> None:
-    image = write_image(tmp_path / "image", FILES)
     deadline = 3.0
-    with FaultServer(image.store) as server, Mount(image.ocix, tmp_path / "mnt", *mount_args(
+    server = serve(image.store)
+    with Mount(image.ocix, tmp_path / "mnt", *mount_args(
         server.url, tmp_path / "cache", "--deadline", str(deadline), "--timeout", "60"
     )) as mount:
         assert (mount.mountpoint / "etc/hostname").read_bytes() == FILES["/etc/hostname"]
