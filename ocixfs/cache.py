@@ -57,7 +57,7 @@ import blake3
 import trio
 
 from .cachedir import CacheDirectory, cache_errors, scan_blobs
-from .config import DEFAULT_CACHE_CONFIG, CacheConfig
+from .config import DEFAULT_CACHE_CONFIG, CacheConfig, default_cache_dir
 from .errors import BlobCorrupt, CacheError
 from .format import HASH_SIZE, Chunk
 
@@ -73,15 +73,6 @@ log = logging.getLogger(__name__)
 
 # link() errors meaning "this filesystem has no hard links": publish by rename instead.
 _NO_HARDLINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
-
-
-def default_cache_dir() -> Path:
-    """``/var/cache/ocixfs`` for root, else ``$XDG_CACHE_HOME/ocixfs`` (``~/.cache/ocixfs``)."""
-    if os.geteuid() == 0:
-        return Path("/var/cache/ocixfs")
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "ocixfs"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

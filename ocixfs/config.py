@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = [
     "DEFAULT_CACHE_CONFIG",
@@ -17,6 +18,7 @@ __all__ = [
     "CacheQuota",
     "FetchConfig",
     "ReaderConfig",
+    "default_cache_dir",
 ]
 
 
@@ -143,3 +145,12 @@ class ReaderConfig:
 DEFAULT_CACHE_CONFIG = CacheConfig()
 DEFAULT_FETCH_CONFIG = FetchConfig()
 DEFAULT_READER_CONFIG = ReaderConfig()
+
+
+def default_cache_dir() -> Path:
+    """``/var/cache/ocixfs`` for root, else ``$XDG_CACHE_HOME/ocixfs`` (``~/.cache/ocixfs``)."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/ocixfs")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "ocixfs"

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from .config import DEFAULT_FETCH_CONFIG, CacheQuota, FetchConfig
 from .errors import OcixError, UsageError
 from .profile import Profile
@@ -219,6 +217,8 @@ def _sd_notify(message: bytes) -> None:
 def _serve_and_close(
     config: MountConfig, tree: Any, image_digest: str, ready: Callable[[], None]
 ) -> int:
+    import trio
+
     from .mountsession import MountSession
 
     session = MountSession(config, tree, image_digest)

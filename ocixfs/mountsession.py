@@ -17,8 +17,8 @@ import pyfuse3
 import trio
 
 from .control import ControlServer
-from .prefetch import Prefetcher, cached_profile_path, plan, save_profile
-from .profile import AccessRecorder
+from .prefetch import Prefetcher, plan
+from .profile import AccessRecorder, cached_profile_path, save_profile
 from .transport import redact
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class MountSession:
             reader = await stack.enter_async_context(
                 open_reader(self.config.stores, self.config.cache_dir, reader_config)
             )
+            self._prefetcher = self._make_prefetcher(reader)
             ops = Operations(self.tree, reader, access_log=self._recorder)
             self._ops, self._reader = ops, reader
             control = self._control_server()
@@ -75,7 +76,8 @@ class MountSession:
                     nursery.start_soon(control.serve, listening)
                     nursery.start_soon(self._stop_on_signals)
                     nursery.start_soon(self._announce_when_serving, ready)
-                    self._start_prefetch(nursery, reader)
+                    if self._prefetcher is not None:
+                        nursery.start_soon(self._prefetcher.run)
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
             finally:
@@ -83,12 +85,16 @@ class MountSession:
                 self._save_profiles()
         log.info("%s: unmounted", self.config.mountpoint)
 
-    def _start_prefetch(self, nursery: trio.Nursery, reader: Reader) -> None:
+    def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
+        """A prefetcher loaded with the profile's plan (closed: it ends once the plan is
+        done), or None when there is nothing to prefetch."""
         chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
         if not chunks:
-            return
-        self._prefetcher = Prefetcher(reader, concurrency=self.config.prefetch_concurrency)
-        nursery.start_soon(self._prefetcher.run, chunks)
+            return None
+        prefetcher = Prefetcher(reader, concurrency=self.config.prefetch_concurrency)
+        prefetcher.add(chunks)
+        prefetcher.close()
+        return prefetcher
 
     def _save_profiles(self) -> None:
         """Keep what this mount saw: for the next mount on this host, and where asked."""
@@ -157,3 +163,4 @@ class MountSession:
         return {
             "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
         }
+

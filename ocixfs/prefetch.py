@@ -3,40 +3,36 @@ way of what it is asking for right now.
 
 ``plan`` turns a profile (paths in first-access order) into the blobs to fetch, in order,
 each once; with ``fill_rest`` the rest of the image follows, smallest files first (most
-files per byte, and start-ups open many small files). ``Prefetcher.run`` works through the
-plan with a bounded number of concurrent fetches at background priority: the reader's
-fetcher always serves on-demand reads first, and a blob already being fetched (by a read
-or an earlier prefetch) is shared, never fetched twice. Failures are counted and logged,
-never raised: a prefetch that fails simply leaves the read to fetch on demand.
+files per byte, and start-ups open many small files). A ``Prefetcher`` works through
+the blobs it is given (``add``) with a bounded number of concurrent fetches at background
+priority: the reader's fetcher always serves on-demand reads first, and a blob already
+being fetched (by a read or an earlier prefetch) is shared, never fetched twice. Failures
+are counted and logged, never raised: a prefetch that fails simply leaves the read to
+fetch on demand.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import trio
 
-from .config import DEFAULT_FETCH_CONFIG, FetchConfig
-from .errors import FormatError, OcixError
+from .errors import OcixError
 from .fetcher import Priority
 from .format import Chunk
-from .profile import MAX_PROFILE_BYTES, Profile, decode_profile, encode_profile
+from .profile import Profile
 from .tree import Node, Tree
 
 __all__ = [
     "BackgroundFetcher",
     "PrefetchStats",
     "Prefetcher",
-    "cached_profile_path",
-    "locate_profile",
     "plan",
-    "save_profile",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,24 +85,45 @@ def _regular(tree: Tree, path: str) -> Node | None:
 
 
 class Prefetcher:
-    """Fetch a plan's blobs at background priority, ``concurrency`` at a time."""
+    """Fetch the blobs it is given at background priority, ``concurrency`` at a time, in
+    the order given, each at most once. ``add`` and ``close`` are called from the trio
+    thread (they do not block); ``run`` does the work until closed and drained."""
 
     def __init__(self, fetcher: BackgroundFetcher, *, concurrency: int = DEFAULT_CONCURRENCY):
         self._fetcher = fetcher
         self._concurrency = max(1, concurrency)
-        self._planned: Sequence[Chunk] = ()
+        self._send, self._receive = trio.open_memory_channel[Chunk](math.inf)
+        self._queued: set[bytes] = set()
+        self._planned_blobs = self._planned_bytes = 0
         self._done_blobs = self._done_bytes = self._failed = 0
         self._started = self._finished_at = 0.0
-        self._finished = False
+        self._finished = self._closed = False
 
-    async def run(self, chunks: Sequence[Chunk]) -> None:
-        """Fetch every blob of ``chunks`` not already cached; returns when all were tried."""
-        self._planned = chunks
+    def add(self, chunks: Iterable[Chunk]) -> int:
+        """Queue the chunks not queued before (none once closed); returns how many."""
+        added = 0
+        for chunk in chunks:
+            if self._closed or chunk.digest in self._queued:
+                continue
+            self._queued.add(chunk.digest)
+            self._send.send_nowait(chunk)
+            self._planned_blobs += 1
+            self._planned_bytes += chunk.size
+            added += 1
+        return added
+
+    def close(self) -> None:
+        """Nothing more will be added: ``run`` returns once what is queued was tried."""
+        self._closed = True
+        self._send.close()
+
+    async def run(self) -> None:
+        """Fetch what is queued, and what is added later, until closed and done (or
+        cancelled, e.g. at unmount)."""
         self._started = time.monotonic()
-        queue = iter(chunks)
         async with trio.open_nursery() as nursery:
             for _ in range(self._concurrency):
-                nursery.start_soon(self._worker, queue)
+                nursery.start_soon(self._worker)
         self._finished = True
         self._finished_at = time.monotonic()
         log.debug(
@@ -117,8 +134,8 @@ class Prefetcher:
             self._failed,
         )
 
-    async def _worker(self, queue: Iterable[Chunk]) -> None:
-        for chunk in queue:  # shared iterator: each chunk goes to exactly one worker
+    async def _worker(self) -> None:
+        async for chunk in self._receive:  # each chunk goes to exactly one worker
             if self._fetcher.is_cached(chunk):
                 self._count_done(chunk)
                 continue
@@ -137,8 +154,8 @@ class Prefetcher:
     def statistics(self) -> PrefetchStats:
         end = self._finished_at if self._finished else time.monotonic()
         return PrefetchStats(
-            planned_blobs=len(self._planned),
-            planned_bytes=sum(chunk.size for chunk in self._planned),
+            planned_blobs=self._planned_blobs,
+            planned_bytes=self._planned_bytes,
             done_blobs=self._done_blobs,
             done_bytes=self._done_bytes,
             failed_blobs=self._failed,
@@ -146,87 +163,3 @@ class Prefetcher:
             seconds=round(end - self._started, 3) if self._started else 0.0,
         )
 
-
-# ----------------------------------------------------------------------------------------
-# Finding the profile for a mount
-
-
-def cached_profile_path(cache_dir: Path, image_digest: str) -> Path:
-    """Where a host keeps the profile it recorded for an image (keyed by manifest hash)."""
-    return cache_dir / "profiles" / f"{image_digest.removeprefix('b3:')}.profile"
-
-
-def locate_profile(
-    mode: str, image: str, cache_dir: Path, image_digest: str, http: FetchConfig | None = None
-) -> Profile | None:
-    """The profile a mount plays back for ``--prefetch MODE``.
-
-    ``none``: no profile. A file name: that file (an unreadable or invalid one is an
-    error). ``auto``/``all``: ``IMAGE.profile`` beside the manifest (also for URLs), else
-    the one this host recorded for the image, else none; a broken one is logged and ignored.
-    """
-    from .image import is_url
-
-    if mode == "none":
-        return None
-    if mode not in ("auto", "all"):
-        return _read_profile(Path(mode), strict=True)
-    beside = (
-        _fetch_profile_url(image + ".profile", http or DEFAULT_FETCH_CONFIG)
-        if is_url(image)
-        else _read_profile(Path(image + ".profile"), strict=False)
-    )
-    return beside or _read_profile(cached_profile_path(cache_dir, image_digest), strict=False)
-
-
-def _read_profile(path: Path, *, strict: bool) -> Profile | None:
-    from .errors import UsageError
-
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PROFILE_BYTES + 1)
-    except FileNotFoundError:
-        if strict:
-            raise UsageError(f"{path}: no such profile") from None
-        return None
-    except OSError as exc:
-        if strict:
-            raise UsageError(f"{path}: {exc.strerror}") from None
-        return None
-    return _decode_or_warn(data, os.fspath(path), strict=strict)
-
-
-def _fetch_profile_url(url: str, http: FetchConfig) -> Profile | None:
-    from .errors import BlobNotFound
-    from .transport import download, redact
-
-    try:
-        data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http)
-    except BlobNotFound:
-        return None
-    except OcixError as exc:
-        log.warning("%s", exc)
-        return None
-    return _decode_or_warn(data, redact(url), strict=False)
-
-
-def _decode_or_warn(data: bytes, source: str, *, strict: bool) -> Profile | None:
-    try:
-        return decode_profile(data, source=source)
-    except FormatError as exc:
-        if strict:
-            raise
-        log.warning("ignoring %s", exc)
-        return None
-
-
-def save_profile(path: Path, profile: Profile) -> None:
-    """Write atomically (temp + rename); a failure is logged, never raised."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(encode_profile(profile))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        log.warning("cannot save profile %s: %s", path, exc.strerror)

@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache import default_cache_dir
     from ..cachedir import CacheDirectory
+    from ..config import default_cache_dir
     from ..errors import UsageError
 
     root = Path(os.path.abspath(args.cache_dir or default_cache_dir()))

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache import default_cache_dir
+    from ..config import default_cache_dir
     from ..errors import UsageError
     from ..extract import ExtractOptions, check_destination, extract_image
     from ..image import default_store_for, load_image

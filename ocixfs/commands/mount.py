@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..config import CacheQuota, FetchConfig
+    from ..image import LoadedImage
+    from ..profile import Profile
+    from ..tree import Tree
 
 NAME = "mount"
 HELP = "mount an image read-only, fetching file contents lazily"
@@ -107,24 +111,17 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache import default_cache_dir
+    from ..config import default_cache_dir
     from ..daemon import MountConfig, check_mountpoint, run_background, run_foreground
     from ..errors import UsageError
-    from ..image import default_store_for, is_url, load_image
-    from ..prefetch import locate_profile
+    from ..image import default_store_for, is_url
+    from ..profile import locate_profile
     from ..stores import normalize_store
-    from ..tree import Tree
 
     flags, values = parse_mount_options(args.options)
     stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
     digest = args.digest or (values["digest"][-1] if "digest" in values else None)
     fetch = _fetch_config(args, values)
-    image = load_image(args.image, expected_digest=digest, http=fetch)
-    if not stores:
-        default = default_store_for(args.image)
-        if default is None:
-            raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
-        stores = [default]
     cache_values = values.get("cache", []) + values.get("cache_dir", [])
     cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
     cache_dir = Path(os.path.abspath(cache_dir))  # the daemon runs in /
@@ -133,9 +130,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--deadline must be positive")
     mountpoint = Path(os.path.abspath(args.mountpoint))
     check_mountpoint(mountpoint)
-    tree = Tree.from_manifest(image.manifest)
     prefetch = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    profile = locate_profile(prefetch, args.image, cache_dir, image.digest, fetch)
+    # Start-up time is the user's wait: the manifest (and a profile beside it) download and
+    # decode in worker threads while this thread imports what the daemon will need.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool:
+        loading = pool.submit(_load_tree, args.image, digest, fetch)
+        beside = (pool.submit(_profile_beside, args.image, fetch)
+                  if prefetch in ("auto", "all") else None)
+        _import_daemon_modules()
+        image, tree = loading.result()
+        profile = locate_profile(prefetch, args.image, cache_dir, image.digest, fetch,
+                                 beside=beside.result if beside is not None else None)
+    if not stores:
+        default = default_store_for(args.image)
+        if default is None:
+            raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
+        stores = [default]
     log_file = args.log_file or (Path(values["log"][-1]) if "log" in values else None)
     if log_file is None and not args.foreground:
         log_file = _default_log_file(mountpoint)
@@ -164,12 +174,38 @@ def run(args: argparse.Namespace) -> int:
     return run_background(config, tree, image.digest)
 
 
+def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[LoadedImage, Tree]:
+    from ..image import load_image
+    from ..tree import Tree
+
+    _check_fetch_files(fetch)
+    image = load_image(source, expected_digest=digest, http=fetch)
+    return image, Tree.from_manifest(image.manifest)
+
+
+def _profile_beside(image: str, fetch: FetchConfig) -> Profile | None:
+    """``profile_beside``, quietly None when the network settings are broken: the
+    manifest's loader reports that, once."""
+    from ..errors import OcixError
+    from ..profile import profile_beside
+
+    try:
+        _check_fetch_files(fetch)
+    except OcixError:
+        return None
+    return profile_beside(image, fetch)
+
+
+def _import_daemon_modules() -> None:
+    """Import what the daemon serves with, now, while the manifest downloads: the modules
+    come from disk (cold after boot) and would otherwise be read after the fork."""
+    from .. import fs, mountsession, reader  # noqa: F401
+
+
 def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> FetchConfig:
-    """Network settings from the options; the CA and credentials files are checked now,
-    so a mistake is reported before anything is mounted."""
+    """Network settings from the options (``_check_fetch_files`` reads the files they name)."""
     from ..config import FetchConfig
     from ..errors import UsageError
-    from ..transport import load_credentials, ssl_context
 
     def last(name: str, given: str | None) -> str | None:
         return given if given is not None else (values[name][-1] if name in values else None)
@@ -186,10 +222,17 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
         if not seconds > 0:
             raise UsageError("--timeout must be positive")
         fetch = replace(fetch, connect_timeout=seconds, read_timeout=seconds)
+    return fetch
+
+
+def _check_fetch_files(fetch: FetchConfig) -> None:
+    """Read the CA and credentials files now, so a mistake in one is reported before
+    anything is mounted."""
+    from ..transport import load_credentials, ssl_context
+
     if fetch.ca_file is not None:
         ssl_context(fetch.ca_file)
     load_credentials(fetch.auth_file)
-    return fetch
 
 
 def _cache_quota(args: argparse.Namespace, values: dict[str, list[str]]) -> CacheQuota:
