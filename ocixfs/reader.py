@@ -35,7 +35,7 @@ import trio
 from .cache import Cache
 from .config import DEFAULT_READER_CONFIG, ReaderConfig
 from .errors import CacheError
-from .fetcher import Fetcher, FetchStatistics, Priority, make_http_client, make_sources
+from .fetcher import Fetcher, FetchStatistics, HttpClients, Priority, make_sources
 from .format import Chunk
 from .stores import parse_stores
 
@@ -226,17 +226,17 @@ class Reader:
 async def open_reader(
     stores: Sequence[str], cache_dir: Path, config: ReaderConfig = DEFAULT_READER_CONFIG
 ) -> AsyncIterator[Reader]:
-    """Open the cache, the HTTP client (only if a store is http(s)://) and a nursery for
+    """Open the cache, the HTTP clients (only if a store is http(s)://) and a nursery for
     fetch tasks; yield a ``Reader``; on exit cancel pending fetches and close everything.
     Raises ``UsageError`` for an unusable store URL, ``CacheError`` for an unusable cache."""
     parsed = parse_stores(stores)
     limiter = trio.CapacityLimiter(config.fetch.threads)
     with Cache(cache_dir, config.cache, limiter=limiter) as cache:
         async with contextlib.AsyncExitStack() as stack:
-            client = None
+            clients = None
             if any(isinstance(store, str) for store in parsed):
-                client = await stack.enter_async_context(make_http_client(config.fetch))
-            sources = make_sources(parsed, client=client, limiter=limiter)
+                clients = await stack.enter_async_context(HttpClients(config.fetch))
+            sources = make_sources(parsed, clients=clients, limiter=limiter)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             fetcher = Fetcher(sources, cache, config.fetch, nursery=nursery, limiter=limiter)

@@ -64,6 +64,7 @@ class Fault:
     - ``body``: send these bytes with 200 instead of the file (an HTML error page...).
     - ``endless``: send the body without a length and never stop (until the client leaves).
     - ``header_bytes``: add response headers of about this many bytes in total.
+    - ``retry_after``: send this ``Retry-After`` header (with ``status``: 503, 429).
     """
 
     status: int | None = None
@@ -79,6 +80,7 @@ class Fault:
     body: bytes | None = None
     endless: bool = False
     header_bytes: int = 0
+    retry_after: str | None = None
 
 
 NO_FAULT = Fault()
@@ -151,7 +153,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(401, b"unauthorized\n", send_body=send_body)
             return
         if fault.status is not None:
-            self._reply(fault.status, b"fault\n", send_body=send_body)
+            headers = {} if fault.retry_after is None else {"Retry-After": fault.retry_after}
+            self._reply(fault.status, b"fault\n", send_body=send_body, headers=headers)
             return
         if fault.redirect is not None:
             self.send_response(302)
@@ -201,9 +204,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if fault.rate and self.server.owner._sleep(len(piece) / fault.rate):
                     return
 
-    def _reply(self, status: int, body: bytes, *, send_body: bool) -> None:
+    def _reply(
+        self, status: int, body: bytes, *, send_body: bool, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if send_body:
             self.wfile.write(body)
@@ -286,9 +293,16 @@ class FaultServer:
         self._counts: Counter[str] = Counter()
         self._headers: list[tuple[str, dict[str, str]]] = []
         self._connections: set[socket.socket] = set()
+        self._accepted = 0
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted since start (keep-alive reuse keeps this low)."""
+        with self._lock:
+            return self._accepted
 
     @property
     def url(self) -> str:
@@ -390,6 +404,7 @@ class FaultServer:
         with self._lock:
             if add:
                 self._connections.add(connection)
+                self._accepted += 1
             else:
                 self._connections.discard(connection)
 

@@ -21,7 +21,7 @@ import trio
 
 from ocixfs.cache import Cache
 from ocixfs.config import FetchConfig
-from ocixfs.fetcher import Fetcher, make_http_client, make_sources
+from ocixfs.fetcher import Fetcher, HttpClients, make_sources
 from ocixfs.format import Chunk
 from ocixfs.stores import parse_stores
 from tests.faultserver import FaultServer, make_store
@@ -72,8 +72,8 @@ def fetching_with(default: FetchConfig) -> FetchingFactory:
     ) -> AsyncIterator[tuple[Fetcher, Cache]]:
         limiter = trio.CapacityLimiter(config.threads)
         with Cache(cache_dir, limiter=limiter) as cache:
-            async with make_http_client(config) as client, trio.open_nursery() as nursery:
-                sources = make_sources(parse_stores(stores), client=client, limiter=limiter)
+            async with HttpClients(config) as clients, trio.open_nursery() as nursery:
+                sources = make_sources(parse_stores(stores), clients=clients, limiter=limiter)
                 try:
                     yield Fetcher(sources, cache, config, nursery=nursery, limiter=limiter), cache
                 finally:

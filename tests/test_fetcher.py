@@ -64,6 +64,26 @@ async def test_fetch_into_cache(tmp_path: Path, store: Store, server: FaultServe
     assert os.listdir(tmp_path / "cache" / "tmp") == []
 
 
+async def test_connections_are_kept_alive_and_bounded_by_the_slots(tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    contents = [os.urandom(1000 + i) for i in range(40)]
+    chunks = make_store(root, contents)
+    config = replace(FAST, background_slots=3)
+    with FaultServer(root) as many:
+        async with fetching([many.url], tmp_path / "cache", config) as (fetcher, cache):
+            async with trio.open_nursery() as nursery:
+                for chunk in chunks[:30]:
+                    nursery.start_soon(functools.partial(fetcher.ensure, chunk,
+                                                         priority=Priority.PREFETCH))
+            # ocix-store.json is asked once; then at most one connection per slot
+            assert many.connections_accepted <= 1 + config.background_slots
+            before = many.connections_accepted
+            for chunk in chunks[30:]:  # one after another: a kept-alive connection each time
+                await fetcher.ensure(chunk)
+            assert many.connections_accepted == before
+            assert [await cached(cache, chunk) for chunk in chunks] == contents
+
+
 async def test_tampered_bytes_never_cached_and_next_mirror_used(
     tmp_path: Path, store: Store, mirrors: Mirrors
 ) -> None:
@@ -139,6 +159,43 @@ async def test_recently_failed_source_is_tried_last(
         await fetcher.ensure(store.chunks[1])
         assert sick.count(store.chunks[1].hex) == 0
         assert good.count(store.chunks[1].hex) == 1
+
+
+async def test_retry_after_is_waited_for_when_it_fits_the_deadline(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    chunk = store.chunks[0]
+    server.fault(chunk.hex, Fault(status=503, retry_after="1"), times=1)
+    async with fetching([server.url], tmp_path / "cache") as (fetcher, cache):
+        started = trio.current_time()
+        await fetcher.ensure(chunk)
+        assert trio.current_time() - started >= 0.9  # not the 0.01 s backoff
+        assert await cached(cache, chunk) == CONTENTS[0]
+        assert server.count(chunk.hex) == 2
+
+
+async def test_retry_after_beyond_the_deadline_fails_at_once(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    chunk = store.chunks[0]
+    server.fault("*", Fault(status=429, retry_after="Wed, 21 Oct 2099 07:28:00 GMT"))
+    async with fetching([server.url], tmp_path / "cache") as (fetcher, _):
+        with trio.fail_after(FAST.deadline / 2), pytest.raises(FetchError, match="retry after"):
+            await fetcher.ensure(chunk)
+        assert server.count(chunk.hex) == 1  # asked once, not hammered
+
+
+async def test_a_mirror_that_asked_for_time_is_left_alone(
+    tmp_path: Path, store: Store, mirrors: Mirrors
+) -> None:
+    busy, good = mirrors
+    busy.fault("*", Fault(status=503, retry_after="120"))
+    async with fetching([busy.url, good.url], tmp_path / "cache") as (fetcher, _):
+        await fetcher.ensure(store.chunks[0])
+        busy.clear()
+        await fetcher.ensure(store.chunks[1])
+        assert busy.count(store.chunks[1].hex) == 0
+        assert [good.count(chunk.hex) for chunk in store.chunks[:2]] == [1, 1]
 
 
 async def test_missing_everywhere(tmp_path: Path, store: Store, mirrors: Mirrors) -> None:
