@@ -23,6 +23,7 @@ from typing import NamedTuple
 import blake3
 import pytest
 
+from ocixfs.profile import Profile, encode_profile
 from tests.mounting import (
     OCIXFS,
     Mount,
@@ -416,6 +417,29 @@ def test_profile_recorded_in_order_and_played_back(
         server.stop()  # everything the profile named is local now
         for name in order:
             assert (mount.mountpoint / name).read_bytes() == (image.root / name).read_bytes()
+
+
+def test_a_profile_beside_a_url_manifest_is_played_unless_prefetch_is_none(
+    tmp_path: Path, image: Image, server: Nginx, mounts: Mounts
+) -> None:
+    shutil.copy(image.ocix, image.store / "app.ocix")  # served by nginx, beside the blobs
+    played = ["/etc/hostname", "/usr/share/data/small-05.txt"]
+    (image.store / "app.ocix.profile").write_bytes(
+        encode_profile(Profile(tuple((path, n) for n, path in enumerate(played))))
+    )
+    url = server.url.rstrip("/") + "/app.ocix"
+    with mounts(url, tmp_path / "mnt", *store_args([server.url], tmp_path / "c1")) as mount:
+        wait_for(lambda: (mount.stats()["prefetch"] or {}).get("finished") is True, what="prefetch")
+        assert "/app.ocix.profile" in server.requests()
+        prefetched = sorted(blob_requests(server))
+        expected = sorted(
+            f"/blobs/blake3/{blake3.blake3((image.root / p[1:]).read_bytes()).hexdigest()}"
+            for p in played
+        )
+        assert prefetched == expected
+    args = store_args([server.url], tmp_path / "c2", "-o", "prefetch=none")
+    with mounts(url, tmp_path / "mnt", *args) as mount:
+        assert mount.stats()["prefetch"] is None
 
 
 def test_cached_profile_is_used_by_the_next_mount_of_the_image(

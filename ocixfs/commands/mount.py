@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..config import CacheQuota, FetchConfig
+    from ..daemon import MountConfig
     from ..image import LoadedImage
     from ..profile import Profile
     from ..tree import Tree
@@ -111,49 +112,58 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import default_cache_dir
-    from ..daemon import MountConfig, check_mountpoint, run_background, run_foreground
-    from ..errors import UsageError
-    from ..image import default_store_for, is_url
-    from ..profile import locate_profile
-    from ..stores import normalize_store
+    from ..daemon import run_background, run_foreground
 
     flags, values = parse_mount_options(args.options)
-    stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
-    digest = args.digest or (values["digest"][-1] if "digest" in values else None)
     fetch = _fetch_config(args, values)
-    cache_values = values.get("cache", []) + values.get("cache_dir", [])
-    cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
-    cache_dir = Path(os.path.abspath(cache_dir))  # the daemon runs in /
-    deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
-    if deadline <= 0:
-        raise UsageError("--deadline must be positive")
-    mountpoint = Path(os.path.abspath(args.mountpoint))
-    check_mountpoint(mountpoint)
-    prefetch = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    # Start-up time is the user's wait: the manifest (and a profile beside it) download and
-    # decode in worker threads while this thread imports what the daemon will need.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool:
-        loading = pool.submit(_load_tree, args.image, digest, fetch)
-        beside = (pool.submit(_profile_beside, args.image, fetch)
-                  if prefetch in ("auto", "all") else None)
-        _import_daemon_modules()
-        image, tree = loading.result()
-        profile = locate_profile(prefetch, args.image, cache_dir, image.digest, fetch,
-                                 beside=beside.result if beside is not None else None)
+    config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
+    prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
+    image, tree, profile = _load(args.image, _last(values, "digest", args.digest), fetch,
+                                 prefetch, config.cache_dir)
+    config = replace(config, profile=profile, fill_rest=prefetch == "all")
+    if args.foreground:
+        return run_foreground(config, tree, image.digest)
+    return run_background(config, tree, image.digest)
+
+
+def _last(values: dict[str, list[str]], name: str, given: str | None) -> str | None:
+    """A command-line value, else the last ``-o name=value``, else None."""
+    return given if given is not None else (values[name][-1] if name in values else None)
+
+
+def _mount_config(
+    args: argparse.Namespace, flags: set[str], values: dict[str, list[str]], fetch: FetchConfig
+) -> MountConfig:
+    """The daemon's settings from the options (the profile comes later, with the image);
+    a mistake is a ``UsageError`` before anything is downloaded."""
+    from ..config import default_cache_dir
+    from ..daemon import MountConfig, check_mountpoint
+    from ..errors import UsageError
+    from ..image import default_store_for, is_url
+    from ..stores import normalize_store
+
+    stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
     if not stores:
         default = default_store_for(args.image)
         if default is None:
             raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
         stores = [default]
-    log_file = args.log_file or (Path(values["log"][-1]) if "log" in values else None)
+    cache_values = values.get("cache", []) + values.get("cache_dir", [])
+    cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
+    deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
+    if deadline <= 0:
+        raise UsageError("--deadline must be positive")
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    check_mountpoint(mountpoint)
+    log = _last(values, "log", None)
+    log_file = args.log_file or (Path(log) if log is not None else None)
     if log_file is None and not args.foreground:
         log_file = _default_log_file(mountpoint)
-    config = MountConfig(
+    return MountConfig(
         image=args.image if is_url(args.image) else os.path.abspath(args.image),
         mountpoint=mountpoint,
         stores=tuple(stores),
-        cache_dir=cache_dir,
+        cache_dir=Path(os.path.abspath(cache_dir)),  # the daemon runs in /
         cache_quota=_cache_quota(args, values),
         read_deadline=deadline,
         kernel_flags=frozenset(flags & KERNEL_FLAGS),
@@ -163,15 +173,29 @@ def run(args: argparse.Namespace) -> int:
         fsname=_fsname(args.image),
         log_file=log_file,
         debug_fuse=args.debug_fuse,
-        profile=profile,
-        fill_rest=prefetch == "all",
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,
         fetch=fetch,
     )
-    if args.foreground:
-        return run_foreground(config, tree, image.digest)
-    return run_background(config, tree, image.digest)
+
+
+def _load(
+    source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path
+) -> tuple[LoadedImage, Tree, Profile | None]:
+    """The image, its inode tree and the profile to play. Start-up time is the user's wait:
+    the manifest (and a profile beside it) download and decode in worker threads while
+    this thread imports what the daemon will need."""
+    from ..profile import locate_profile
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool:
+        loading = pool.submit(_load_tree, source, digest, fetch)
+        beside = (pool.submit(_profile_beside, source, fetch)
+                  if prefetch in ("auto", "all") else None)
+        _import_daemon_modules()
+        image, tree = loading.result()
+        profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
+                                 beside=beside.result if beside is not None else None)
+    return image, tree, profile
 
 
 def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[LoadedImage, Tree]:
@@ -207,13 +231,11 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
     from ..config import FetchConfig
     from ..errors import UsageError
 
-    def last(name: str, given: str | None) -> str | None:
-        return given if given is not None else (values[name][-1] if name in values else None)
-
     fetch = FetchConfig(
-        ca_file=last("ca_file", args.ca_file), auth_file=last("store_auth", args.store_auth)
+        ca_file=_last(values, "ca_file", args.ca_file),
+        auth_file=_last(values, "store_auth", args.store_auth),
     )
-    timeout = last("timeout", None if args.timeout is None else str(args.timeout))
+    timeout = _last(values, "timeout", None if args.timeout is None else str(args.timeout))
     if timeout is not None:
         try:
             seconds = float(timeout)
