@@ -123,10 +123,15 @@ class MountSession:
         control.register("pid", self._pid)
         control.register("stats", self._stats)
         control.register("profile", self._profile)
+        control.register("prefetch", self._prefetch)
         return control
 
     async def _profile(self, _message: dict[str, Any]) -> dict[str, Any]:
         return {"entries": [list(entry) for entry in self._recorder.profile().entries]}
+
+    async def _prefetch(self, _message: dict[str, Any]) -> dict[str, Any]:
+        """The prefetcher's counters alone (cheap enough to poll; ``stats`` scans the cache)."""
+        return {"prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None}
 
     async def _pid(self, _message: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid()}

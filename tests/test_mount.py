@@ -442,6 +442,32 @@ def test_a_profile_beside_a_url_manifest_is_played_unless_prefetch_is_none(
         assert mount.stats()["prefetch"] is None
 
 
+def test_stats_wait_follows_prefetch_all_until_the_image_is_local(
+    mount_image: MountImage, mounted: Mount
+) -> None:
+    with mount_image("--prefetch", "all", at="warm", cache="warm-cache") as mount:
+        waited = run_ocixfs("stats", os.fspath(mount.mountpoint), "--wait", "--json")
+        stats = json.loads(waited.stdout)
+        assert stats["prefetch"]["finished"] is True
+        assert stats["prefetch"]["failed_blobs"] == 0
+        files = stats["image_files"]
+        assert files["files_local"] == files["files"] and files["bytes_local"] == files["bytes"]
+    idle = run_ocixfs("stats", os.fspath(mounted.mountpoint), "--wait", "--json")
+    assert json.loads(idle.stdout)["prefetch"] is None  # nothing to wait for
+
+
+def test_stats_wait_exits_1_when_blobs_could_not_be_prefetched(
+    image: Image, mount_image: MountImage
+) -> None:
+    hostname = blake3.blake3((image.root / "etc/hostname").read_bytes()).hexdigest()
+    (image.store / "blobs" / "blake3" / hostname).unlink()
+    with mount_image("--prefetch", "all") as mount:
+        waited = run_ocixfs("stats", os.fspath(mount.mountpoint), "--wait", check=False)
+        assert waited.returncode == 1
+        assert waited.stderr.strip().count("\n") == 0
+        assert "1 blobs could not be prefetched" in waited.stderr
+
+
 def test_cached_profile_is_used_by_the_next_mount_of_the_image(
     tmp_path: Path, mount_image: MountImage
 ) -> None:
