@@ -387,7 +387,7 @@ class _Reader:
         self.end = len(data)
         self.limits = limits
         self.times: dict[bytes, int] = {}
-        self.modes = _mode_tables()[1]
+        self.modes = _ModeCodes()
 
     def manifest(self) -> tuple[int, dict[str, Entry]]:
         major, tag, pos = self.head(0)
@@ -619,7 +619,7 @@ class _Reader:
 
     def read_mode(self, pos: int, what: str) -> tuple[int, int]:
         after = pos + _MODE_ITEM_SIZE
-        mode = self.modes.get(self.data[pos:after])
+        mode = self.modes[self.data[pos:after]]
         if mode is None:
             raise _Problem(f"mode is not {_SHAPES['mode']}", pos)
         return mode, after
@@ -1161,12 +1161,39 @@ _FIFO_PAIR = _K_FIFO + b"\x80"
 _DIRECTORY_PAIR = _K_DIRECTORY + b"\x80"
 
 
+_MODE_BITS = (8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 10, 9)  # rwx for u, g, o; then suid, sgid, sticky
+_TRUE, _FALSE = 0xF5, 0xF4
+
+
+class _ModeCodes(dict[bytes, "int | None"]):
+    """Canonical 16-byte mode encodings → mode, learned on first sight: an image uses a
+    handful of modes, and building the table of all 4096 cost 29 ms per decode."""
+
+    def __missing__(self, encoded: bytes) -> int | None:
+        mode = _parse_mode(encoded)
+        if mode is not None:  # a wrong encoding ends the decode: never stored
+            self[encoded] = mode
+        return mode
+
+
+def _parse_mode(encoded: bytes) -> int | None:
+    """The mode of ``[[r,w,x],[r,w,x],[r,w,x],suid,sgid,sticky]`` in canonical CBOR."""
+    if len(encoded) != _MODE_ITEM_SIZE or encoded[0] != 0x86:
+        return None
+    if encoded[1] != 0x83 or encoded[5] != 0x83 or encoded[9] != 0x83:
+        return None
+    flags = encoded[2:5] + encoded[6:9] + encoded[10:16]
+    if not all(flag in (_TRUE, _FALSE) for flag in flags):
+        return None
+    return sum(1 << bit for bit, flag in zip(_MODE_BITS, flags, strict=True) if flag == _TRUE)
+
+
 @cache
 def _mode_tables() -> tuple[list[bytes], dict[bytes, int]]:
     """Every mode's 16-byte canonical encoding, and the reverse map."""
     encodings = []
     for mode in range(0o10000):
-        flags = [bool(mode & 1 << bit) for bit in (8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 10, 9)]
+        flags = [bool(mode & 1 << bit) for bit in _MODE_BITS]
         bools = [b"\xf5" if flag else b"\xf4" for flag in flags]
         encodings.append(
             b"\x86" + b"".join(b"\x83" + b"".join(bools[i : i + 3]) for i in (0, 3, 6))

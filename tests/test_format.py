@@ -622,3 +622,16 @@ def test_time_limits_and_offsets() -> None:
         format_time(fmt.MAX_TIME_NS + 1)
     with pytest.raises(FormatError, match="^time: 2020-01-01 is not RFC 3339 time$"):
         parse_time("2020-01-01")
+
+
+def test_every_mode_encoding_decodes_and_nothing_else_does() -> None:
+    encodings, _ = fmt._mode_tables()  # the encoder's table of all 4096 modes
+    codes = fmt._ModeCodes()
+    assert [codes[encoded] for encoded in encodings] == list(range(0o10000))
+    rng = random.Random(7)
+    for encoded in rng.sample(encodings, 64):
+        spot = rng.randrange(len(encoded))
+        broken = encoded[:spot] + bytes([encoded[spot] ^ 0x02]) + encoded[spot + 1 :]
+        assert codes[broken] is None  # true/false made null or undefined, or a bad head
+        assert codes[encoded[:-1]] is None
+    assert len(codes) == 0o10000  # refused encodings are not remembered
