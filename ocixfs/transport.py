@@ -36,6 +36,7 @@ import os
 import ssl
 import time
 import urllib.parse
+import zlib
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -311,23 +312,30 @@ def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
 
 
 def download(url: str, *, max_bytes: int, config: FetchConfig = DEFAULT_FETCH_CONFIG) -> bytes:
-    """GET ``url`` whole (status 200 only). The body may be at most ``max_bytes`` long and,
-    after ``config.rate_window`` seconds, must arrive at ``config.min_rate`` or faster.
+    """GET ``url`` whole (status 200 only). The body may be at most ``max_bytes`` long,
+    before and after decoding, and, after ``config.rate_window`` seconds, must arrive at
+    ``config.min_rate`` or faster. A server may send it compressed (``Content-Encoding``
+    gzip or zstd: nginx ``gzip_static``, an S3 object uploaded with that header); it is
+    decoded here, in bounded steps, so a compression bomb is just "too large".
 
     Raises ``BlobNotFound`` (404/410), ``FetchError`` (network, TLS, other status, too
-    slow) or ``FormatError`` (too large), each one line naming the redacted URL."""
+    slow, a corrupt or unknown encoding) or ``FormatError`` (too large), each one line
+    naming the redacted URL."""
     label = redact(url)
     try:
         with (
             sync_client(config) as client,
-            client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response,
+            client.stream("GET", url, headers={"Accept-Encoding": _DOCUMENT_ENCODINGS})
+            as response,
         ):
             status = response.status_code
             if status in (404, 410):
                 raise BlobNotFound(f"{label}: HTTP {status}")
             if status != 200:
                 raise FetchError(f"{label}: HTTP {status}")
-            return _read_body(response.iter_raw(), label, max_bytes, config)
+            raw = _read_body(response.iter_raw(), label, max_bytes, config)
+            encoding = response.headers.get("content-encoding", "").strip().lower()
+            return _decode_body(raw, encoding, label, max_bytes)
     except httpx.TimeoutException as exc:
         raise FetchError(f"{label}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
@@ -348,3 +356,50 @@ def _read_body(pieces: Iterator[bytes], label: str, max_bytes: int, config: Fetc
             raise FetchError(f"{label}: {received / elapsed:.0f} B/s is below the minimum rate")
     return b"".join(parts)
 
+
+_DOCUMENT_ENCODINGS = "zstd, gzip"
+_ZSTD_STEP = 1024
+
+
+def _decode_body(raw: bytes, encoding: str, label: str, max_bytes: int) -> bytes:
+    """``raw`` undone from its ``Content-Encoding``, never holding more than ``max_bytes``
+    plus one step of output."""
+    if encoding in ("", "identity"):
+        return raw
+    if encoding == "gzip":
+        inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            decoded = inflate.decompress(raw, max_bytes + 1)
+        except zlib.error:
+            raise FetchError(f"{label}: corrupt gzip body") from None
+        complete = inflate.eof
+    elif encoding == "zstd":
+        decoded, complete = _unzstd(raw, label, max_bytes)
+    else:
+        raise FetchError(f"{label}: unsupported Content-Encoding {encoding!r}")
+    if len(decoded) > max_bytes:
+        raise FormatError(f"{label}: larger than the limit of {max_bytes} bytes")
+    if not complete:
+        raise FetchError(f"{label}: truncated {encoding} body")
+    return decoded
+
+
+def _unzstd(raw: bytes, label: str, max_bytes: int) -> tuple[bytes, bool]:
+    """Decoded bytes (stopping once over ``max_bytes``) and whether the frame ended. Input
+    goes in ``_ZSTD_STEP``-byte slices: a zstd block decodes to at most 128 KiB from at
+    least 4 bytes, so one slice yields at most 32 MiB, whatever the sender built."""
+    import zstandard
+
+    inflate = zstandard.ZstdDecompressor().decompressobj()
+    parts: list[bytes] = []
+    total = 0
+    try:
+        for start in range(0, len(raw), _ZSTD_STEP):
+            piece = inflate.decompress(raw[start : start + _ZSTD_STEP])
+            parts.append(piece)
+            total += len(piece)
+            if total > max_bytes or inflate.eof:
+                break
+    except zstandard.ZstdError:
+        raise FetchError(f"{label}: corrupt zstd body") from None
+    return b"".join(parts), inflate.eof

@@ -65,6 +65,8 @@ class Fault:
     - ``endless``: send the body without a length and never stop (until the client leaves).
     - ``header_bytes``: add response headers of about this many bytes in total.
     - ``retry_after``: send this ``Retry-After`` header (with ``status``: 503, 429).
+    - ``content_encoding``: send this ``Content-Encoding`` header with the body (which
+      ``body`` then gives already encoded).
     """
 
     status: int | None = None
@@ -81,6 +83,7 @@ class Fault:
     endless: bool = False
     header_bytes: int = 0
     retry_after: str | None = None
+    content_encoding: str | None = None
 
 
 NO_FAULT = Fault()
@@ -180,6 +183,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra_headers.items():
             self.send_header(name, value)
+        if fault.content_encoding is not None:
+            self.send_header("Content-Encoding", fault.content_encoding)
         for number in range(fault.header_bytes // 1000):
             self.send_header(f"X-Padding-{number}", "p" * 980)
         self.end_headers()

@@ -34,6 +34,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {root};
+        gzip_static on;  # a manifest with NAME.gz beside it goes out compressed
         location / {{ }}
     }}
 }}

@@ -8,6 +8,7 @@ fixture), serves the store with nginx (``server``), and runs ``ocixfs mount`` as
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import blake3
 import pytest
 
+from ocixfs.format import manifest_digest
 from ocixfs.profile import Profile, encode_profile
 from tests.mounting import (
     OCIXFS,
@@ -466,6 +468,18 @@ def test_stats_wait_exits_1_when_blobs_could_not_be_prefetched(
         assert waited.returncode == 1
         assert waited.stderr.strip().count("\n") == 0
         assert "1 blobs could not be prefetched" in waited.stderr
+
+
+def test_a_manifest_served_gzip_compressed_is_used(
+    tmp_path: Path, image: Image, server: Nginx, mounts: Mounts
+) -> None:
+    manifest = image.ocix.read_bytes()
+    (image.store / "app.ocix.gz").write_bytes(gzip.compress(manifest))
+    (image.store / "app.ocix").write_bytes(b"only the .gz beside me is the manifest")
+    url = server.url.rstrip("/") + "/app.ocix"
+    with mounts(url, tmp_path / "mnt", *store_args([server.url], tmp_path / "cache")) as mount:
+        assert (mount.mountpoint / "etc/hostname").read_bytes() == b"ocixfs-test-0\n"
+        assert mount.stats()["image_digest"] == manifest_digest(manifest)  # of the CBOR
 
 
 def test_cached_profile_is_used_by_the_next_mount_of_the_image(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import zstandard
 
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
@@ -354,6 +356,35 @@ def test_download_is_bounded(tmp_path: Path, serve: FaultServers) -> None:
     with pytest.raises(FetchError) as caught:
         download(url, max_bytes=1000)
     assert PASSWORD not in str(caught.value)
+
+
+def test_download_decodes_compressed_documents_within_the_limit(
+    tmp_path: Path, serve: FaultServers
+) -> None:
+    document = os.urandom(3000) * 20  # compressible: 60,000 bytes
+    (tmp_path / "doc").write_bytes(document)
+    server = serve(tmp_path)
+    url = f"{server.url}/doc"
+    packed = {
+        "gzip": gzip.compress(document),
+        "zstd": zstandard.ZstdCompressor().compress(document),
+    }
+    for encoding, body in packed.items():
+        server.fault("doc", Fault(body=body, content_encoding=encoding))
+        assert download(url, max_bytes=len(document)) == document
+        assert server.headers("doc")[-1]["Accept-Encoding"] == "zstd, gzip"
+        with pytest.raises(FormatError, match="larger than the limit"):
+            download(url, max_bytes=len(document) - 1)  # decoded size counts
+        server.fault("doc", Fault(body=body[: len(body) // 2], content_encoding=encoding))
+        with pytest.raises(FetchError, match=f"truncated {encoding} body|corrupt {encoding}"):
+            download(url, max_bytes=len(document))
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # 64 MiB of zeros
+    server.fault("doc", Fault(body=bomb, content_encoding="zstd"))
+    with pytest.raises(FormatError, match="larger than the limit"):
+        download(url, max_bytes=1 << 20)
+    server.fault("doc", Fault(body=b"???", content_encoding="br"))
+    with pytest.raises(FetchError, match="unsupported Content-Encoding 'br'"):
+        download(url, max_bytes=1000)
 
 
 # --- real mounts -------------------------------------------------------------------------

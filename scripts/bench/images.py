@@ -9,7 +9,8 @@ Every artefact is cached under the work directory and rebuilt only when its inpu
                            artefact is made from, and where the lower bound is measured
         casync/            NAME.caidx + NAME.castr/ (casync make of ref/rootfs)
         ocix/KEY/          NAME.ocix + store/ (ocixfs build of the layout; KEY hashes the
-                           ocixfs sources, so a changed builder rebuilds)
+                           ocixfs sources, so a changed builder rebuilds), and with a
+                           compressed store NAME.ocix.gz for nginx's gzip_static
         lower-bound.json   the files the workload opens (strace) and their bytes
 
 Root file systems come from ``mmdebstrap`` reading this host's configured apt sources (the
@@ -19,6 +20,7 @@ source files are passed through as they are; no mirror is named here).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -280,6 +282,7 @@ def build_ocix(
     image = out / f"{spec.name}.ocix"
     store = out / "store"
     if image.is_file() and store.is_dir():
+        _gzip_beside(image, compress)
         return image, store
     if (image_dir / "ocix").exists():
         shutil.rmtree(image_dir / "ocix")  # older builds: keep one
@@ -298,7 +301,16 @@ def build_ocix(
         argv += ["--compress", compress]
     _run(argv, log=image_dir / "build.log")
     (out / "partial.ocix").rename(image)
+    _gzip_beside(image, compress)
     return image, store
+
+
+def _gzip_beside(image: Path, compress: str | None) -> None:
+    """With a compressed store, serve the manifest compressed too: NAME.ocix.gz beside it,
+    which nginx's ``gzip_static`` sends to clients that accept gzip (ocixfs does)."""
+    packed = image.with_name(image.name + ".gz")
+    if compress and not packed.is_file():
+        packed.write_bytes(gzip.compress(image.read_bytes(), compresslevel=9))
 
 
 # -- lower bound -----------------------------------------------------------------------------

@@ -159,6 +159,7 @@ http {{
     server {{
         listen {host}:{port};
         root {root};
+        gzip_static on;  # a manifest with NAME.gz beside it goes out compressed
         location / {{ }}
     }}
 }}
