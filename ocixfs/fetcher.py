@@ -330,7 +330,7 @@ class HttpClients:
         self._idle: dict[str, list[httpx.AsyncClient]] = {}
         self._made: list[httpx.AsyncClient] = []
         ssl_context(config.ca_file)  # a bad CA or credentials file fails now, not at a read
-        load_credentials(config.auth_file)
+        self._auth = load_credentials(config.auth_file)  # read once, shared by every client
 
     @contextlib.asynccontextmanager
     async def lend(self, store: str) -> AsyncIterator[httpx.AsyncClient]:
@@ -344,7 +344,7 @@ class HttpClients:
             idle.append(client)
 
     def _new_client(self) -> httpx.AsyncClient:
-        client = async_client(self._config, limits=self._limits)
+        client = async_client(self._config, limits=self._limits, auth=self._auth)
         self._made.append(client)
         return client
 

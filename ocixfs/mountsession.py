@@ -86,15 +86,11 @@ class MountSession:
         log.info("%s: unmounted", self.config.mountpoint)
 
     def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
-        """A prefetcher loaded with the profile's plan (closed: it ends once the plan is
-        done), or None when there is nothing to prefetch."""
+        """A prefetcher for the profile's plan, or None when there is nothing to prefetch."""
         chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
         if not chunks:
             return None
-        prefetcher = Prefetcher(reader, concurrency=self.config.prefetch_concurrency)
-        prefetcher.add(chunks)
-        prefetcher.close()
-        return prefetcher
+        return Prefetcher(reader, chunks, concurrency=self.config.prefetch_concurrency)
 
     def _save_profiles(self) -> None:
         """Keep what this mount saw: for the next mount on this host, and where asked."""
@@ -168,4 +164,3 @@ class MountSession:
         return {
             "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
         }
-

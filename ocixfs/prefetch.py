@@ -3,20 +3,18 @@ way of what it is asking for right now.
 
 ``plan`` turns a profile (paths in first-access order) into the blobs to fetch, in order,
 each once; with ``fill_rest`` the rest of the image follows, smallest files first (most
-files per byte, and start-ups open many small files). A ``Prefetcher`` works through
-the blobs it is given (``add``) with a bounded number of concurrent fetches at background
-priority: the reader's fetcher always serves on-demand reads first, and a blob already
-being fetched (by a read or an earlier prefetch) is shared, never fetched twice. Failures
-are counted and logged, never raised: a prefetch that fails simply leaves the read to
-fetch on demand.
+files per byte, and start-ups open many small files). A ``Prefetcher`` works through the
+plan with a bounded number of concurrent fetches at background priority: the reader's
+fetcher always serves on-demand reads first, and a blob already being fetched (by a read
+or an earlier prefetch) is shared, never fetched twice. Failures are counted and logged,
+never raised: a prefetch that fails simply leaves the read to fetch on demand.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,45 +83,31 @@ def _regular(tree: Tree, path: str) -> Node | None:
 
 
 class Prefetcher:
-    """Fetch the blobs it is given at background priority, ``concurrency`` at a time, in
-    the order given, each at most once. ``add`` and ``close`` are called from the trio
-    thread (they do not block); ``run`` does the work until closed and drained."""
+    """Fetch ``chunks`` (a ``plan``: each blob once) at background priority, in order,
+    ``concurrency`` at a time. ``statistics()`` may be read before, during and after
+    ``run``."""
 
-    def __init__(self, fetcher: BackgroundFetcher, *, concurrency: int = DEFAULT_CONCURRENCY):
+    def __init__(
+        self,
+        fetcher: BackgroundFetcher,
+        chunks: Sequence[Chunk],
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
         self._fetcher = fetcher
+        self._planned = chunks
         self._concurrency = max(1, concurrency)
-        self._send, self._receive = trio.open_memory_channel[Chunk](math.inf)
-        self._queued: set[bytes] = set()
-        self._planned_blobs = self._planned_bytes = 0
         self._done_blobs = self._done_bytes = self._failed = 0
         self._started = self._finished_at = 0.0
-        self._finished = self._closed = False
-
-    def add(self, chunks: Iterable[Chunk]) -> int:
-        """Queue the chunks not queued before (none once closed); returns how many."""
-        added = 0
-        for chunk in chunks:
-            if self._closed or chunk.digest in self._queued:
-                continue
-            self._queued.add(chunk.digest)
-            self._send.send_nowait(chunk)
-            self._planned_blobs += 1
-            self._planned_bytes += chunk.size
-            added += 1
-        return added
-
-    def close(self) -> None:
-        """Nothing more will be added: ``run`` returns once what is queued was tried."""
-        self._closed = True
-        self._send.close()
+        self._finished = False
 
     async def run(self) -> None:
-        """Fetch what is queued, and what is added later, until closed and done (or
-        cancelled, e.g. at unmount)."""
+        """Fetch every planned blob not already cached; returns when all were tried."""
         self._started = time.monotonic()
+        queue = iter(self._planned)
         async with trio.open_nursery() as nursery:
             for _ in range(self._concurrency):
-                nursery.start_soon(self._worker)
+                nursery.start_soon(self._worker, queue)
         self._finished = True
         self._finished_at = time.monotonic()
         log.debug(
@@ -134,8 +118,8 @@ class Prefetcher:
             self._failed,
         )
 
-    async def _worker(self) -> None:
-        async for chunk in self._receive:  # each chunk goes to exactly one worker
+    async def _worker(self, queue: Iterator[Chunk]) -> None:
+        for chunk in queue:  # shared iterator: each chunk goes to exactly one worker
             if self._fetcher.is_cached(chunk):
                 self._count_done(chunk)
                 continue
@@ -154,8 +138,8 @@ class Prefetcher:
     def statistics(self) -> PrefetchStats:
         end = self._finished_at if self._finished else time.monotonic()
         return PrefetchStats(
-            planned_blobs=self._planned_blobs,
-            planned_bytes=self._planned_bytes,
+            planned_blobs=len(self._planned),
+            planned_bytes=sum(chunk.size for chunk in self._planned),
             done_blobs=self._done_blobs,
             done_bytes=self._done_bytes,
             failed_blobs=self._failed,

@@ -282,11 +282,14 @@ def _timeout(config: FetchConfig) -> httpx.Timeout:
     )
 
 
-def async_client(config: FetchConfig, *, limits: httpx.Limits) -> httpx.AsyncClient:
-    """The fetcher's client. Raises ``UsageError`` for an unusable CA or credentials file."""
+def async_client(
+    config: FetchConfig, *, limits: httpx.Limits, auth: Credentials | None = None
+) -> httpx.AsyncClient:
+    """The fetcher's client; ``auth`` defaults to ``load_credentials(config.auth_file)``.
+    Raises ``UsageError`` for an unusable CA or credentials file."""
     return httpx.AsyncClient(
         verify=ssl_context(config.ca_file),
-        auth=load_credentials(config.auth_file),
+        auth=auth if auth is not None else load_credentials(config.auth_file),
         trust_env=True,
         timeout=_timeout(config),
         limits=limits,

@@ -11,7 +11,7 @@ import trio
 
 from ocixfs.format import Chunk
 from ocixfs.prefetch import Prefetcher
-from ocixfs.reader import Reader, open_reader
+from ocixfs.reader import Priority, Reader, open_reader
 from tests.faultserver import make_store
 
 SMALL = [bytes([i]) * (100 + i) for i in range(2)]
@@ -34,15 +34,14 @@ def _cached(reader: Reader, contents: list[bytes]) -> list[bool]:
     return [reader.is_cached(_chunk(data)) for data in contents]
 
 
-async def test_prefetcher_fetches_each_added_blob_once_and_ends_when_closed(
+async def test_prefetcher_fetches_the_plan_skipping_what_is_cached(
     tmp_path: Path, store: Path
 ) -> None:
     async with open_reader([store.as_uri()], tmp_path / "cache") as reader:
-        prefetcher = Prefetcher(reader, concurrency=2)
-        assert prefetcher.add([_chunk(SMALL[0]), _chunk(SMALL[1]), _chunk(SMALL[0])]) == 2
-        assert prefetcher.add([_chunk(SMALL[1]), _chunk(BIG)]) == 1
-        prefetcher.close()
-        assert prefetcher.add([_chunk(OTHER)]) == 0  # closed: nothing more is taken
+        await reader.ensure(_chunk(SMALL[0]), priority=Priority.ON_DEMAND)
+        prefetcher = Prefetcher(reader, [_chunk(SMALL[0]), _chunk(SMALL[1]), _chunk(BIG)],
+                                concurrency=2)
+        assert prefetcher.statistics().planned_blobs == 3  # readable before it runs
         with trio.fail_after(10):
             await prefetcher.run()
         stats = prefetcher.statistics()
@@ -50,14 +49,12 @@ async def test_prefetcher_fetches_each_added_blob_once_and_ends_when_closed(
         assert (stats.planned_blobs, stats.done_blobs, stats.failed_blobs) == (3, 3, 0)
         assert stats.done_bytes == len(SMALL[0]) + len(SMALL[1]) + len(BIG)
         assert _cached(reader, [SMALL[0], SMALL[1], BIG, OTHER]) == [True, True, True, False]
-        assert reader.statistics().as_dict()["blobs_fetched"] == 3
+        assert reader.statistics().as_dict()["blobs_fetched"] == 3  # SMALL[0] only once
 
 
 async def test_a_missing_blob_is_counted_not_raised(tmp_path: Path, store: Path) -> None:
     async with open_reader([store.as_uri()], tmp_path / "cache") as reader:
-        prefetcher = Prefetcher(reader, concurrency=1)
-        prefetcher.add([Chunk(3, b"\x07" * 32), _chunk(OTHER)])
-        prefetcher.close()
+        prefetcher = Prefetcher(reader, [Chunk(3, b"\x07" * 32), _chunk(OTHER)], concurrency=1)
         with trio.fail_after(10):
             await prefetcher.run()
         stats = prefetcher.statistics()

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     flags, values = parse_mount_options(args.options)
     fetch = _fetch_config(args, values)
+    _check_fetch_files(fetch)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
     image, tree, profile = _load(args.image, _last(values, "digest", args.digest), fetch,
@@ -185,11 +186,11 @@ def _load(
     """The image, its inode tree and the profile to play. Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads while
     this thread imports what the daemon will need."""
-    from ..profile import locate_profile
+    from ..profile import locate_profile, profile_beside
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool:
         loading = pool.submit(_load_tree, source, digest, fetch)
-        beside = (pool.submit(_profile_beside, source, fetch)
+        beside = (pool.submit(profile_beside, source, fetch)
                   if prefetch in ("auto", "all") else None)
         _import_daemon_modules()
         image, tree = loading.result()
@@ -202,22 +203,8 @@ def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[Loa
     from ..image import load_image
     from ..tree import Tree
 
-    _check_fetch_files(fetch)
     image = load_image(source, expected_digest=digest, http=fetch)
     return image, Tree.from_manifest(image.manifest)
-
-
-def _profile_beside(image: str, fetch: FetchConfig) -> Profile | None:
-    """``profile_beside``, quietly None when the network settings are broken: the
-    manifest's loader reports that, once."""
-    from ..errors import OcixError
-    from ..profile import profile_beside
-
-    try:
-        _check_fetch_files(fetch)
-    except OcixError:
-        return None
-    return profile_beside(image, fetch)
 
 
 def _import_daemon_modules() -> None:

@@ -112,6 +112,11 @@ def run_workload(ctx: SessionContext, root: Path) -> None:
         )
 
 
+def rounded(steps: dict[str, float]) -> dict[str, float]:
+    """Step durations in seconds, to the millisecond, for the results file."""
+    return {name: round(seconds, 3) for name, seconds in steps.items()}
+
+
 def fresh_dir(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
@@ -177,7 +182,7 @@ class _SkopeoSession:
                 "umoci_unpack": unpacked - pulled,
                 "workload": time.perf_counter() - unpacked,
             }
-            return {"steps_s": {k: round(v, 3) for k, v in steps.items()}}
+            return {"steps_s": rounded(steps)}
 
         return measure(self.relay, self.requests, body)
 
@@ -234,7 +239,7 @@ class _CasyncSession:
             mounted = time.perf_counter()
             run_workload(ctx, mnt)
             steps = {"mount": mounted - start, "workload": time.perf_counter() - mounted}
-            return {"steps_s": {k: round(v, 3) for k, v in steps.items()}}
+            return {"steps_s": rounded(steps)}
 
         return measure(self.relay, self.requests, body)
 
@@ -317,7 +322,7 @@ class _OcixfsSession:
             mounted = time.perf_counter()
             run_workload(ctx, mnt)
             steps = {"mount": mounted - start, "workload": time.perf_counter() - mounted}
-            extra["steps_s"] = {k: round(v, 3) for k, v in steps.items()}
+            extra["steps_s"] = rounded(steps)
             return extra
 
         return measure(self.relay, self.requests, body)
