@@ -22,10 +22,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ocixfs.cache import Cache  # noqa: E402
-from ocixfs.cachedir import CacheDirectory, check, scan_blobs  # noqa: E402
+from ocixfs.cache.blobs import Cache  # noqa: E402
+from ocixfs.cache.directory import CacheDirectory, check, scan_blobs  # noqa: E402
 from ocixfs.config import CacheConfig, CacheQuota  # noqa: E402
-from ocixfs.format import Chunk  # noqa: E402
+from ocixfs.image.format import Chunk  # noqa: E402
 
 UNLIMITED = CacheQuota(share=None, cap=None)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import cbor2
 
-from ocixfs.format import Chunk, Entry, Kind, Manifest, decode, encode, path_sort_key
+from ocixfs.image.format import Chunk, Entry, Kind, Manifest, decode, encode, path_sort_key
 
 __all__ = ["generate", "main"]
 

@@ -81,8 +81,8 @@ import servers  # noqa: E402
 from relay import LINKS, Counters, Relay  # noqa: E402
 
 from ocixfs.config import DEFAULT_FETCH_CONFIG  # noqa: E402
-from ocixfs.format import Chunk, decode  # noqa: E402
-from ocixfs.tree import Tree  # noqa: E402
+from ocixfs.image.format import Chunk, decode  # noqa: E402
+from ocixfs.image.tree import Tree  # noqa: E402
 
 BENCH = Path(os.environ.get("OCIXFS_BENCH_DIR", "/var/tmp/ocixfs-bench"))
 DEFAULT_IMAGE_DIR = BENCH / "images/python/ocix/68f12728ba580a97-zstd"

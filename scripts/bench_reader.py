@@ -26,8 +26,8 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ocixfs.config import CacheConfig, ReaderConfig  # noqa: E402
-from ocixfs.format import Chunk  # noqa: E402
-from ocixfs.reader import Reader, open_reader  # noqa: E402
+from ocixfs.fetch.reader import Reader, open_reader  # noqa: E402
+from ocixfs.image.format import Chunk  # noqa: E402
 
 READ = 128 * 1024
 Work = Callable[["Reader"], Awaitable[tuple[int, int]]]

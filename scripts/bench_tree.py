@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ocixfs.format import Chunk, Entry, Kind, Manifest  # noqa: E402
-from ocixfs.fs import Operations  # noqa: E402
-from ocixfs.tree import Tree  # noqa: E402
+from ocixfs.image.format import Chunk, Entry, Kind, Manifest  # noqa: E402
+from ocixfs.image.tree import Tree  # noqa: E402
+from ocixfs.mount.fs import Operations  # noqa: E402
 
 NS = 1_700_000_000_000_000_000
 

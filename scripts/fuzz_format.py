@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 def check(data: bytes) -> None:
     from ocixfs.errors import FormatError
-    from ocixfs.format import decode, encode
+    from ocixfs.image.format import decode, encode
 
     try:
         manifest = decode(data)
@@ -67,7 +67,7 @@ def main() -> int:
               "CPython <= 3.11 on x86-64 Linux or a clang toolchain)", file=sys.stderr)
         return 2
     with atheris.instrument_imports():
-        import ocixfs.format  # noqa: F401 -- instrumented for coverage feedback
+        import ocixfs.image.format  # noqa: F401 -- instrumented for coverage feedback
     arguments = sys.argv[:]
     if not any(not arg.startswith("-") for arg in arguments[1:]):
         arguments.append(seed_directory())

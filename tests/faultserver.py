@@ -41,7 +41,7 @@ from types import TracebackType
 import blake3
 import zstandard
 
-from ocixfs.format import Chunk
+from ocixfs.image.format import Chunk
 
 __all__ = ["Fault", "FaultServer", "blob_path", "make_store"]
 

@@ -1,7 +1,7 @@
 """The hand-written OCIX test vectors in ``tests/vectors/*.hex`` and the models they encode.
 
 The ``.hex`` files were written by hand from the format description (comments say what
-each item is); nothing here is produced by ``ocixfs.format``. Times are spelled out with
+each item is); nothing here is produced by ``ocixfs.image.format``. Times are spelled out with
 ``datetime`` so the expected instants do not depend on the code under test.
 """
 
@@ -11,7 +11,7 @@ import datetime
 import re
 from pathlib import Path
 
-from ocixfs.format import Chunk, Entry, Kind, Manifest
+from ocixfs.image.format import Chunk, Entry, Kind, Manifest
 
 __all__ = ["V0_REFERENCE", "V0_VARIANTS", "V1_XATTRS_CHUNKS", "VECTORS", "load_vector"]
 

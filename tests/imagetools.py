@@ -26,8 +26,8 @@ from typing import Any
 import blake3
 import zstandard
 
-from ocixfs.format import Entry, Kind, Manifest
-from ocixfs.store import blob_path
+from ocixfs.image.format import Entry, Kind, Manifest
+from ocixfs.store.writer import blob_path
 
 __all__ = [
     "CAP_NET_RAW",

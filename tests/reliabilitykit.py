@@ -20,7 +20,7 @@ from pathlib import Path
 
 import blake3
 
-from ocixfs.format import Chunk, Entry, Kind, Manifest, encode
+from ocixfs.image.format import Chunk, Entry, Kind, Manifest, encode
 from tests.faultserver import make_store
 
 __all__ = ["Image", "black_hole", "mount_args", "read_or_errno", "write_image"]

@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 
 import trio
 
-from ocixfs.cache import Cache
+from ocixfs.cache.blobs import Cache
 from ocixfs.config import FetchConfig
-from ocixfs.fetcher import Fetcher, HttpClients, make_sources
-from ocixfs.format import Chunk
-from ocixfs.stores import parse_stores
+from ocixfs.fetch.fetcher import Fetcher, HttpClients, make_sources
+from ocixfs.image.format import Chunk
+from ocixfs.store.spec import parse_stores
 from tests.faultserver import FaultServer, make_store
 
 __all__ = ["FaultServers", "Mirrors", "Store", "blob_store", "cached", "fetching_with"]

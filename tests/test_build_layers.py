@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ocixfs.build import BuildOptions, BuildSummary, build_image
+from ocixfs.build.builder import BuildOptions, BuildSummary, build_image
 from ocixfs.errors import BuildError
-from ocixfs.format import Kind, Manifest, decode
-
-from .imagetools import (
+from ocixfs.image.format import Kind, Manifest, decode
+from tests.imagetools import (
     TarEntry,
     directory,
     file,

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ocixfs.build import BuildOptions, build_image
+from ocixfs.build.builder import BuildOptions, build_image
 from ocixfs.errors import BuildError
-from ocixfs.format import Kind, Manifest, decode
-
-from .imagetools import (
+from ocixfs.image.format import Kind, Manifest, decode
+from tests.imagetools import (
     CAP_NET_RAW,
     MTIME,
     directory,

@@ -13,14 +13,13 @@ import blake3
 import pytest
 import zstandard
 
-from ocixfs.build import BuildOptions, build_image
+from ocixfs.build.builder import BuildOptions, build_image
 from ocixfs.cli import main
 from ocixfs.errors import StoreError
-from ocixfs.format import Kind, decode
+from ocixfs.image.format import Kind, decode
 from ocixfs.progress import Progress, format_bytes, format_duration
-from ocixfs.store import BlobStore, blob_path
-
-from .imagetools import (
+from ocixfs.store.writer import BlobStore, blob_path
+from tests.imagetools import (
     CAP_NET_RAW,
     directory,
     file,

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ocixfs.build import BuildOptions, build_image
-from ocixfs.format import Kind, decode
-
-from .imagetools import (
+from ocixfs.build.builder import BuildOptions, build_image
+from ocixfs.image.format import Kind, decode
+from tests.imagetools import (
     CAP_NET_RAW,
     FileState,
     block_device,

@@ -12,10 +12,10 @@ import blake3
 import pytest
 import trio
 
-from ocixfs.cache import Cache, default_cache_dir
+from ocixfs.cache.blobs import Cache, default_cache_dir
 from ocixfs.config import CacheConfig
 from ocixfs.errors import BlobCorrupt, CacheError
-from ocixfs.format import Chunk
+from ocixfs.image.format import Chunk
 
 
 def chunk_of(content: bytes) -> Chunk:

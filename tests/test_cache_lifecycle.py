@@ -19,8 +19,8 @@ import blake3
 import pytest
 import trio
 
-from ocixfs.cache import Cache
-from ocixfs.cachedir import (
+from ocixfs.cache.blobs import Cache
+from ocixfs.cache.directory import (
     USAGE_FILE,
     CacheDirectory,
     check,
@@ -30,7 +30,7 @@ from ocixfs.cachedir import (
 )
 from ocixfs.config import CacheConfig, CacheQuota, FetchConfig, ReaderConfig
 from ocixfs.errors import CacheFullError, UsageError
-from ocixfs.format import Chunk
+from ocixfs.image.format import Chunk
 from tests.faultserver import Fault, FaultServer, make_store
 from tests.mounting import run_ocixfs, wait_for
 
@@ -287,9 +287,9 @@ async def test_a_wrong_counter_is_repaired_by_the_start_up_rescan(
 FILLER = r"""
 import itertools, sys, trio, blake3
 from pathlib import Path
-from ocixfs.cache import Cache
+from ocixfs.cache.blobs import Cache
 from ocixfs.config import CacheConfig, CacheQuota
-from ocixfs.format import Chunk
+from ocixfs.image.format import Chunk
 
 root, name, count, size, limit = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 
@@ -346,8 +346,8 @@ def test_kill_mid_fill_exposes_nothing_and_next_start_cleans_up(tmp_path: Path) 
         "import sys, trio\n"
         "from pathlib import Path\n"
         "from ocixfs.config import FetchConfig, ReaderConfig\n"
-        "from ocixfs.format import Chunk\n"
-        "from ocixfs.reader import Priority, open_reader\n"
+        "from ocixfs.image.format import Chunk\n"
+        "from ocixfs.fetch.reader import Priority, open_reader\n"
         "async def main():\n"
         "    config = ReaderConfig(fetch=FetchConfig(read_timeout=60, deadline=60))\n"
         "    async with open_reader([sys.argv[1]], Path(sys.argv[2]), config) as reader:\n"
@@ -434,7 +434,7 @@ async def test_full_disk_fails_only_the_fill_that_needed_space(tmp_path: Path) -
 
 
 async def test_reader_reports_full_disk_and_recovers(tmp_path: Path) -> None:
-    from ocixfs.reader import open_reader
+    from ocixfs.fetch.reader import open_reader
 
     data = content("large", 600 * KiB)
     store = tmp_path / "store"

@@ -13,9 +13,9 @@ import blake3
 import pytest
 import trio
 
-from ocixfs.cache import Cache
-from ocixfs.cachedir import scan_blobs
-from ocixfs.format import decode
+from ocixfs.cache.blobs import Cache
+from ocixfs.cache.directory import scan_blobs
+from ocixfs.image.format import decode
 from tests.faultserver import FaultServer
 from tests.mounting import Mount, needs_fuse, run_ocixfs, wait_for
 from tests.test_cache_lifecycle import content, fill, names, small_filesystem, tmp_files

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from ocixfs.cli import main
-from ocixfs.compare import Measure, diff_images
-from ocixfs.format import Kind
-from ocixfs.image import load_image
-from ocixfs.store import blob_path
-from ocixfs.tree import Tree
+from ocixfs.image.format import Kind
+from ocixfs.image.loading import load_image
+from ocixfs.image.tree import Tree
+from ocixfs.store.writer import blob_path
+from ocixfs.tools.compare import Measure, diff_images
 from tests.imagetools import directory, file, tar_bytes, whiteout, write_oci_layout
 
 MiB = 1 << 20

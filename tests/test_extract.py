@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
-from ocixfs.cache import Cache
+from ocixfs.cache.blobs import Cache
 from ocixfs.cli import main
 from ocixfs.errors import UsageError
-from ocixfs.extract import ExtractOptions, _BlobGone, _Plan, check_destination, extract_image
-from ocixfs.format import Kind
-from ocixfs.image import load_image
+from ocixfs.image.format import Kind
+from ocixfs.image.loading import load_image
+from ocixfs.image.tree import Tree
 from ocixfs.progress import Progress
-from ocixfs.store import blob_path
-from ocixfs.tree import Tree
+from ocixfs.store.writer import blob_path
+from ocixfs.tools.extract import ExtractOptions, _BlobGone, _Plan, check_destination, extract_image
 from tests.faultserver import FaultServer
 from tests.imagetools import CAP_NET_RAW, MTIME, make_rootfs
 from tests.treecompare import differences, walk

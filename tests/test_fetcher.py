@@ -14,8 +14,8 @@ import zstandard
 
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobCorrupt, BlobNotFound, FetchError, FetchTimeout
-from ocixfs.fetcher import Priority
-from ocixfs.format import Chunk
+from ocixfs.fetch.fetcher import Priority
+from ocixfs.image.format import Chunk
 from tests.faultserver import Fault, FaultServer, blob_path, make_store
 from tests.servers import FaultServers, Mirrors, Store, blob_store, cached, fetching_with
 

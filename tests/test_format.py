@@ -1,4 +1,4 @@
-"""ocixfs.format: hand-written vectors, one test per validation rule, encoder and helpers.
+"""ocixfs.image.format: hand-written vectors, one test per validation rule, encoder and helpers.
 
 Wire inputs for the rule tests are written with cbor2 (an independent CBOR encoder) in
 canonical mode, or patched by hand where cbor2 cannot produce the malformed form.
@@ -14,9 +14,9 @@ import blake3
 import cbor2
 import pytest
 
-from ocixfs import format as fmt
+from ocixfs.image import format as fmt
 from ocixfs.errors import FormatError
-from ocixfs.format import (
+from ocixfs.image.format import (
     DEFAULT_LIMITS,
     OCIX_TAG,
     Chunk,
@@ -36,8 +36,7 @@ from ocixfs.format import (
     path_sort_key,
     split_path,
 )
-
-from .formatvectors import (
+from tests.formatvectors import (
     DIGITS,
     DIGITS_HEAD,
     DIGITS_TAIL,

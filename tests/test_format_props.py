@@ -1,4 +1,4 @@
-"""Property tests for ocixfs.format: round trips on generated trees, and hostile input.
+"""Property tests for ocixfs.image.format: round trips on generated trees, and hostile input.
 
 Hostile input (random bytes, mutated manifests, random CBOR in every field) may only ever
 give ``FormatError`` or a manifest that is itself valid.
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
-from ocixfs.format import (
+from ocixfs.image.format import (
     MAX_DEVICE_MAJOR,
     MAX_DEVICE_MINOR,
     MAX_TIME_NS,

@@ -22,11 +22,10 @@ import pyfuse3
 import pytest
 
 from ocixfs.errors import BlobNotFound, FetchTimeout
-from ocixfs.format import Chunk
-from ocixfs.fs import DEFAULT_FS_OPTIONS, FsOptions, Operations
-from ocixfs.tree import ST_BLKSIZE, Tree
-
-from .treesamples import BIG, CAPABILITY, T0, T1, digest, sample
+from ocixfs.image.format import Chunk
+from ocixfs.image.tree import ST_BLKSIZE, Tree
+from ocixfs.mount.fs import DEFAULT_FS_OPTIONS, FsOptions, Operations
+from tests.treesamples import BIG, CAPABILITY, T0, T1, digest, sample
 
 
 @dataclass
@@ -428,7 +427,9 @@ async def test_reader_failures_become_eio_and_the_rest_keeps_working(
     assert stats.failures == {"BlobNotFound": 3, "RuntimeError": 1}
     assert stats.errors == {"EIO": 4}
 
-    records = [r for r in caplog.records if r.name == "ocixfs.fs" and r.levelno >= logging.WARNING]
+    records = [
+        r for r in caplog.records if r.name == "ocixfs.mount.fs" and r.levelno >= logging.WARNING
+    ]
     assert len(records) == 4  # one line per failure; the log handler's filter rate-limits
     assert all("\n" not in r.getMessage() for r in records)
     assert records[0].levelno == logging.WARNING

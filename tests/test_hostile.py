@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
-from ocixfs.format import Manifest, decode, encode
+from ocixfs.image.format import Manifest, decode, encode
 from tests.faultserver import Fault, FaultServer
 from tests.hostile import make_corpus
 from tests.imagetools import file, hardlink, symlink
@@ -115,7 +115,7 @@ def test_commands_refuse_every_case_in_one_line_within_limits(tmp_path: Path) ->
 
 def test_manifest_reading_needs_memory_for_the_file_not_the_limit(tmp_path: Path) -> None:
     """``read(limit + 1)`` would reserve the whole 1 GiB limit for a 300-byte file."""
-    from ocixfs.image import read_limited
+    from ocixfs.image.loading import read_limited
 
     (tmp_path / "small").write_bytes(b"12345")
     (tmp_path / "big").write_bytes(b"x" * 20)

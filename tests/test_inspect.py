@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from ocixfs.cli import main
-from ocixfs.commands.inspect import _load, summarize
+from ocixfs.cli.inspect import _load, summarize
 from ocixfs.errors import FormatError
-from ocixfs.format import Limits
-
-from .formatvectors import V0_REFERENCE, V1_XATTRS_CHUNKS, load_vector
+from ocixfs.image.format import Limits
+from tests.formatvectors import V0_REFERENCE, V1_XATTRS_CHUNKS, load_vector
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import blake3
 import pytest
 
-from ocixfs.format import manifest_digest
-from ocixfs.profile import Profile, encode_profile
+from ocixfs.image.format import manifest_digest
+from ocixfs.mount.profile import Profile, encode_profile
 from tests.mounting import (
     OCIXFS,
     Mount,

@@ -27,7 +27,7 @@ import zstandard
 
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
-from ocixfs.transport import download, load_credentials, redact, ssl_context
+from ocixfs.store.http import download, load_credentials, redact, ssl_context
 from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
@@ -328,7 +328,7 @@ def test_credentials_never_show_their_secrets(tmp_path: Path) -> None:
         load_credentials(os.fspath(auth_file))
     assert TOKEN not in str(caught.value)
     assert redact(f"https://alice:{PASSWORD}@h.example:8443/s/") == "https://h.example:8443/s/"
-    from ocixfs.commands.mount import _fsname  # the mount source /proc/mounts shows
+    from ocixfs.cli.mount import _fsname  # the mount source /proc/mounts shows
 
     assert PASSWORD not in _fsname(f"https://alice:{PASSWORD}@h.example")
 

@@ -9,9 +9,9 @@ import blake3
 import pytest
 import trio
 
-from ocixfs.format import Chunk
-from ocixfs.prefetch import Prefetcher
-from ocixfs.reader import Priority, Reader, open_reader
+from ocixfs.fetch.reader import Priority, Reader, open_reader
+from ocixfs.image.format import Chunk
+from ocixfs.mount.prefetch import Prefetcher
 from tests.faultserver import make_store
 
 SMALL = [bytes([i]) * (100 + i) for i in range(2)]

@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
-from ocixfs.format import Chunk, Entry, Kind, Manifest
-from ocixfs.prefetch import plan
-from ocixfs.profile import AccessRecorder, Profile, decode_profile, encode_profile, merge
-from ocixfs.tree import Tree
+from ocixfs.image.format import Chunk, Entry, Kind, Manifest
+from ocixfs.image.tree import Tree
+from ocixfs.mount.prefetch import plan
+from ocixfs.mount.profile import AccessRecorder, Profile, decode_profile, encode_profile, merge
 
 paths = st.lists(
     st.text(alphabet="abc/._-", min_size=1, max_size=12).map(lambda s: "/" + s.strip("/")),

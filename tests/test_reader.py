@@ -15,8 +15,8 @@ from hypothesis import given, settings
 
 from ocixfs.config import FetchConfig, ReaderConfig
 from ocixfs.errors import FetchError, FetchTimeout, UsageError
-from ocixfs.format import Chunk
-from ocixfs.reader import Priority, open_reader
+from ocixfs.fetch.reader import Priority, open_reader
+from ocixfs.image.format import Chunk
 from tests.faultserver import Fault, FaultServer, make_store
 
 CHUNK = 4096

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ocixfs.commands.stats import format_stats
+from ocixfs.cli.stats import format_stats
 
 SAMPLE = {
     "mountpoint": "/mnt/root",

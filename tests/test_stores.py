@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ocixfs.errors import UsageError
-from ocixfs.stores import normalize_store, parse_stores
+from ocixfs.store.spec import normalize_store, parse_stores
 
 
 def test_store_names() -> None:

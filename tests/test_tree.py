@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
-from ocixfs.format import Entry, Kind, Manifest
-from ocixfs.tree import IMPLICIT_DIR_MODE, ROOT_INO, Node, Tree
-
-from .treesamples import BIG_CHUNKS, T0, T1, canonical, digest, regular, sample
+from ocixfs.image.format import Entry, Kind, Manifest
+from ocixfs.image.tree import IMPLICIT_DIR_MODE, ROOT_INO, Node, Tree
+from tests.treesamples import BIG_CHUNKS, T0, T1, canonical, digest, regular, sample
 
 
 @pytest.fixture(scope="module")

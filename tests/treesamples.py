@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import blake3
 
-from ocixfs.format import Chunk, Entry, Kind, Manifest
+from ocixfs.image.format import Chunk, Entry, Kind, Manifest
 
 T0 = 1_700_000_000_123_456_789
 T1 = 1_600_000_000_000_000_001

@@ -22,17 +22,17 @@ import time
 import traceback
 from pathlib import Path
 
-import ocixfs.cache
+import ocixfs.cache.blobs
 import ocixfs.cli
-import ocixfs.commands.inspect
-import ocixfs.commands.mount
-import ocixfs.daemon
-import ocixfs.format
-import ocixfs.image
-import ocixfs.prefetch
-import ocixfs.stores
-import ocixfs.transport
-import ocixfs.tree
+import ocixfs.cli.inspect
+import ocixfs.cli.mount
+import ocixfs.image.format
+import ocixfs.image.loading
+import ocixfs.image.tree
+import ocixfs.mount.daemon
+import ocixfs.mount.prefetch
+import ocixfs.store.http
+import ocixfs.store.spec
 
 ADDRESS_SPACE = 1 << 30
 CPU_SECONDS = 60
@@ -83,7 +83,8 @@ def run(argv: list[str]) -> dict[str, object]:
 def main() -> None:
     mountpoint, store, *files = sys.argv[1:]
     ocixfs.cli.build_parser()  # import every command module before forking
-    ocixfs.format.decode((Path(__file__).parent / "baseline.ocix").read_bytes())  # warm tables
+    baseline = (Path(__file__).parent / "baseline.ocix").read_bytes()
+    ocixfs.image.format.decode(baseline)  # warm tables
     for path in files:
         for command in (["inspect", path], ["mount", path, mountpoint, "--store", store]):
             result = run(command)

@@ -1,0 +1,861 @@
+"""The cache directory as several processes share it: the usage counter, the evictor
+lock, scans, least-recently-used eviction and the integrity check (``fsck``).
+
+Layout (``ocixfs/cache.py`` serves reads and fills on top of it)::
+
+    CACHE/blobs/<2 hex>/<64 hex>    verified blobs; atime = last use (set by ocixfs)
+    CACHE/tmp/<hex>.<pid>.<random>  fills in progress, flock()ed by their writer
+    CACHE/profiles/<hex>.profile    access profiles recorded on this host
+    CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
+    CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
+
+Everything here blocks on the file system: call it from worker threads or from tools,
+never from the trio thread, except ``SharedUsage.add`` (microseconds, under a lock that
+is only ever held for microseconds). It is thread-safe and keeps no table the trio side
+depends on.
+
+Rules every process follows (docs/developer-notes.md, "Eviction", explains why):
+
+- A blob is *pinned* while a process holds a shared ``flock`` on it: a daemon takes one
+  on each blob it keeps open. Eviction takes an exclusive lock without waiting before it
+  unlinks a blob, so it never removes a pinned one.
+- Recency is ``max(atime, mtime)``: mtime is when the blob was filled, and daemons set
+  atime themselves on use (at most every ``touch_interval``), so relatime or noatime
+  mounts do not matter.
+- ``usage`` is a running total of the bytes and blobs under ``blobs/``. A fill adds its
+  size and then links the blob into place while holding the counter's lock (and takes the
+  size back if the link fails), a removal subtracts after it unlinked, so a crash leaves
+  the total too high (evicting early), never too low. An eviction rebases it on its own
+  scan plus whatever changed meanwhile; a start-up rescan runs when the counter is damaged,
+  from another boot (a power loss can lose updates) or older than ``rescan_interval``.
+- One process evicts at a time (``evict.lock``), least recently used first, skipping
+  pinned blobs. Unlinking is slow on some disks (up to 3 ms a file here), so eviction
+  stays off the read path: once a fill takes the total past the *high-water mark* (half
+  way between ``low_water`` and the limit) a background thread evicts down to
+  ``low_water``, subtracting as it goes. Only a fill that would pass the limit itself
+  waits: it evicts just enough for itself if nobody else is evicting, or polls the counter
+  for room while someone is, for at most ``evict_wait``, then stores its blob anyway.
+- When only pinned blobs are left the fill is stored anyway: the cache then exceeds its
+  quota by at most what the mounts hold open. Only a blob larger than the whole quota is
+  refused (``CacheFullError``).
+
+Every ``OSError`` becomes ``CacheError`` (``CacheFullError`` for ENOSPC/EDQUOT) at the
+public methods (``cache_errors``, shared with ``ocixfs/cache.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import logging
+import math
+import os
+import re
+import shutil
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import NamedTuple
+
+import blake3
+
+from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, CacheQuota
+from ocixfs.errors import CacheError, CacheFullError, UsageError
+
+__all__ = [
+    "BlobFile",
+    "CacheDirectory",
+    "CheckReport",
+    "Counted",
+    "EvictResult",
+    "Scan",
+    "SharedUsage",
+    "TmpLeftovers",
+    "cache_errors",
+    "check",
+    "filesystem_size",
+    "format_size",
+    "parse_quota",
+    "parse_size",
+    "scan_blobs",
+]
+
+log = logging.getLogger(__name__)
+
+USAGE_FILE = "usage"
+EVICT_LOCK = "evict.lock"
+OVER_QUOTA_LOG_INTERVAL = 60.0
+# The background eviction spares blobs used this recently: one just fetched for a read
+# is not taken away before the reader opens it. A fill at the limit spares nothing.
+BACKGROUND_SPARES = 10.0
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_USAGE = struct.Struct("<4sIqqd16s")  # magic, version, bytes, blobs, scanned_at, boot id
+_MAGIC = b"OCXU"
+_VERSION = 1
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_HASH_READ = 1 << 20
+_LOCK_POLL = 0.01
+
+
+@contextlib.contextmanager
+def cache_errors(what: str) -> Iterator[None]:
+    """The cache layer's translation boundary: OSError → CacheError/CacheFullError."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in _FULL_ERRNOS:
+            raise CacheFullError(f"cache full while {what}: {reason}") from exc
+        raise CacheError(f"cache: {what}: {reason}") from exc
+
+
+# --- sizes -------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``500M``, ``1.5TiB``, ``4096``: bytes, K/M/G/T/P being powers of 1024 (a
+    trailing ``B`` or ``iB`` is allowed). Raises ``UsageError``."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(f"invalid size {text!r} (use e.g. 10G, 500M or 20%)")
+    size = int(float(match[1]) * _UNITS[match[2].lower()])
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size
+
+
+def parse_quota(text: str) -> CacheQuota:
+    """A size (see ``parse_size``), ``N%`` of the filesystem holding the cache, or
+    ``unlimited``. Raises ``UsageError``."""
+    spec = text.strip().lower()
+    if spec in ("unlimited", "none"):
+        return CacheQuota(share=None, cap=None)
+    if spec.endswith("%"):
+        try:
+            share = float(spec[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 100:
+            raise UsageError(f"cache size {text!r}: a share must be more than 0 and at most 100%")
+        return CacheQuota(share=share / 100, cap=None)
+    return CacheQuota(size=parse_size(text))
+
+
+def format_size(n: float) -> str:
+    """``n`` bytes in binary units: ``"812 B"``, ``"1.5 MiB"``, ``"20.0 GiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def filesystem_size(path: Path) -> int:
+    """The total size of the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+# --- scans -------------------------------------------------------------------------------
+
+
+class BlobFile(NamedTuple):
+    """One blob as a scan saw it; ``used`` is its recency, ``max(atime, mtime)``."""
+
+    path: str
+    name: str
+    size: int
+    used: float
+    ino: int
+
+
+@dataclass(slots=True)
+class Scan:
+    """What ``blobs/`` holds: blobs, and strays (anything that is neither a blob nor a
+    shard directory, which only ``check`` removes)."""
+
+    blobs: list[BlobFile]
+    strays: list[str]
+
+    @property
+    def bytes(self) -> int:
+        return sum(blob.size for blob in self.blobs)
+
+
+class _Stopped(Exception):
+    """A scan was asked to stop (the cache is closing)."""
+
+
+def _entries(path: str | Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
+def scan_blobs(blobs_dir: Path, *, stop: threading.Event | None = None) -> Scan:
+    """Every blob under ``blobs_dir`` with its size and recency (one ``lstat`` each)."""
+    scan = Scan([], [])
+    for shard in _entries(blobs_dir):
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        if not (shard.is_dir(follow_symlinks=False) and _SHARD_NAME.fullmatch(shard.name)):
+            scan.strays.append(shard.path)
+            continue
+        for entry in _entries(shard.path):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            name = entry.name
+            if stat.S_ISREG(st.st_mode) and _BLOB_NAME.fullmatch(name) and name[:2] == shard.name:
+                used = max(st.st_atime, st.st_mtime)
+                scan.blobs.append(BlobFile(entry.path, name, st.st_size, used, st.st_ino))
+            else:
+                scan.strays.append(entry.path)
+    return scan
+
+
+def _remove_unpinned(path: str, *, remove: bool = True) -> int | None:
+    """Unlink a blob unless a process pins it; the bytes freed, or ``None`` if pinned.
+    Raises ``FileNotFoundError`` when it is already gone."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            raise FileNotFoundError(errno.ENOENT, "removed meanwhile", path)
+        if remove:
+            os.unlink(path)
+        return st.st_size
+    finally:
+        os.close(fd)
+
+
+# --- the shared usage counter ------------------------------------------------------------
+
+
+@functools.cache
+def _boot_id() -> bytes:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return bytes.fromhex(f.read().strip().replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """The counter's content. ``scanned_at`` is when a scan last rebased it (0: never);
+    ``trusted`` is false when it is damaged or was last rebased in another boot."""
+
+    bytes: int
+    blobs: int
+    scanned_at: float
+    trusted: bool
+
+
+class SharedUsage:
+    """The running total in ``CACHE/usage``. Every update is read-modify-write under an
+    exclusive ``flock`` of the file (and a thread lock: flock does not exclude threads
+    sharing one descriptor)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            if self._fd < 0:
+                raise CacheError("cache: usage counter used after close")
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _load(self) -> tuple[Counted, bytes]:
+        data = os.pread(self._fd, _USAGE.size, 0)
+        if len(data) == _USAGE.size:
+            magic, version, nbytes, nblobs, scanned_at, boot = _USAGE.unpack(data)
+            if magic == _MAGIC and version == _VERSION and nbytes >= 0 and nblobs >= 0:
+                trusted = boot == _boot_id() and scanned_at > 0
+                return Counted(nbytes, nblobs, scanned_at, trusted), boot
+        return Counted(0, 0, 0.0, False), bytes(16)
+
+    def _save(self, nbytes: int, nblobs: int, scanned_at: float, boot: bytes) -> None:
+        record = _USAGE.pack(_MAGIC, _VERSION, max(0, nbytes), max(0, nblobs), scanned_at, boot)
+        os.pwrite(self._fd, record, 0)
+
+    def read(self) -> Counted:
+        with self._locked():
+            return self._load()[0]
+
+    def add(self, nbytes: int, nblobs: int) -> None:
+        """Add (or with negative numbers, subtract) unconditionally."""
+        with self._locked():
+            counted, boot = self._load()
+            self._save(counted.bytes + nbytes, counted.blobs + nblobs, counted.scanned_at, boot)
+
+    def publish(
+        self, nbytes: int, limit: int | None, link: Callable[[], bool]
+    ) -> tuple[bool, int] | None:
+        """If one more blob of ``nbytes`` stays within ``limit``: count it, then ``link()``
+        it into place, taking the count back if ``link`` returns False (it was there
+        already) or raises. Returns ``(added, total bytes now)``, or ``None`` when it does
+        not fit (nothing done).
+
+        The link happens under the counter's lock, so a rebase (which reads the counter
+        before its scan) sees each blob in its scan or in the counter's change, never in
+        neither; counting first means a crash can only leave the total too high."""
+        with self._locked():
+            counted, boot = self._load()
+            if limit is not None and counted.bytes + nbytes > limit:
+                return None
+            self._save(counted.bytes + nbytes, counted.blobs + 1, counted.scanned_at, boot)
+            added = False
+            try:
+                added = link()
+            finally:
+                if not added:
+                    self._save(counted.bytes, counted.blobs, counted.scanned_at, boot)
+            return added, counted.bytes + (nbytes if added else 0)
+
+    def rebase(self, nbytes: int, nblobs: int, since: Counted) -> Counted:
+        """Set the total from a scan started when the counter read ``since``; updates made
+        during the scan are kept (a fill the scan also saw is counted twice: too high,
+        which is the safe side, until the next rebase)."""
+        with self._locked():
+            now = self._load()[0]
+            delta_bytes, delta_blobs = now.bytes - since.bytes, now.blobs - since.blobs
+            self._save(nbytes + delta_bytes, nblobs + delta_blobs, time.time(), _boot_id())
+            return self._load()[0]
+
+
+# --- the directory -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvictResult:
+    """One eviction (or trim, or rescan): what the scan saw and what was removed."""
+
+    scanned_blobs: int
+    scanned_bytes: int
+    evicted_blobs: int
+    evicted_bytes: int
+    pinned_blobs: int
+    pinned_bytes: int
+    seconds: float
+
+    @property
+    def remaining_bytes(self) -> int:
+        return self.scanned_bytes - self.evicted_bytes
+
+    @property
+    def remaining_blobs(self) -> int:
+        return self.scanned_blobs - self.evicted_blobs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TmpLeftovers:
+    """Files in ``tmp/``: ``in_use`` are locked by a live writer."""
+
+    files: int
+    bytes: int
+    in_use: int
+
+
+class CacheDirectory:
+    """The shared parts of one cache directory, for daemons and tools alike.
+
+    ``create=True`` makes the layout (mode 0700); otherwise a directory without
+    ``blobs/`` is refused. ``limit`` is the quota in bytes resolved on the filesystem
+    holding the cache (``None``: unlimited). Raises ``CacheError``.
+    """
+
+    def __init__(
+        self, root: Path, config: CacheConfig = DEFAULT_CACHE_CONFIG, *, create: bool = True
+    ) -> None:
+        self.root = Path(root)
+        self.config = config
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.profiles = self.root / "profiles"
+        self._stats_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._evictor: threading.Thread | None = None
+        self._over_quota_logged = -OVER_QUOTA_LOG_INTERVAL
+        self.evictions = self.evicted_blobs = self.evicted_bytes = 0
+        with cache_errors(f"preparing {self.root}"):
+            if create:
+                self._prepare()
+            elif not self.blobs.is_dir():
+                raise CacheError(f"{self.root}: not an ocixfs cache (no blobs/ directory)")
+            self.limit = config.quota.limit(filesystem_size(self.root))
+            self.usage = SharedUsage(self.root / USAGE_FILE)
+
+    def _prepare(self) -> None:
+        for directory in (self.root, self.blobs, self.tmp):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for shard in range(256):
+            (self.blobs / f"{shard:02x}").mkdir(mode=0o700, exist_ok=True)
+        if self.root.stat().st_mode & 0o022:
+            log.warning("cache directory %s is writable by others: blobs there are trusted",
+                        self.root)
+
+    def close(self) -> None:
+        """Stop a background eviction (it resumes at the next trigger) and close."""
+        self._stop.set()
+        self.settle()
+        self.usage.close()
+
+    def settle(self) -> None:
+        """Wait until a background eviction started by this process has finished."""
+        with self._stats_lock:
+            evictor = self._evictor
+        if evictor is not None:
+            evictor.join()
+
+    @property
+    def high_water(self) -> int | None:
+        """Past this many bytes a background eviction starts (``None``: unlimited)."""
+        if self.limit is None:
+            return None
+        return int(self.limit * (1 + self.config.low_water) / 2)
+
+    # --- locking ---
+
+    @contextlib.contextmanager
+    def exclusive(self, wait: float) -> Iterator[bool]:
+        """Hold ``evict.lock`` (waiting at most ``wait`` seconds); yields whether it is held."""
+        with cache_errors("locking the cache for eviction"):
+            fd = os.open(self.root / EVICT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        locked = False
+                        break
+                    time.sleep(_LOCK_POLL)
+            yield locked
+        finally:
+            os.close(fd)
+
+    # --- fills ---
+
+    def publish(self, size: int, link: Callable[[], bool]) -> bool:
+        """Publish a verified blob of ``size`` bytes with ``link()`` (False: it was there
+        already) and count it, making room first when it would pass the quota (see the
+        module doc). Raises ``CacheFullError`` only for a blob larger than the whole quota
+        (a full disk shows up while writing, not here); ``link``'s errors propagate."""
+        limit = self.limit
+        added = self._publish(size, limit, link)
+        if added is not None:
+            return added
+        assert limit is not None
+        if size > limit:
+            raise CacheFullError(
+                f"a blob of {format_size(size)} is larger than the cache quota "
+                f"({format_size(limit)}); raise --cache-max-size"
+            )
+        deadline = time.monotonic() + self.config.evict_wait
+        while True:
+            with self.exclusive(0.0) as locked:
+                if locked:  # nobody is evicting: make just enough room, right now
+                    with cache_errors("evicting"):
+                        result = self._evict_locked(limit - size)
+                    added = self._publish(size, limit, link, trigger=False)
+                    if added is None:
+                        self._note_over_quota(f"{format_size(result.pinned_bytes)} are pinned")
+                        added = self._publish(size, None, link, trigger=False)
+            if locked:
+                assert added is not None
+                self._start_background_eviction()
+                return added
+            added = self._publish(size, limit, link)  # another evictor may have made room
+            if added is not None:
+                return added
+            if time.monotonic() >= deadline:
+                self._note_over_quota("another process is still evicting")
+                added = self._publish(size, None, link)
+                assert added is not None
+                return added
+            time.sleep(_LOCK_POLL)
+
+    def _publish(
+        self, size: int, limit: int | None, link: Callable[[], bool], *, trigger: bool = True
+    ) -> bool | None:
+        outcome = self.usage.publish(size, limit, link)
+        if outcome is None:
+            return None
+        added, total = outcome
+        high = self.high_water
+        if trigger and high is not None and total > high:
+            self._start_background_eviction()
+        return added
+
+    def _start_background_eviction(self) -> None:
+        with self._stats_lock:
+            if self._stop.is_set() or (self._evictor is not None and self._evictor.is_alive()):
+                return
+            self._evictor = threading.Thread(
+                target=self._evict_in_background, name="ocixfs-cache-evict", daemon=True
+            )
+            self._evictor.start()
+
+    def _evict_in_background(self) -> None:
+        """Runs in its own thread: evict down to ``low_water`` unless another process is
+        evicting already. Never raises."""
+        assert self.limit is not None
+        try:
+            with self.exclusive(0.0) as locked:
+                if locked:
+                    result = self._evict_locked(
+                        int(self.limit * self.config.low_water),
+                        stop=self._stop,
+                        spare_after=time.time() - BACKGROUND_SPARES,
+                    )
+                    log.info("cache %s: evicted %d blobs (%s) in %.2f s, %s left", self.root,
+                             result.evicted_blobs, format_size(result.evicted_bytes),
+                             result.seconds, format_size(result.remaining_bytes))
+        except _Stopped:
+            pass
+        except Exception as exc:  # the next trigger tries again
+            log.warning("cache %s: eviction failed: %s", self.root, exc)
+
+    def remove_blob(self, path: Path) -> bool:
+        """Unlink one blob now, pinned or not (damaged, or dropped by a reader); False if
+        it was not there. It is subtracted from the counter only when no eviction runs
+        (whose rebase might subtract it again): otherwise the total stays high, the safe
+        side, until the next rebase."""
+        with self.exclusive(0.0) as locked, cache_errors(f"removing {path}"):
+            try:
+                size = os.lstat(path).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            if locked:
+                self.usage.add(-size, -1)
+        return True
+
+    def _note_over_quota(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self._over_quota_logged >= OVER_QUOTA_LOG_INTERVAL:
+            self._over_quota_logged = now
+            log.warning("cache %s: over its quota of %s: %s", self.root,
+                        format_size(self.limit or 0), why)
+
+    # --- eviction ---
+
+    def _evict_locked(
+        self,
+        target: int | None,
+        *,
+        keep: Collection[str] = (),
+        dry_run: bool = False,
+        stop: threading.Event | None = None,
+        spare_after: float = math.inf,
+    ) -> EvictResult:
+        """Rebase the counter on a scan, then remove unpinned blobs, least recently used
+        first, until at most ``target`` bytes of the scanned ones remain (``None``: remove
+        nothing), sparing names in ``keep`` and blobs used after ``spare_after`` (epoch
+        seconds), and subtracting each from the counter as it goes (waiting fills see the
+        room at once). The caller holds ``evict.lock``."""
+        started = time.monotonic()
+        before = self.usage.read()
+        scan = scan_blobs(self.blobs, stop=stop)
+        if not dry_run:
+            self.usage.rebase(scan.bytes, len(scan.blobs), since=before)
+        total = scan.bytes
+        goal = total if target is None else target
+        evicted_blobs = evicted_bytes = pinned_blobs = pinned_bytes = 0
+        candidates = sorted(scan.blobs, key=attrgetter("used")) if total > goal else []
+        for blob in candidates:
+            if total <= goal or (stop is not None and stop.is_set()):
+                break
+            if blob.used > spare_after:
+                break  # sorted: all the rest are as recent
+            if blob.name in keep:
+                continue
+            try:
+                freed = _remove_unpinned(blob.path, remove=not dry_run)
+            except FileNotFoundError:
+                continue  # removed by someone else, who subtracted it
+            if freed is None:
+                pinned_blobs += 1
+                pinned_bytes += blob.size
+                continue
+            if not dry_run:
+                self.usage.add(-freed, -1)
+            total -= blob.size
+            evicted_blobs += 1
+            evicted_bytes += blob.size
+        if not dry_run:
+            with self._stats_lock:
+                self.evictions += target is not None
+                self.evicted_blobs += evicted_blobs
+                self.evicted_bytes += evicted_bytes
+        result = EvictResult(
+            scanned_blobs=len(scan.blobs),
+            scanned_bytes=scan.bytes,
+            evicted_blobs=evicted_blobs,
+            evicted_bytes=evicted_bytes,
+            pinned_blobs=pinned_blobs,
+            pinned_bytes=pinned_bytes,
+            seconds=time.monotonic() - started,
+        )
+        if evicted_blobs and not dry_run:
+            log.debug("cache %s: evicted %d blobs (%s) in %.2f s, %s left", self.root,
+                     evicted_blobs, format_size(evicted_bytes), result.seconds,
+                     format_size(result.remaining_bytes))
+        return result
+
+    def trim(
+        self, target: int, *, keep: Collection[str] = (), dry_run: bool = False,
+        wait: float = 30.0,
+    ) -> EvictResult:
+        """Evict down to ``target`` bytes (least recently used first, sparing pinned blobs
+        and names in ``keep``). Raises ``CacheError`` if another process holds the lock."""
+        with self.exclusive(wait) as locked:
+            if not locked:
+                raise CacheError(f"cache {self.root}: another process is evicting; try again")
+            with cache_errors("trimming"):
+                return self._evict_locked(target, keep=keep, dry_run=dry_run)
+
+    def needs_rescan(self) -> bool:
+        """Whether the counter should be checked against a scan (see the module doc)."""
+        with cache_errors("reading the usage counter"):
+            counted = self.usage.read()
+        return not counted.trusted or time.time() - counted.scanned_at > (
+            self.config.rescan_interval
+        )
+
+    def rescan(self, *, wait: float = 0.0, stop: threading.Event | None = None) -> Counted | None:
+        """Rebase the counter on a scan; ``None`` if another process holds the lock (it
+        rebases anyway) or ``stop`` was set."""
+        with self.exclusive(wait) as locked:
+            if not locked:
+                return None
+            try:
+                with cache_errors("rescanning"):
+                    self._evict_locked(None, stop=stop)
+                    return self.usage.read()
+            except _Stopped:
+                return None
+
+    def statistics(self) -> tuple[int, int, int]:
+        """``(evictions, evicted blobs, evicted bytes)`` done by this process."""
+        with self._stats_lock:
+            return self.evictions, self.evicted_blobs, self.evicted_bytes
+
+    # --- leftovers ---
+
+    def remove_stale_tmp(self) -> int:
+        """Remove leftovers of fills that died; returns how many were removed.
+
+        A file is left alone while any process holds its ``flock`` (its writer is alive
+        and filling). An unlocked file is removed once it is older than ``stale_tmp_age``
+        or the pid in its name is gone; the age rule protects a writer in the instant
+        between creating its file and locking it.
+        """
+        removed = 0
+        now = time.time()
+        try:
+            entries = _entries(self.tmp)
+        except OSError as exc:
+            raise CacheError(f"cache: listing {self.tmp}: {exc.strerror}") from exc
+        for entry in entries:
+            try:
+                removed += self._remove_if_stale(entry.path, entry.name, now)
+            except OSError as exc:
+                log.debug("cache: leaving %s: %s", entry.path, exc)
+        if removed:
+            log.info("cache: removed %d unfinished fill(s) from %s", removed, self.tmp)
+        return removed
+
+    def _remove_if_stale(self, path: str, name: str, now: float) -> bool:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            young = now - os.fstat(fd).st_mtime < self.config.stale_tmp_age
+            if young and _writer_alive(name):
+                return False
+            os.unlink(path)
+            return True
+        finally:
+            os.close(fd)
+
+    def tmp_leftovers(self) -> TmpLeftovers:
+        files = total = in_use = 0
+        for entry in _entries(self.tmp):
+            with contextlib.suppress(OSError):
+                total += entry.stat(follow_symlinks=False).st_size
+                files += 1
+                in_use += _locked_by_someone(entry.path)
+        return TmpLeftovers(files=files, bytes=total, in_use=in_use)
+
+
+def _locked_by_someone(path: str) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the pid in a temp name (``<hex>.<pid>.<random>``) is running. Unknown
+    names count as alive, so only the age rule can remove them."""
+    parts = name.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# --- the integrity check -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckReport:
+    """``check`` results: blobs hashed, bad ones (wrong content, or unreadable), strays
+    (files that are not blobs), how many of those were removed, and stale fills removed."""
+
+    blobs: int
+    bytes: int
+    bad: tuple[str, ...]
+    strays: tuple[str, ...]
+    removed: int
+    tmp_removed: int
+    seconds: float
+
+
+def _verify(blob: BlobFile, progress: Callable[[int], None] | None) -> bool:
+    """Whether the file still holds the content its name promises (gone counts as good)."""
+    try:
+        fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_ino != blob.ino:
+            return True  # replaced since the scan: a fresh, verified fill
+        hasher = blake3.blake3()
+        while data := os.read(fd, _HASH_READ):
+            hasher.update(data)
+            if progress is not None:
+                progress(len(data))
+        return bool(hasher.digest() == bytes.fromhex(blob.name))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def check(
+    directory: CacheDirectory,
+    *,
+    threads: int = 4,
+    progress: Callable[[int], None] | None = None,
+    remove: bool = True,
+) -> CheckReport:
+    """Re-hash every blob (``threads`` at a time; ``progress(n)`` is called from those
+    threads with bytes hashed) and, if ``remove``, delete bad blobs and strays (even
+    pinned ones: a daemon holding one keeps its descriptor), clean stale fills, and rebase
+    the usage counter. Raises ``CacheError``."""
+    started = time.monotonic()
+    with cache_errors("scanning"):
+        scan = scan_blobs(directory.blobs)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ocixfs-fsck") as pool:
+        verdicts = list(pool.map(lambda blob: _verify(blob, progress), scan.blobs))
+    bad = [blob for blob, good in zip(scan.blobs, verdicts, strict=True) if not good]
+    removed = tmp_removed = 0
+    if remove:
+        with directory.exclusive(wait=60.0) as locked:
+            if not locked:
+                raise CacheError(f"cache {directory.root}: another process is evicting")
+            with cache_errors("removing bad blobs"):
+                removed = _remove_bad(directory, bad) + _remove_strays(scan.strays)
+                directory._evict_locked(None)  # rebase the counter
+        tmp_removed = directory.remove_stale_tmp()
+    return CheckReport(
+        blobs=len(scan.blobs),
+        bytes=scan.bytes,
+        bad=tuple(blob.name for blob in bad),
+        strays=tuple(scan.strays),
+        removed=removed,
+        tmp_removed=tmp_removed,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _remove_bad(directory: CacheDirectory, bad: list[BlobFile]) -> int:
+    removed = 0
+    for blob in bad:
+        try:
+            if os.lstat(blob.path).st_ino != blob.ino:
+                continue  # replaced by a new fill since it was hashed
+            os.unlink(blob.path)
+        except FileNotFoundError:
+            continue
+        log.warning("cache: removed damaged blob %s", blob.name)
+        directory.usage.add(-blob.size, -1)
+        removed += 1
+    return removed
+
+
+def _remove_strays(strays: list[str]) -> int:
+    removed = 0
+    for path in strays:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
+        log.warning("cache: removed stray %s", path)
+        removed += 1
+    return removed

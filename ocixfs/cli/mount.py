@@ -1,0 +1,271 @@
+"""``ocixfs mount``: validate an image and serve it at a mountpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ocixfs.config import CacheQuota, FetchConfig
+    from ocixfs.image.loading import LoadedImage
+    from ocixfs.image.tree import Tree
+    from ocixfs.mount.daemon import MountConfig
+    from ocixfs.mount.profile import Profile
+
+NAME = "mount"
+HELP = "mount an image read-only, fetching file contents lazily"
+DESCRIPTION = """\
+Mount IMAGE (a local .ocix file or an http(s) URL) read-only at MOUNTPOINT.
+
+The manifest is downloaded (if a URL), pinned (--digest) and validated before anything is
+mounted. File contents are fetched from the blob store(s) only when first read, verified
+against their BLAKE3 hash and kept in the local cache, which every mount on the host shares.
+
+Without --foreground the command returns once the mount serves requests (exit 0) or has
+failed (exit 1 with the reason), leaving a daemon in the background. With --foreground it
+stays attached and tells systemd (NOTIFY_SOCKET) when it is ready. SIGTERM or SIGINT, or
+'ocixfs umount MOUNTPOINT', unmount cleanly.
+
+examples:
+  ocixfs mount debian.ocix /mnt/root --store https://blobs.example.org/store/
+  ocixfs mount https://example.org/images/app.ocix /mnt/app \\
+      --digest b3:3f1c… --store https://cdn-a/store/ --store https://cdn-b/store/
+"""
+
+FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
+              "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
+              "nofail", "_netdev", "user", "nouser", "users", "defaults"}
+KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
+VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
+                 "store_auth", "ca_file", "timeout", "cache_max_size"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="manifest file or http(s) URL")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory")
+    parser.add_argument("--store", action="append", default=[], metavar="URL",
+                        help="blob store (http(s)://, file://, or a directory); repeat for "
+                        "mirrors, tried in order (default: the manifest's directory)")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="local cache shared by all mounts (default /var/cache/ocixfs as "
+                        "root, else $XDG_CACHE_HOME/ocixfs)")
+    parser.add_argument("--cache-max-size", metavar="SIZE",
+                        help="quota of the cache: 10G, 500M, 20%% (of its filesystem) or "
+                        "unlimited; least recently used blobs are evicted beyond it (default "
+                        "10%% of the filesystem, at most 20G; also -o cache_max_size=SIZE)")
+    parser.add_argument("--digest", metavar="b3:HEX", help="refuse a manifest with another hash")
+    parser.add_argument("--deadline", type=float, default=30.0, metavar="SECONDS",
+                        help="a read that cannot be served within this time fails with EIO "
+                        "(default 30)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="per attempt: how long connecting, or a stalled transfer, may take "
+                        "before the next mirror is tried (default 5 to connect, 10 to read)")
+    parser.add_argument("--store-auth", metavar="FILE",
+                        help="credentials for the stores (and an http(s) IMAGE), one per line: "
+                        "'URL bearer TOKEN' or 'URL basic USER:PASSWORD', sent only to URLs "
+                        "under URL; netrc ($NETRC or ~/.netrc) is used too")
+    parser.add_argument("--ca-file", metavar="FILE",
+                        help="PEM CA certificates to trust in addition to the system's")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground (for systemd Type=notify)")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="comma-separated mount options: suid, dev (opt in), allow_other, "
+                        "store=URL, cache=DIR, digest=b3:HEX, deadline=SECONDS, log=FILE, "
+                        "timeout=SECONDS, store_auth=FILE, ca_file=FILE")
+    parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
+                        help="what to fetch before it is read: 'auto' plays the profile beside "
+                        "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
+                        "that, then fetches the rest of the image; FILE plays that profile")
+    parser.add_argument("--prefetch-concurrency", type=int, default=16, metavar="N",
+                        help="blobs fetched at once in the background (default 16)")
+    parser.add_argument("--record-profile", type=Path, metavar="FILE",
+                        help="write the access profile of this mount to FILE at unmount")
+    parser.add_argument("--log-file", type=Path, metavar="FILE",
+                        help="where the background daemon logs (default: the runtime dir)")
+    parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+
+
+def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]]:
+    """Split ``-o`` strings into flags and ``key=value`` pairs; ``x-*`` options are ignored."""
+    from ocixfs.errors import UsageError
+
+    flags: set[str] = set()
+    values: dict[str, list[str]] = {}
+    for group in text:
+        for option in filter(None, group.split(",")):
+            key, sep, value = option.partition("=")
+            if key.startswith(("x-", "comment")):
+                continue
+            if sep and key in VALUE_OPTIONS:
+                values.setdefault(key, []).append(value)
+            elif not sep and key in FUSE_FLAGS:
+                flags.add(key)
+            else:
+                raise UsageError(f"unknown mount option {option!r}")
+    if "rw" in flags:
+        raise UsageError("ocixfs mounts are read-only; option 'rw' is not supported")
+    return flags, values
+
+
+def run(args: argparse.Namespace) -> int:
+    from ocixfs.mount.daemon import run_background, run_foreground
+
+    flags, values = parse_mount_options(args.options)
+    fetch = _fetch_config(args, values)
+    _check_fetch_files(fetch)
+    config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
+    prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
+    image, tree, profile = _load(args.image, _last(values, "digest", args.digest), fetch,
+                                 prefetch, config.cache_dir)
+    config = replace(config, profile=profile, fill_rest=prefetch == "all")
+    if args.foreground:
+        return run_foreground(config, tree, image.digest)
+    return run_background(config, tree, image.digest)
+
+
+def _last(values: dict[str, list[str]], name: str, given: str | None) -> str | None:
+    """A command-line value, else the last ``-o name=value``, else None."""
+    return given if given is not None else (values[name][-1] if name in values else None)
+
+
+def _mount_config(
+    args: argparse.Namespace, flags: set[str], values: dict[str, list[str]], fetch: FetchConfig
+) -> MountConfig:
+    """The daemon's settings from the options (the profile comes later, with the image);
+    a mistake is a ``UsageError`` before anything is downloaded."""
+    from ocixfs.config import default_cache_dir
+    from ocixfs.errors import UsageError
+    from ocixfs.image.loading import default_store_for, is_url
+    from ocixfs.mount.daemon import MountConfig, check_mountpoint
+    from ocixfs.store.spec import normalize_store
+
+    stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
+    if not stores:
+        default = default_store_for(args.image)
+        if default is None:
+            raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
+        stores = [default]
+    cache_values = values.get("cache", []) + values.get("cache_dir", [])
+    cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
+    deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
+    if deadline <= 0:
+        raise UsageError("--deadline must be positive")
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    check_mountpoint(mountpoint)
+    log = _last(values, "log", None)
+    log_file = args.log_file or (Path(log) if log is not None else None)
+    if log_file is None and not args.foreground:
+        log_file = _default_log_file(mountpoint)
+    return MountConfig(
+        image=args.image if is_url(args.image) else os.path.abspath(args.image),
+        mountpoint=mountpoint,
+        stores=tuple(stores),
+        cache_dir=Path(os.path.abspath(cache_dir)),  # the daemon runs in /
+        cache_quota=_cache_quota(args, values),
+        read_deadline=deadline,
+        kernel_flags=frozenset(flags & KERNEL_FLAGS),
+        suid="suid" in flags,
+        dev="dev" in flags,
+        allow_other=os.geteuid() == 0 or "allow_other" in flags,
+        fsname=_fsname(args.image),
+        log_file=log_file,
+        debug_fuse=args.debug_fuse,
+        record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
+        prefetch_concurrency=args.prefetch_concurrency,
+        fetch=fetch,
+    )
+
+
+def _load(
+    source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path
+) -> tuple[LoadedImage, Tree, Profile | None]:
+    """The image, its inode tree and the profile to play. Start-up time is the user's wait:
+    the manifest (and a profile beside it) download and decode in worker threads while
+    this thread imports what the daemon will need."""
+    from ocixfs.mount.profile import locate_profile, profile_beside
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool:
+        loading = pool.submit(_load_tree, source, digest, fetch)
+        beside = (pool.submit(profile_beside, source, fetch)
+                  if prefetch in ("auto", "all") else None)
+        _import_daemon_modules()
+        image, tree = loading.result()
+        profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
+                                 beside=beside.result if beside is not None else None)
+    return image, tree, profile
+
+
+def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[LoadedImage, Tree]:
+    from ocixfs.image.loading import load_image
+    from ocixfs.image.tree import Tree
+
+    image = load_image(source, expected_digest=digest, http=fetch)
+    return image, Tree.from_manifest(image.manifest)
+
+
+def _import_daemon_modules() -> None:
+    """Import what the daemon serves with, now, while the manifest downloads: the modules
+    come from disk (cold after boot) and would otherwise be read after the fork."""
+    import ocixfs.fetch.reader  # noqa: F401
+    import ocixfs.mount.fs  # noqa: F401
+    import ocixfs.mount.session  # noqa: F401
+
+
+def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> FetchConfig:
+    """Network settings from the options (``_check_fetch_files`` reads the files they name)."""
+    from ocixfs.config import FetchConfig
+    from ocixfs.errors import UsageError
+
+    fetch = FetchConfig(
+        ca_file=_last(values, "ca_file", args.ca_file),
+        auth_file=_last(values, "store_auth", args.store_auth),
+    )
+    timeout = _last(values, "timeout", None if args.timeout is None else str(args.timeout))
+    if timeout is not None:
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            raise UsageError(f"--timeout {timeout}: not a number") from None
+        if not seconds > 0:
+            raise UsageError("--timeout must be positive")
+        fetch = replace(fetch, connect_timeout=seconds, read_timeout=seconds)
+    return fetch
+
+
+def _check_fetch_files(fetch: FetchConfig) -> None:
+    """Read the CA and credentials files now, so a mistake in one is reported before
+    anything is mounted."""
+    from ocixfs.store.http import load_credentials, ssl_context
+
+    if fetch.ca_file is not None:
+        ssl_context(fetch.ca_file)
+    load_credentials(fetch.auth_file)
+
+
+def _cache_quota(args: argparse.Namespace, values: dict[str, list[str]]) -> CacheQuota:
+    from ocixfs.cache.directory import parse_quota
+    from ocixfs.config import CacheQuota
+
+    spec = args.cache_max_size or (values["cache_max_size"][-1] if "cache_max_size" in values
+                                   else None)
+    return CacheQuota() if spec is None else parse_quota(spec)
+
+
+def _default_log_file(mountpoint: Path) -> Path:
+    from ocixfs.mount.control import mount_id, runtime_dir
+
+    runtime_dir().mkdir(mode=0o755, parents=True, exist_ok=True)
+    return runtime_dir() / f"{mount_id(mountpoint)}.log"
+
+
+def _fsname(image: str) -> str:
+    """The mount source shown by mount(8) and df: the image name (never credentials from
+    its URL), made option-safe."""
+    from ocixfs.store.http import redact
+
+    name = redact(image).rstrip("/").rsplit("/", 1)[-1] or "ocixfs"
+    return "".join(c if c.isalnum() or c in "._-:+@" else "_" for c in name)[:200]

@@ -1,0 +1,88 @@
+"""``ocixfs profile``: save, show and merge access profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ocixfs.mount.profile import Profile
+
+NAME = "profile"
+HELP = "save, show or merge access profiles (what a start-up reads, in order)"
+DESCRIPTION = """\
+An access profile lists the files a workload opened, in first-access order. A mount that
+has one fetches those files, many at a time, as soon as it is up (see 'ocixfs mount
+--prefetch'). Profiles name paths, not hashes: one recorded on version N of an image
+serves version N+1 too.
+
+  ocixfs profile save MOUNTPOINT FILE     what the running mount has seen so far
+  ocixfs profile show FILE [--json]       list a profile
+  ocixfs profile merge OUT IN [IN ...]    combine runs (e.g. from many hosts), keeping
+                                          each path's earliest access
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    save = sub.add_parser("save", help="write the running mount's profile to FILE")
+    save.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    save.add_argument("output", type=Path, metavar="FILE")
+    show = sub.add_parser("show", help="list a profile")
+    show.add_argument("profile", type=Path, metavar="FILE")
+    show.add_argument("--json", action="store_true", help="print one JSON document")
+    merge = sub.add_parser("merge", help="combine profiles, keeping each path's earliest access")
+    merge.add_argument("output", type=Path, metavar="OUT")
+    merge.add_argument("inputs", type=Path, nargs="+", metavar="IN")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ocixfs.mount.profile import Profile, encode_profile, merge
+
+    if args.action == "save":
+        from ocixfs.mount.control import request
+
+        answer = request(Path(os.path.abspath(args.mountpoint)), "profile")
+        profile = Profile(tuple((str(p), int(ms)) for p, ms in answer["entries"]))
+        write_atomically(args.output, encode_profile(profile))
+        print(f"{args.output}: {len(profile.entries)} files")
+    elif args.action == "show":
+        profile = load_profile_file(args.profile)
+        if args.json:
+            print(json.dumps({"entries": [[p, ms] for p, ms in profile.entries]}, indent=1))
+        else:
+            for path, ms in profile.entries:
+                print(f"{ms:>8} ms  {path}")
+            print(f"{len(profile.entries)} files")
+    else:
+        merged = merge(load_profile_file(path) for path in args.inputs)
+        write_atomically(args.output, encode_profile(merged))
+        print(f"{args.output}: {len(merged.entries)} files from {len(args.inputs)} profiles")
+    return 0
+
+
+def load_profile_file(path: Path) -> Profile:
+    from ocixfs.errors import UsageError
+    from ocixfs.mount.profile import MAX_PROFILE_BYTES, decode_profile
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    return decode_profile(data, source=os.fspath(path))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    from ocixfs.errors import UsageError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"{path}: {exc.strerror}") from None

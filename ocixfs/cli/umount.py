@@ -1,0 +1,90 @@
+"""``ocixfs umount``: unmount and wait until the daemon has exited."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+NAME = "umount"
+HELP = "unmount an ocixfs mount and wait for its daemon to exit"
+DESCRIPTION = """\
+Unmount MOUNTPOINT and wait until the daemon that served it has exited, so that a
+following 'ocixfs mount' on the same directory, or a service restart, starts clean.
+
+A mount whose daemon has died ("Transport endpoint is not connected") is detached lazily:
+processes still holding files open on it get errors, new ones see the empty directory.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    parser.add_argument("-l", "--lazy", action="store_true",
+                        help="detach now even if files are in use (they keep working until closed)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the daemon to exit (default 30)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ocixfs.errors import OcixError, UsageError
+    from ocixfs.mount.control import request
+
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    try:
+        pid: int | None = int(request(mountpoint, "pid", timeout=5)["pid"])
+    except OcixError:
+        pid = None
+    if pid is None and not _is_fuse_mount(mountpoint):
+        raise UsageError(f"{mountpoint}: not an ocixfs mount")
+    _unmount(mountpoint, lazy=args.lazy or pid is None)
+    if pid is not None and not _wait_exit(pid, args.timeout):
+        raise OcixError(f"{mountpoint}: unmounted, but daemon {pid} has not exited")
+    return 0
+
+
+def _is_fuse_mount(mountpoint: Path) -> bool:
+    target = os.fsencode(mountpoint).replace(b" ", b"\\040")
+    with open("/proc/self/mounts", "rb") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == target and fields[2].startswith(b"fuse"):
+                return True
+    return False
+
+
+def _unmount(mountpoint: Path, *, lazy: bool) -> None:
+    from ocixfs.errors import OcixError
+
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is not None:
+        command = [tool, "-u", *(["-z"] if lazy else []), os.fspath(mountpoint)]
+    else:
+        command = ["umount", *(["-l"] if lazy else []), os.fspath(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise OcixError(f"{mountpoint}: cannot unmount: {reason}")
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if _is_zombie(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True

@@ -1,0 +1,105 @@
+"""Loading an image: manifest bytes from a local path or an http(s) URL, pinned by digest,
+decoded and validated before anything else happens.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
+from ocixfs.errors import FormatError, UsageError
+from ocixfs.image.format import DEFAULT_LIMITS, Limits, Manifest, decode, manifest_digest
+
+__all__ = [
+    "LoadedImage",
+    "default_store_for",
+    "is_url",
+    "load_image",
+    "read_limited",
+    "read_manifest_bytes",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedImage:
+    """A validated image: where it came from, its raw bytes' digest and the manifest."""
+
+    source: str
+    digest: str
+    manifest: Manifest
+
+
+def is_url(text: str) -> bool:
+    return urlsplit(text).scheme in ("http", "https")
+
+
+def read_manifest_bytes(
+    source: str, *, limits: Limits = DEFAULT_LIMITS, http: FetchConfig = DEFAULT_FETCH_CONFIG
+) -> bytes:
+    """The raw bytes of a manifest, refusing anything larger than ``limits.max_bytes``.
+    A URL is fetched with ``transport.download`` (system CAs, ``http.ca_file``,
+    credentials, bounded size and rate)."""
+    if is_url(source):
+        from ocixfs.store.http import download
+
+        return download(source, max_bytes=limits.max_bytes, config=http)
+    path = Path(source)
+    try:
+        with path.open("rb") as f:
+            data = read_limited(f, limits.max_bytes)
+    except OSError as exc:
+        raise UsageError(f"{source}: {exc.strerror or exc}") from None
+    if len(data) > limits.max_bytes:
+        raise FormatError(f"{source}: larger than the {limits.max_bytes}-byte manifest limit")
+    return data
+
+
+def read_limited(file: BinaryIO, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``file`` (one more than allowed tells the caller it
+    is too big), using memory for what the file holds, not for the limit: a plain
+    ``read(limit + 1)`` reserves the whole limit up front (1 GiB for a manifest), which
+    fails under an address-space limit even for a tiny file."""
+    if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        size = os.fstat(file.fileno()).st_size
+        return file.read(min(size, limit) + 1)
+    pieces = []
+    total = 0
+    while total <= limit:
+        piece = file.read(min(1 << 20, limit + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
+
+
+def load_image(
+    source: str, *, expected_digest: str | None = None, http: FetchConfig = DEFAULT_FETCH_CONFIG
+) -> LoadedImage:
+    """Read, pin and decode an image; every failure is a one-line ``OcixError`` (a URL's
+    credentials never appear in it)."""
+    from ocixfs.store.http import redact
+
+    data = read_manifest_bytes(source, http=http)
+    digest = manifest_digest(data)
+    shown = redact(source)
+    if expected_digest is not None and not hmac.compare_digest(digest, expected_digest.lower()):
+        raise FormatError(f"{shown}: digest is {digest}, expected {expected_digest}")
+    name = shown if is_url(source) else os.path.basename(source) or source
+    return LoadedImage(source=source, digest=digest, manifest=decode(data, source=name))
+
+
+def default_store_for(source: str) -> str | None:
+    """The store beside a manifest (``dir/`` of ``dir/image.ocix``) when it looks like one."""
+    if is_url(source):
+        return source.rsplit("/", 1)[0] + "/"
+    parent = Path(source).resolve().parent
+    if (parent / "blobs" / "blake3").is_dir():
+        return parent.as_uri()
+    return None

@@ -1,0 +1,147 @@
+"""The control channel between ``ocixfs`` commands and a running mount daemon.
+
+Each daemon listens on a Unix socket named after its mountpoint, in the runtime directory
+(``/run/ocixfs`` as root, else ``$XDG_RUNTIME_DIR/ocixfs`` or ``/tmp/ocixfs-<uid>``).
+A client connects, sends one JSON object terminated by a newline (``{"cmd": "stats"}``),
+and reads one JSON object terminated by a newline. Commands are registered by the daemon
+as plain callables returning JSON-serialisable dicts; a failing handler answers
+``{"error": "..."}``. The socket is the daemon's identity: ``ocixfs umount`` asks it for
+the pid so that it can wait until the daemon has really exited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ocixfs.errors import UsageError
+
+__all__ = [
+    "ControlServer",
+    "request",
+    "runtime_dir",
+    "socket_path",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 24
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def runtime_dir() -> Path:
+    """Where control sockets and daemon logs live for this user."""
+    if os.geteuid() == 0:
+        return Path("/run/ocixfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "ocixfs" if xdg else Path(f"/tmp/ocixfs-{os.geteuid()}")
+
+
+def mount_id(mountpoint: Path) -> str:
+    """A short stable name for a mountpoint (its absolute path, hashed)."""
+    absolute = os.path.abspath(mountpoint)
+    return hashlib.sha256(os.fsencode(absolute)).hexdigest()[:20]
+
+
+def socket_path(mountpoint: Path) -> Path:
+    return runtime_dir() / f"{mount_id(mountpoint)}.sock"
+
+
+def request(mountpoint: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Send ``cmd`` to the daemon serving ``mountpoint`` and return its answer.
+
+    Raises ``UsageError`` when no daemon answers (not an ocixfs mount, or daemon gone).
+    """
+    path = socket_path(mountpoint)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(os.fspath(path))
+            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            data = _read_line(sock)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UsageError(f"{mountpoint}: no ocixfs daemon serves this mountpoint") from None
+    except OSError as exc:
+        raise UsageError(f"{mountpoint}: cannot talk to the ocixfs daemon: {exc}") from None
+    answer: dict[str, Any] = json.loads(data)
+    if "error" in answer:
+        raise UsageError(f"{mountpoint}: {answer['error']}")
+    return answer
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        parts.append(data)
+        total += len(data)
+        if data.endswith(b"\n") or total > MAX_MESSAGE:
+            break
+    return b"".join(parts)
+
+
+class ControlServer:
+    """Serves control requests for one mount inside the daemon's trio run."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.path = socket_path(mountpoint)
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, cmd: str, handler: Handler) -> None:
+        self._handlers[cmd] = handler
+
+    def bind(self) -> trio.socket.SocketType:
+        """Create the listening socket (replacing a stale one) before the mount goes live."""
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.path.unlink(missing_ok=True)
+        sock.bind(os.fspath(self.path))
+        sock.listen(16)
+        return trio.socket.from_stdlib_socket(sock)
+
+    async def serve(self, sock: trio.socket.SocketType) -> None:
+        """Accept and answer requests until cancelled; remove the socket file at the end."""
+        listener = trio.SocketListener(sock)
+        try:
+            await trio.serve_listeners(self._handle, [listener])
+        finally:
+            with trio.CancelScope(shield=True):
+                self.path.unlink(missing_ok=True)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                with trio.fail_after(10):
+                    data = b""
+                    while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    answer = await self._dispatch(data)
+                    await stream.send_all(json.dumps(answer).encode() + b"\n")
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _dispatch(self, data: bytes) -> dict[str, Any]:
+        try:
+            message = json.loads(data)
+            handler = self._handlers[message["cmd"]]
+        except (ValueError, KeyError, TypeError):
+            return {"error": "unknown or malformed control request"}
+        try:
+            return await handler(message)
+        except Exception as exc:  # a control request must never take the daemon down
+            log.warning("control request %s failed: %s", message.get("cmd"), exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}

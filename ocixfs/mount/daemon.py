@@ -1,0 +1,226 @@
+"""The mount daemon: one trio run that owns the reader, the FUSE session, the control socket
+and signal handling, and a start-up protocol that reports readiness to whoever started it.
+
+Life of a mount::
+
+    ocixfs mount ──validate image, build tree──▶ fork ──child: setsid──▶ trio.run(serve)
+         ▲                                                  │ pyfuse3.init (mounts)
+         └──── "ok" / "error: …" over a pipe ◀── announce ──┤ pyfuse3.main serves
+                                                            │ SIGTERM/SIGINT/umount → close
+
+Readiness is only announced after a ``stat`` of the mountpoint, made from a worker thread,
+has been answered by this daemon: a command that returns 0 leaves a mount that serves.
+Nothing touches the mountpoint from the trio thread between ``pyfuse3.init`` and
+``pyfuse3.main`` (that deadlocks; see NOTES).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ocixfs.config import DEFAULT_FETCH_CONFIG, CacheQuota, FetchConfig
+from ocixfs.errors import OcixError, UsageError
+from ocixfs.mount.profile import Profile
+
+__all__ = ["MountConfig", "check_mountpoint", "mount_options", "run_background", "run_foreground"]
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountConfig:
+    """Everything the daemon needs, resolved from the command line. ``fetch`` holds the
+    network settings (timeouts, CA and credentials files); ``read_deadline`` overrides its
+    ``deadline``."""
+
+    image: str
+    mountpoint: Path
+    stores: tuple[str, ...]
+    cache_dir: Path
+    read_deadline: float = 30.0
+    suid: bool = False
+    dev: bool = False
+    allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
+    fsname: str = "ocixfs"
+    log_file: Path | None = None
+    debug_fuse: bool = False
+    kernel_flags: frozenset[str] = frozenset()
+    """Generic mount flags passed through to the kernel (``noexec``, ``noatime``, …)."""
+    profile: Profile | None = None
+    fill_rest: bool = False
+    record_profile: Path | None = None
+    prefetch_concurrency: int = 16
+    fetch: FetchConfig = DEFAULT_FETCH_CONFIG
+    cache_quota: CacheQuota = field(default_factory=CacheQuota)
+
+
+def mount_options(config: MountConfig) -> set[str]:
+    """The FUSE mount options: read-only, nodev/nosuid unless asked, permissions by the kernel."""
+    options = {"ro", "default_permissions", "subtype=ocixfs", f"fsname={config.fsname}"}
+    options.add("suid" if config.suid else "nosuid")
+    options.add("dev" if config.dev else "nodev")
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug_fuse:
+        options.add("debug")
+    return options | set(config.kernel_flags)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse a mountpoint that is missing, not a directory, or already mounted."""
+    try:
+        is_dir = mountpoint.is_dir()
+    except OSError as exc:
+        raise UsageError(
+            f"{mountpoint}: {exc.strerror}; a dead mount? run 'ocixfs umount {mountpoint}'"
+        ) from None
+    if not is_dir:
+        raise UsageError(f"{mountpoint}: not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint}: already a mountpoint{_mount_owner(mountpoint)}")
+
+
+def _mount_owner(mountpoint: Path) -> str:
+    """Who holds a mountpoint, for the refusal message. After a daemon died, the kernel's
+    caches still answer ``stat`` on the root, so only the silent control socket tells."""
+    from ocixfs.mount.control import request, socket_path
+
+    if not socket_path(mountpoint).exists():
+        if _mount_type(mountpoint) == "fuse.ocixfs":
+            return f" (a stale ocixfs mount; run 'ocixfs umount {mountpoint}' first)"
+        return ""
+    try:
+        pid = request(mountpoint, "pid", timeout=2)["pid"]
+    except OcixError:
+        return f" whose ocixfs daemon is gone; run 'ocixfs umount {mountpoint}' first"
+    return f" (served by ocixfs daemon {pid})"
+
+
+def _mount_type(mountpoint: Path) -> str:
+    """The file system type of the topmost mount at ``mountpoint`` ("" if none)."""
+    target = os.fsencode(mountpoint).replace(b" ", b"\\040")
+    found = b""
+    try:
+        with open("/proc/self/mounts", "rb") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == target:
+                    found = fields[2]
+    except OSError:
+        return ""
+    return found.decode(errors="replace")
+
+
+# ----------------------------------------------------------------------------------------
+# Starting
+
+
+def run_foreground(config: MountConfig, tree: Any, image_digest: str) -> int:
+    """Serve in this process until unmounted; notify systemd when ready."""
+
+    def ready() -> None:
+        _sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(config.mountpoint))
+
+    return _serve_and_close(config, tree, image_digest, ready)
+
+
+def run_background(config: MountConfig, tree: Any, image_digest: str) -> int:
+    """Fork a daemon and return once it serves (0) or has failed (1, reason printed)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        os.chdir("/")
+        status = _daemon_child(config, tree, image_digest, write_fd)
+        os._exit(status)
+    os.close(write_fd)
+    return _wait_for_child(pid, read_fd, config.mountpoint)
+
+
+def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: int) -> int:
+    def ready() -> None:
+        os.write(pipe_fd, b"ok\n")
+        os.close(pipe_fd)
+        _detach_stdio(config.log_file)
+
+    try:
+        return _serve_and_close(config, tree, image_digest, ready)
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, OcixError) else f"{type(exc).__name__}: {exc}"
+        try:
+            os.write(pipe_fd, f"error: {message}\n".encode())
+        except OSError:
+            log.error("daemon failed: %s", message)
+        return 1
+
+
+def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
+    with os.fdopen(read_fd, "rb") as pipe:
+        import select
+
+        ready, _, _ = select.select([pipe], [], [], READY_TIMEOUT)
+        line = pipe.readline().decode(errors="replace").strip() if ready else ""
+    if line == "ok":
+        return 0
+    if line.startswith("error: "):
+        print(f"ocixfs: {line[7:]}", file=sys.stderr)
+    elif not ready:
+        print(f"ocixfs: {mountpoint}: daemon did not become ready in time", file=sys.stderr)
+        os.kill(pid, signal.SIGTERM)
+    else:
+        print(f"ocixfs: {mountpoint}: daemon exited during start-up", file=sys.stderr)
+    os.waitpid(pid, 0)
+    return 1
+
+
+def _detach_stdio(log_file: Path | None) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    if log_file is not None:
+        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    else:
+        os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _sd_notify(message: bytes) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, address)
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+
+
+# ----------------------------------------------------------------------------------------
+# Serving
+
+
+def _serve_and_close(
+    config: MountConfig, tree: Any, image_digest: str, ready: Callable[[], None]
+) -> int:
+    import trio
+
+    from ocixfs.mount.session import MountSession
+
+    session = MountSession(config, tree, image_digest)
+    trio.run(session.serve, ready)
+    return 0

@@ -1,0 +1,231 @@
+"""Access profiles: which files a start-up touched, in order, so the next mount can fetch
+them before they are asked for.
+
+A profile names paths, not hashes, so one recorded on version N of an image serves
+version N+1 too. On the wire it is canonical CBOR::
+
+    {"version": 1, "entries": [[path, ms], ...]}      ; ms = first access, ms after mount
+
+sorted by ``ms`` then path. ``merge`` combines runs (e.g. from many hosts) keeping each
+path's earliest time. Decoding is bounded like manifests are: a profile may come from the
+network (``IMAGE.ocix.profile`` beside a remote manifest).
+
+Where profiles live: ``locate_profile`` picks the one a mount plays (``--prefetch``), from
+a named file, ``IMAGE.profile`` beside the manifest (``profile_beside``; a URL too), or the
+host's own recording, ``cached_profile_path`` in the cache directory, which the daemon
+writes with ``save_profile`` at unmount. This module imports nothing heavy: ``ocixfs
+mount`` uses it before the daemon's modules are loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+
+from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
+from ocixfs.errors import FormatError, OcixError
+
+__all__ = [
+    "PROFILE_VERSION",
+    "AccessRecorder",
+    "Profile",
+    "cached_profile_path",
+    "decode_profile",
+    "encode_profile",
+    "locate_profile",
+    "merge",
+    "profile_beside",
+    "save_profile",
+]
+
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+MAX_PROFILE_BYTES = 64 << 20
+MAX_PROFILE_ENTRIES = 2_000_000
+MAX_PATH_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Paths in first-access order, with the milliseconds after mount of each access."""
+
+    entries: tuple[tuple[str, int], ...]
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.entries]
+
+
+def encode_profile(profile: Profile) -> bytes:
+    ordered = sorted(profile.entries, key=lambda e: (e[1], e[0]))
+    body = {"version": PROFILE_VERSION, "entries": [[p, ms] for p, ms in ordered]}
+    return bytes(cbor2.dumps(body, canonical=True))
+
+
+def decode_profile(data: bytes, *, source: str = "profile") -> Profile:
+    """Decode and validate; any problem is a one-line ``FormatError``."""
+    if len(data) > MAX_PROFILE_BYTES:
+        raise FormatError(f"{source}: larger than {MAX_PROFILE_BYTES} bytes")
+    try:
+        body = cbor2.loads(data, max_depth=4, allow_indefinite=False, allow_duplicate_keys=False)
+    except Exception as exc:  # cbor2 raises many types on hostile bytes; one boundary here
+        raise FormatError(f"{source}: not a profile: {exc}") from None
+    if not isinstance(body, Mapping) or body.get("version") != PROFILE_VERSION:
+        raise FormatError(f"{source}: not an ocixfs profile (version {PROFILE_VERSION})")
+    raw = body.get("entries")
+    if not isinstance(raw, Sequence) or len(raw) > MAX_PROFILE_ENTRIES:
+        raise FormatError(f"{source}: entries must be a list of at most {MAX_PROFILE_ENTRIES}")
+    return Profile(tuple(_entry(item, source) for item in raw))
+
+
+def _entry(item: object, source: str) -> tuple[str, int]:
+    if (
+        isinstance(item, Sequence)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and item[0].startswith("/")
+        and len(item[0].encode("utf-8", "surrogateescape")) <= MAX_PATH_BYTES
+        and isinstance(item[1], int)
+        and not isinstance(item[1], bool)
+        and 0 <= item[1] < 1 << 48
+    ):
+        return item[0], item[1]
+    raise FormatError(f"{source}: bad entry {item!r:.80}")
+
+
+def merge(profiles: Iterable[Profile]) -> Profile:
+    """One profile from several runs: every path once, at its earliest access time."""
+    earliest: dict[str, int] = {}
+    for profile in profiles:
+        for path, ms in profile.entries:
+            if ms < earliest.get(path, ms + 1):
+                earliest[path] = ms
+    return Profile(tuple(sorted(earliest.items(), key=lambda e: (e[1], e[0]))))
+
+
+class AccessRecorder:
+    """Notes the first access of each inode since mount; cheap enough for every open.
+
+    Runs on the trio thread only (no locking): code between two awaits is atomic.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._seen: set[int] = set()
+        self._entries: list[tuple[str, int]] = []
+
+    def note_access(self, node_path: str, ino: int) -> None:
+        if ino in self._seen:
+            return
+        self._seen.add(ino)
+        self._entries.append((node_path, int((time.monotonic() - self._start) * 1000)))
+
+    def profile(self) -> Profile:
+        return Profile(tuple(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ----------------------------------------------------------------------------------------
+# Finding the profile for a mount
+
+
+def cached_profile_path(cache_dir: Path, image_digest: str) -> Path:
+    """Where a host keeps the profile it recorded for an image (keyed by manifest hash)."""
+    return cache_dir / "profiles" / f"{image_digest.removeprefix('b3:')}.profile"
+
+
+def locate_profile(
+    mode: str,
+    image: str,
+    cache_dir: Path,
+    image_digest: str,
+    http: FetchConfig | None = None,
+    *,
+    beside: Callable[[], Profile | None] | None = None,
+) -> Profile | None:
+    """The profile a mount plays back for ``--prefetch MODE``.
+
+    ``none``: no profile. A file name: that file (an unreadable or invalid one is an
+    error). ``auto``/``all``: ``IMAGE.profile`` beside the manifest (also for URLs), else
+    the one this host recorded for the image, else none; a broken one is logged and ignored.
+    ``beside``, when given, returns the result of ``profile_beside`` (looked up earlier,
+    e.g. while the manifest downloaded) instead of looking again.
+    """
+    if mode == "none":
+        return None
+    if mode not in ("auto", "all"):
+        return _read_profile(Path(mode), strict=True)
+    found = beside() if beside is not None else profile_beside(image, http)
+    return found or _read_profile(cached_profile_path(cache_dir, image_digest), strict=False)
+
+
+def profile_beside(image: str, http: FetchConfig | None = None) -> Profile | None:
+    """``IMAGE.profile`` next to the manifest (a file, or a URL fetched with ``http``), or
+    None when there is none or it is unusable (logged)."""
+    from ocixfs.image.loading import is_url
+
+    if is_url(image):
+        return _fetch_profile_url(image + ".profile", http or DEFAULT_FETCH_CONFIG)
+    return _read_profile(Path(image + ".profile"), strict=False)
+
+
+def _read_profile(path: Path, *, strict: bool) -> Profile | None:
+    from ocixfs.errors import UsageError
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+    except FileNotFoundError:
+        if strict:
+            raise UsageError(f"{path}: no such profile") from None
+        return None
+    except OSError as exc:
+        if strict:
+            raise UsageError(f"{path}: {exc.strerror}") from None
+        return None
+    return _decode_or_warn(data, os.fspath(path), strict=strict)
+
+
+def _fetch_profile_url(url: str, http: FetchConfig) -> Profile | None:
+    from ocixfs.errors import BlobNotFound
+    from ocixfs.store.http import download, redact
+
+    try:
+        data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http)
+    except BlobNotFound:
+        return None
+    except OcixError as exc:
+        log.warning("%s", exc)
+        return None
+    return _decode_or_warn(data, redact(url), strict=False)
+
+
+def _decode_or_warn(data: bytes, source: str, *, strict: bool) -> Profile | None:
+    try:
+        return decode_profile(data, source=source)
+    except FormatError as exc:
+        if strict:
+            raise
+        log.warning("ignoring %s", exc)
+        return None
+
+
+def save_profile(path: Path, profile: Profile) -> None:
+    """Write atomically (temp + rename); a failure is logged, never raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(encode_profile(profile))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot save profile %s: %s", path, exc.strerror)

@@ -1,0 +1,166 @@
+"""One mounted image inside the daemon's trio run: wires tree, reader, Operations and the
+control socket together, and guarantees the FUSE mount is gone when ``serve`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import pyfuse3
+import trio
+
+from ocixfs.mount.control import ControlServer
+from ocixfs.mount.prefetch import Prefetcher, plan
+from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
+from ocixfs.store.http import redact
+
+if TYPE_CHECKING:
+    from ocixfs.fetch.reader import Reader
+    from ocixfs.image.tree import Tree
+    from ocixfs.mount.daemon import MountConfig
+    from ocixfs.mount.fs import Operations
+
+__all__ = ["MountSession"]
+
+log = logging.getLogger(__name__)
+
+
+class MountSession:
+    """Serve one image at one mountpoint until unmounted or signalled."""
+
+    def __init__(self, config: MountConfig, tree: Tree, image_digest: str) -> None:
+        self.config = config
+        self.tree = tree
+        self.image_digest = image_digest
+        self.started = time.monotonic()
+        self._ops: Operations | None = None
+        self._reader: Reader | None = None
+        self._recorder = AccessRecorder()
+        self._prefetcher: Prefetcher | None = None
+
+    async def serve(self, ready: Callable[[], None]) -> None:
+        from ocixfs.config import CacheConfig, ReaderConfig
+        from ocixfs.fetch.reader import open_reader
+        from ocixfs.mount.daemon import mount_options
+        from ocixfs.mount.fs import Operations
+
+        # Prefetch workers each need a background slot to keep that many fetches in flight;
+        # on-demand reads keep their own slots, so this never delays them.
+        fetch = dataclasses.replace(
+            self.config.fetch,
+            deadline=self.config.read_deadline,
+            background_slots=max(self.config.fetch.background_slots,
+                                 self.config.prefetch_concurrency),
+        )
+        cache = CacheConfig(quota=self.config.cache_quota)
+        reader_config = ReaderConfig(cache=cache, fetch=fetch)
+        async with AsyncExitStack() as stack:
+            reader = await stack.enter_async_context(
+                open_reader(self.config.stores, self.config.cache_dir, reader_config)
+            )
+            self._prefetcher = self._make_prefetcher(reader)
+            ops = Operations(self.tree, reader, access_log=self._recorder)
+            self._ops, self._reader = ops, reader
+            control = self._control_server()
+            listening = control.bind()
+            pyfuse3.init(ops, os.fspath(self.config.mountpoint), mount_options(self.config))
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(control.serve, listening)
+                    nursery.start_soon(self._stop_on_signals)
+                    nursery.start_soon(self._announce_when_serving, ready)
+                    if self._prefetcher is not None:
+                        nursery.start_soon(self._prefetcher.run)
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+            finally:
+                pyfuse3.close(unmount=True)
+                self._save_profiles()
+        log.info("%s: unmounted", self.config.mountpoint)
+
+    def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
+        """A prefetcher for the profile's plan, or None when there is nothing to prefetch."""
+        chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
+        if not chunks:
+            return None
+        return Prefetcher(reader, chunks, concurrency=self.config.prefetch_concurrency)
+
+    def _save_profiles(self) -> None:
+        """Keep what this mount saw: for the next mount on this host, and where asked."""
+        if not len(self._recorder):
+            return
+        recorded = self._recorder.profile()
+        cached = cached_profile_path(self.config.cache_dir, self.image_digest)
+        save_profile(cached, recorded)
+        if self.config.record_profile is not None:
+            save_profile(self.config.record_profile, recorded)
+
+    async def _announce_when_serving(self, ready: Callable[[], None]) -> None:
+        await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
+        ready()
+        log.info("%s: serving %s", self.config.mountpoint, redact(self.config.image))
+
+    async def _stop_on_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: %s, unmounting", self.config.mountpoint, signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    def _control_server(self) -> ControlServer:
+        control = ControlServer(self.config.mountpoint)
+        control.register("pid", self._pid)
+        control.register("stats", self._stats)
+        control.register("profile", self._profile)
+        control.register("prefetch", self._prefetch)
+        return control
+
+    async def _profile(self, _message: dict[str, Any]) -> dict[str, Any]:
+        return {"entries": [list(entry) for entry in self._recorder.profile().entries]}
+
+    async def _prefetch(self, _message: dict[str, Any]) -> dict[str, Any]:
+        """The prefetcher's counters alone (cheap enough to poll; ``stats`` scans the cache)."""
+        return {"prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None}
+
+    async def _pid(self, _message: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    async def _stats(self, _message: dict[str, Any]) -> dict[str, Any]:
+        assert self._ops is not None and self._reader is not None
+        present = await trio.to_thread.run_sync(self._local_presence)
+        return {
+            "mountpoint": os.fspath(self.config.mountpoint),
+            "image": redact(self.config.image),
+            "image_digest": self.image_digest,
+            "stores": [redact(store) for store in self.config.stores],
+            "cache_dir": os.fspath(self.config.cache_dir),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "fs": self._ops.statistics().as_dict(),
+            "reader": self._reader.statistics().as_dict(),
+            "image_files": present,
+            "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
+            "profile_files": len(self._recorder),
+        }
+
+    def _local_presence(self) -> dict[str, int]:
+        """How much of the image's content is already in the local cache (runs in a thread)."""
+        assert self._reader is not None
+        files = files_local = size = size_local = 0
+        for node in self.tree.iter_files():
+            files += 1
+            size += node.size
+            blobs = node.blobs
+            if all(self._reader.is_cached(chunk) for chunk in blobs):
+                files_local += 1
+                size_local += node.size
+        return {
+            "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
+        }

@@ -1,0 +1,408 @@
+"""How ocixfs talks HTTP: TLS trust, proxies, credentials, redirects, and small downloads.
+
+Every HTTP request ocixfs makes (blobs, ``ocix-store.json``, a manifest or profile given
+as a URL) goes through a client built here, so they all follow the same rules:
+
+- **TLS** trusts the system's certificate store (``ssl.create_default_context()``, i.e.
+  OpenSSL's default paths, which honour ``SSL_CERT_FILE``/``SSL_CERT_DIR``), never a
+  bundled list such as certifi's, plus the PEM certificates of ``FetchConfig.ca_file``
+  if given (a private CA, added to the system's).
+- **Proxies** come from the environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``,
+  ``NO_PROXY``; httpx ``trust_env``), so a site cache such as Squid can sit in front.
+- **Redirects**: at most ``FetchConfig.max_redirects``, to any host (CDNs and S3
+  presigned URLs legitimately send clients elsewhere, and content is verified anyway), but
+  never from https to plain http. Credentials never follow a redirect to another origin
+  (httpx drops ``Authorization`` there).
+- **Credentials** (``Credentials``) are scoped by URL prefix and sent only to their own
+  origin: lines of the ``FetchConfig.auth_file`` (``URL bearer TOKEN`` or
+  ``URL basic USER:PASSWORD``), then ``user:password@`` in a store URL, then netrc
+  (``$NETRC`` or ``~/.netrc``, basic auth by host name). Secrets never appear in labels,
+  logs or messages: ``redact(url)`` drops the user-info part of a URL.
+- ``download(url, ...)`` gets a small document whole, with a size cap and the fetcher's
+  minimum-rate rule, so an endless or trickling body cannot hold a command forever.
+
+Errors: bad settings (unreadable CA or credentials file) raise ``UsageError``;
+``download`` raises ``FetchError``/``BlobNotFound`` or ``FormatError``. httpx exceptions
+are translated here for ``download`` and in the fetcher for blobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import netrc
+import os
+import ssl
+import time
+import urllib.parse
+import zlib
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
+from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
+
+__all__ = [
+    "Credentials",
+    "async_client",
+    "describe",
+    "download",
+    "load_credentials",
+    "redact",
+    "ssl_context",
+    "sync_client",
+]
+
+log = logging.getLogger(__name__)
+
+_AUTH_FILE_MAX = 1 << 20
+_SCHEMES = ("http", "https")
+
+
+def redact(url: str) -> str:
+    """``url`` without its ``user:password@`` part (safe to log or show)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an httpx error, with the first non-empty message along its
+    cause chain (httpx wraps a certificate failure in a ``ConnectError`` with no text)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or str(seen):
+            break
+        seen = seen.__cause__ or seen.__context__
+    detail = str(seen) if seen is not None else ""
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Certificate checks against the system's store, plus ``ca_file`` (PEM) if given.
+
+    Made once per process and setting (loading the system store costs ~50 ms) and shared by
+    every client; a context is not modified after it is made. ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` choose the system store, so they are part of the key."""
+    env = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    return _ssl_context(ca_file, env)
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_file: str | None, _env: tuple[str | None, str | None]) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except FileNotFoundError:
+            raise UsageError(f"{ca_file}: no such CA file") from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no PEM"
+            raise UsageError(f"{ca_file}: not a readable PEM certificate file ({reason})") from None
+    return context
+
+
+# --- credentials -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """An ``Authorization`` value for every URL under ``scheme://host:port/path``."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    header: str = field(repr=False)
+
+    def covers(self, url: httpx.URL) -> bool:
+        if (url.scheme, url.host, _port(url)) != (self.scheme, self.host, self.port):
+            return False
+        prefix = self.path.rstrip("/")
+        return url.path == prefix or url.path.startswith(prefix + "/")
+
+
+def _port(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
+def _basic(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+class Credentials(httpx.Auth):
+    """Adds an ``Authorization`` header to requests for URLs it has a secret for.
+
+    Lookup order: the longest matching prefix from the auth file, then ``user:password@``
+    in the request URL, then netrc by host name. A request that already carries an
+    ``Authorization`` header is left alone. ``repr()`` shows no secret."""
+
+    def __init__(
+        self,
+        grants: Iterable[_Grant] = (),
+        netrc_logins: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        self._grants = sorted(grants, key=lambda grant: len(grant.path), reverse=True)
+        self._netrc = dict(netrc_logins or {})
+
+    def __repr__(self) -> str:
+        return f"<Credentials: {len(self._grants)} URL prefixes, {len(self._netrc)} netrc hosts>"
+
+    def header_for(self, url: httpx.URL) -> str | None:
+        for grant in self._grants:
+            if grant.covers(url):
+                return grant.header
+        if url.username or url.password:
+            return _basic(url.username, url.password)
+        login = self._netrc.get(url.host)
+        return _basic(*login) if login is not None else None
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if "Authorization" not in request.headers:
+            header = self.header_for(request.url)
+            if header is not None:
+                request.headers["Authorization"] = header
+        yield request
+
+
+def load_credentials(auth_file: str | None = None, *, use_netrc: bool = True) -> Credentials:
+    """Read the auth file (if any) and netrc (``$NETRC``, else ``~/.netrc`` if present).
+
+    Auth file lines: ``URL bearer TOKEN`` or ``URL basic USER:PASSWORD``; blank lines and
+    ``#`` comments are skipped. Raises ``UsageError`` naming the line, never its secret."""
+    grants = _read_auth_file(auth_file) if auth_file is not None else []
+    return Credentials(grants, _read_netrc() if use_netrc else None)
+
+
+def _read_auth_file(auth_file: str) -> list[_Grant]:
+    try:
+        with open(auth_file, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            raw = file.read(_AUTH_FILE_MAX + 1)
+    except OSError as exc:
+        raise UsageError(f"{auth_file}: {exc.strerror or exc}") from None
+    if len(raw) > _AUTH_FILE_MAX:
+        raise UsageError(f"{auth_file}: larger than {_AUTH_FILE_MAX} bytes")
+    if mode & 0o077:
+        log.warning("%s: credentials file is readable by other users (chmod 600 it)", auth_file)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"{auth_file}: not UTF-8 text") from None
+    grants = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        grant = _parse_grant(words)
+        if grant is None:
+            raise UsageError(
+                f"{auth_file}: line {number}: expected 'URL bearer TOKEN' or "
+                "'URL basic USER:PASSWORD'"
+            )
+        grants.append(grant)
+    return grants
+
+
+def _parse_grant(words: list[str]) -> _Grant | None:
+    if len(words) != 3:
+        return None
+    url_text, kind, secret = words[0], words[1].lower(), words[2]
+    try:
+        url = httpx.URL(url_text)
+    except httpx.InvalidURL:
+        return None
+    if url.scheme not in _SCHEMES or not url.host or url.username or url.password:
+        return None
+    if kind == "bearer":
+        header = f"Bearer {secret}"
+    elif kind == "basic" and ":" in secret:
+        header = _basic(*secret.split(":", 1))
+    else:
+        return None
+    return _Grant(url.scheme, url.host, _port(url), url.path or "/", header)
+
+
+def _read_netrc() -> dict[str, tuple[str, str]]:
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        parsed = netrc.netrc(path)
+    except netrc.NetrcParseError as exc:  # its message may quote a secret: leave it out
+        raise UsageError(f"{path}: not a valid netrc file (line {exc.lineno})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None
+    logins = {}
+    for host, (login, _account, password) in parsed.hosts.items():
+        if login or password:
+            logins[host] = (login or "", password or "")
+    return logins
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+def _downgrade_target(response: httpx.Response) -> str | None:
+    """The scheme of a redirect from https to something else, if this is one."""
+    if not response.has_redirect_location or response.request.url.scheme != "https":
+        return None
+    try:
+        target = response.request.url.join(response.headers["Location"])
+    except httpx.InvalidURL:
+        return None  # httpx reports the bad Location itself
+    return None if target.scheme == "https" else target.scheme
+
+
+def _refuse_downgrade(response: httpx.Response) -> None:
+    scheme = _downgrade_target(response)
+    if scheme is not None:
+        raise httpx.UnsupportedProtocol(
+            f"refused redirect from https://{response.request.url.host} to {scheme}://"
+        )
+
+
+async def _refuse_downgrade_async(response: httpx.Response) -> None:
+    _refuse_downgrade(response)
+
+
+def _timeout(config: FetchConfig) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=config.connect_timeout,
+        read=config.read_timeout,
+        write=config.read_timeout,
+        pool=config.deadline,
+    )
+
+
+def async_client(
+    config: FetchConfig, *, limits: httpx.Limits, auth: Credentials | None = None
+) -> httpx.AsyncClient:
+    """The fetcher's client; ``auth`` defaults to ``load_credentials(config.auth_file)``.
+    Raises ``UsageError`` for an unusable CA or credentials file."""
+    return httpx.AsyncClient(
+        verify=ssl_context(config.ca_file),
+        auth=auth if auth is not None else load_credentials(config.auth_file),
+        trust_env=True,
+        timeout=_timeout(config),
+        limits=limits,
+        follow_redirects=True,
+        max_redirects=config.max_redirects,
+        event_hooks={"response": [_refuse_downgrade_async]},
+        headers={"User-Agent": "ocixfs"},
+    )
+
+
+def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
+    """A blocking client with the same rules (for commands, before any trio run)."""
+    return httpx.Client(
+        verify=ssl_context(config.ca_file),
+        auth=load_credentials(config.auth_file),
+        trust_env=True,
+        timeout=_timeout(config),
+        follow_redirects=True,
+        max_redirects=config.max_redirects,
+        event_hooks={"response": [_refuse_downgrade]},
+        headers={"User-Agent": "ocixfs"},
+    )
+
+
+def download(url: str, *, max_bytes: int, config: FetchConfig = DEFAULT_FETCH_CONFIG) -> bytes:
+    """GET ``url`` whole (status 200 only). The body may be at most ``max_bytes`` long,
+    before and after decoding, and, after ``config.rate_window`` seconds, must arrive at
+    ``config.min_rate`` or faster. A server may send it compressed (``Content-Encoding``
+    gzip or zstd: nginx ``gzip_static``, an S3 object uploaded with that header); it is
+    decoded here, in bounded steps, so a compression bomb is just "too large".
+
+    Raises ``BlobNotFound`` (404/410), ``FetchError`` (network, TLS, other status, too
+    slow, a corrupt or unknown encoding) or ``FormatError`` (too large), each one line
+    naming the redacted URL."""
+    label = redact(url)
+    try:
+        with (
+            sync_client(config) as client,
+            client.stream("GET", url, headers={"Accept-Encoding": _DOCUMENT_ENCODINGS})
+            as response,
+        ):
+            status = response.status_code
+            if status in (404, 410):
+                raise BlobNotFound(f"{label}: HTTP {status}")
+            if status != 200:
+                raise FetchError(f"{label}: HTTP {status}")
+            raw = _read_body(response.iter_raw(), label, max_bytes, config)
+            encoding = response.headers.get("content-encoding", "").strip().lower()
+            return _decode_body(raw, encoding, label, max_bytes)
+    except httpx.TimeoutException as exc:
+        raise FetchError(f"{label}: timed out ({type(exc).__name__})") from None
+    except httpx.HTTPError as exc:
+        raise FetchError(f"{label}: {describe(exc)}") from None
+
+
+def _read_body(pieces: Iterator[bytes], label: str, max_bytes: int, config: FetchConfig) -> bytes:
+    parts: list[bytes] = []
+    received = 0
+    started = time.monotonic()
+    for piece in pieces:
+        received += len(piece)
+        if received > max_bytes:
+            raise FormatError(f"{label}: larger than the limit of {max_bytes} bytes")
+        parts.append(piece)
+        elapsed = time.monotonic() - started
+        if elapsed > config.rate_window and received < config.min_rate * elapsed:
+            raise FetchError(f"{label}: {received / elapsed:.0f} B/s is below the minimum rate")
+    return b"".join(parts)
+
+
+_DOCUMENT_ENCODINGS = "zstd, gzip"
+_ZSTD_STEP = 1024
+
+
+def _decode_body(raw: bytes, encoding: str, label: str, max_bytes: int) -> bytes:
+    """``raw`` undone from its ``Content-Encoding``, never holding more than ``max_bytes``
+    plus one step of output."""
+    if encoding in ("", "identity"):
+        return raw
+    if encoding == "gzip":
+        inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            decoded = inflate.decompress(raw, max_bytes + 1)
+        except zlib.error:
+            raise FetchError(f"{label}: corrupt gzip body") from None
+        complete = inflate.eof
+    elif encoding == "zstd":
+        decoded, complete = _unzstd(raw, label, max_bytes)
+    else:
+        raise FetchError(f"{label}: unsupported Content-Encoding {encoding!r}")
+    if len(decoded) > max_bytes:
+        raise FormatError(f"{label}: larger than the limit of {max_bytes} bytes")
+    if not complete:
+        raise FetchError(f"{label}: truncated {encoding} body")
+    return decoded
+
+
+def _unzstd(raw: bytes, label: str, max_bytes: int) -> tuple[bytes, bool]:
+    """Decoded bytes (stopping once over ``max_bytes``) and whether the frame ended. Input
+    goes in ``_ZSTD_STEP``-byte slices: a zstd block decodes to at most 128 KiB from at
+    least 4 bytes, so one slice yields at most 32 MiB, whatever the sender built."""
+    import zstandard
+
+    inflate = zstandard.ZstdDecompressor().decompressobj()
+    parts: list[bytes] = []
+    total = 0
+    try:
+        for start in range(0, len(raw), _ZSTD_STEP):
+            piece = inflate.decompress(raw[start : start + _ZSTD_STEP])
+            parts.append(piece)
+            total += len(piece)
+            if total > max_bytes or inflate.eof:
+                break
+    except zstandard.ZstdError:
+        raise FetchError(f"{label}: corrupt zstd body") from None
+    return b"".join(parts), inflate.eof
