@@ -1,7 +1,9 @@
-"""Settings of the data path (cache, fetcher, reader) as small frozen value objects.
+"""Settings of the data path (cache, fetcher, reader) as small frozen value objects
+(``mount.config.MountConfig`` holds them for one mount).
 
 Every field has a module-level default; build variants with ``dataclasses.replace``.
-Durations are seconds, sizes are bytes. Nothing here does I/O.
+Durations are seconds, sizes are bytes. Nothing here does I/O, and importing it imports
+nothing heavy (the mount command reads it before anything else).
 """
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "DEFAULT_CACHE_CONFIG",
@@ -108,7 +114,9 @@ class FetchConfig:
     - ``max_redirects``: HTTP redirects followed per request (never https to http).
     - ``ca_file``: PEM certificates trusted in addition to the system's store.
     - ``auth_file``: credentials for stores, one ``URL bearer TOKEN`` or
-      ``URL basic USER:PASSWORD`` per line (netrc is read too); see ``transport``.
+      ``URL basic USER:PASSWORD`` per line (netrc is read too); see ``ocixfs.http``.
+    - ``credentials``: those credentials once read (``http.load_credentials``); when
+      set, no client reads the files again.
     - ``threads``: worker threads for hashing, decompression, fsync and file:// reads.
     """
 
@@ -128,6 +136,7 @@ class FetchConfig:
     max_redirects: int = 4
     ca_file: str | None = None
     auth_file: str | None = None
+    credentials: httpx.Auth | None = field(default=None, compare=False, repr=False)
     threads: int = field(default_factory=_default_threads)
 
 

@@ -23,7 +23,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ocixfs.cache.blobs import Cache  # noqa: E402
-from ocixfs.cache.directory import CacheDirectory, check, scan_blobs  # noqa: E402
+from ocixfs.cache.directory import CacheDirectory  # noqa: E402
+from ocixfs.cache.fsck import check  # noqa: E402
+from ocixfs.cache.layout import scan_blobs  # noqa: E402
 from ocixfs.config import CacheConfig, CacheQuota  # noqa: E402
 from ocixfs.image.format import Chunk  # noqa: E402
 
@@ -54,7 +56,7 @@ async def publish_many(root: Path, count: int, size: int, quota: CacheQuota) -> 
         started = time.perf_counter()
         for i in range(count):
             data = i.to_bytes(8, "little") * (size // 8)
-            writer = cache.writer(Chunk(len(data), blake3.blake3(data).digest()))
+            writer = cache.fill(Chunk(len(data), blake3.blake3(data).digest()))
             try:
                 writer.write(data)
                 await cache.commit(writer)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ocixfs.config import CacheConfig, ReaderConfig  # noqa: E402
 from ocixfs.fetch.reader import Reader, open_reader  # noqa: E402
 from ocixfs.image.format import Chunk  # noqa: E402
+from ocixfs.store.spec import parse_stores
 
 READ = 128 * 1024
 Work = Callable[["Reader"], Awaitable[tuple[int, int]]]
@@ -86,7 +87,7 @@ def timed(
     store: str, cache: Path, config: ReaderConfig, work: Work
 ) -> tuple[float, int, int]:
     async def main() -> tuple[float, int, int]:
-        async with open_reader([store], cache, config) as reader:
+        async with open_reader(parse_stores([store]), cache, config) as reader:
             started = time.perf_counter()
             size, reads = await work(reader)
             return time.perf_counter() - started, size, reads

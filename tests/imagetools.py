@@ -27,7 +27,7 @@ import blake3
 import zstandard
 
 from ocixfs.image.format import Entry, Kind, Manifest
-from ocixfs.store.writer import blob_path
+from ocixfs.store.layout import blob_path
 
 __all__ = [
     "CAP_NET_RAW",

@@ -21,8 +21,9 @@ import trio
 
 from ocixfs.cache.blobs import Cache
 from ocixfs.config import FetchConfig
-from ocixfs.fetch.fetcher import Fetcher, HttpClients, make_sources
+from ocixfs.fetch.fetcher import Fetcher
 from ocixfs.image.format import Chunk
+from ocixfs.store.remote import open_sources
 from ocixfs.store.spec import parse_stores
 from tests.faultserver import FaultServer, make_store
 
@@ -72,8 +73,10 @@ def fetching_with(default: FetchConfig) -> FetchingFactory:
     ) -> AsyncIterator[tuple[Fetcher, Cache]]:
         limiter = trio.CapacityLimiter(config.threads)
         with Cache(cache_dir, limiter=limiter) as cache:
-            async with HttpClients(config) as clients, trio.open_nursery() as nursery:
-                sources = make_sources(parse_stores(stores), clients=clients, limiter=limiter)
+            async with (
+                open_sources(parse_stores(stores), config, limiter=limiter) as sources,
+                trio.open_nursery() as nursery,
+            ):
                 try:
                     yield Fetcher(sources, cache, config, nursery=nursery, limiter=limiter), cache
                 finally:

@@ -18,7 +18,8 @@ from ocixfs.cli import main
 from ocixfs.errors import StoreError
 from ocixfs.image.format import Kind, decode
 from ocixfs.progress import Progress, format_bytes, format_duration
-from ocixfs.store.writer import BlobStore, blob_path
+from ocixfs.store.layout import blob_path
+from ocixfs.store.writer import BlobStore
 from tests.imagetools import (
     CAP_NET_RAW,
     directory,

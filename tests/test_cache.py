@@ -24,7 +24,7 @@ def chunk_of(content: bytes) -> Chunk:
 
 async def fill(cache: Cache, content: bytes, chunk: Chunk | None = None) -> Chunk:
     chunk = chunk or chunk_of(content)
-    writer = cache.writer(chunk)
+    writer = cache.fill(chunk)
     try:
         writer.write(content)
         await cache.commit(writer)
@@ -82,7 +82,7 @@ async def test_fill_verifies_then_serves(tmp_path: Path) -> None:
 async def test_bad_fill_leaves_nothing(tmp_path: Path, written: bytes) -> None:
     chunk = chunk_of(b"x" * 100)
     with Cache(tmp_path) as cache:
-        writer = cache.writer(chunk)
+        writer = cache.fill(chunk)
         writer.write(written)
         with pytest.raises(BlobCorrupt):
             await cache.commit(writer)
@@ -96,7 +96,7 @@ async def test_bad_fill_leaves_nothing(tmp_path: Path, written: bytes) -> None:
 async def test_overlong_write_refused_at_once(tmp_path: Path) -> None:
     chunk = chunk_of(b"abc")
     with Cache(tmp_path) as cache:
-        writer = cache.writer(chunk)
+        writer = cache.fill(chunk)
         writer.write(b"ab")
         with pytest.raises(BlobCorrupt, match="more than 3 bytes"):
             writer.write(b"cd")
@@ -198,7 +198,7 @@ async def test_two_caches_on_one_directory(tmp_path: Path) -> None:
     content = os.urandom(200_000)
     chunk = chunk_of(content)
     with Cache(tmp_path) as first:
-        writer_a = first.writer(chunk)
+        writer_a = first.fill(chunk)
         writer_a.write(content[:100_000])
         with Cache(tmp_path) as second:  # its start-up cleanup must spare A's fill
             assert len(tmp_files(tmp_path)) == 1

@@ -20,17 +20,14 @@ import pytest
 import trio
 
 from ocixfs.cache.blobs import Cache
-from ocixfs.cache.directory import (
-    USAGE_FILE,
-    CacheDirectory,
-    check,
-    parse_quota,
-    parse_size,
-    scan_blobs,
-)
+from ocixfs.cache.directory import CacheDirectory
+from ocixfs.cache.fsck import check
+from ocixfs.cache.layout import USAGE_FILE, scan_blobs
+from ocixfs.cache.sizes import parse_quota, parse_size
 from ocixfs.config import CacheConfig, CacheQuota, FetchConfig, ReaderConfig
 from ocixfs.errors import CacheFullError, UsageError
 from ocixfs.image.format import Chunk
+from ocixfs.store.spec import parse_stores
 from tests.faultserver import Fault, FaultServer, make_store
 from tests.mounting import run_ocixfs, wait_for
 
@@ -49,7 +46,7 @@ def content(seed: str, size: int) -> bytes:
 
 async def fill(cache: Cache, data: bytes) -> Chunk:
     chunk = chunk_of(data)
-    writer = cache.writer(chunk)
+    writer = cache.fill(chunk)
     try:
         await trio.to_thread.run_sync(writer.write, data)
         await cache.commit(writer)
@@ -298,7 +295,7 @@ async def main() -> None:
     with Cache(Path(root), config) as cache:
         for i in itertools.count() if count < 0 else range(count):
             data = blake3.blake3(f"{name}-{i % 40}".encode()).digest(length=size)
-            writer = cache.writer(Chunk(len(data), blake3.blake3(data).digest()))
+            writer = cache.fill(Chunk(len(data), blake3.blake3(data).digest()))
             try:
                 for k in range(0, size, 4096):
                     await trio.to_thread.run_sync(writer.write, data[k:k + 4096])
@@ -348,9 +345,11 @@ def test_kill_mid_fill_exposes_nothing_and_next_start_cleans_up(tmp_path: Path) 
         "from ocixfs.config import FetchConfig, ReaderConfig\n"
         "from ocixfs.image.format import Chunk\n"
         "from ocixfs.fetch.reader import Priority, open_reader\n"
+        "from ocixfs.store.spec import parse_stores\n"
         "async def main():\n"
         "    config = ReaderConfig(fetch=FetchConfig(read_timeout=60, deadline=60))\n"
-        "    async with open_reader([sys.argv[1]], Path(sys.argv[2]), config) as reader:\n"
+        "    stores = parse_stores([sys.argv[1]])\n"
+        "    async with open_reader(stores, Path(sys.argv[2]), config) as reader:\n"
         "        await reader.ensure(Chunk(int(sys.argv[3]), bytes.fromhex(sys.argv[4])),\n"
         "                            priority=Priority.ON_DEMAND)\n"
         "trio.run(main)\n"
@@ -446,7 +445,7 @@ async def test_reader_reports_full_disk_and_recovers(tmp_path: Path) -> None:
     )
     with small_filesystem(tmp_path / "small", "1m") as small:
         ballast = small / "ballast"
-        async with open_reader([os.fspath(store)], small / "cache", config) as reader:
+        async with open_reader(parse_stores([os.fspath(store)]), small / "cache", config) as reader:
             free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
             ballast.write_bytes(bytes(max(0, free - 300 * KiB)))
             with pytest.raises(CacheFullError):

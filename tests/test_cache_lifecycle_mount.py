@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from ocixfs.cache.blobs import Cache
-from ocixfs.cache.directory import scan_blobs
+from ocixfs.cache.layout import scan_blobs
 from ocixfs.image.format import decode
 from tests.faultserver import FaultServer
 from tests.mounting import Mount, needs_fuse, run_ocixfs, wait_for

@@ -17,7 +17,7 @@ from ocixfs.cli import main
 from ocixfs.image.format import Kind
 from ocixfs.image.loading import load_image
 from ocixfs.image.tree import Tree
-from ocixfs.store.writer import blob_path
+from ocixfs.store.layout import blob_path
 from ocixfs.tools.compare import Measure, diff_images
 from tests.imagetools import directory, file, tar_bytes, whiteout, write_oci_layout
 

@@ -23,7 +23,8 @@ from ocixfs.image.format import Kind
 from ocixfs.image.loading import load_image
 from ocixfs.image.tree import Tree
 from ocixfs.progress import Progress
-from ocixfs.store.writer import blob_path
+from ocixfs.store.layout import blob_path
+from ocixfs.store.spec import parse_stores
 from ocixfs.tools.extract import ExtractOptions, _BlobGone, _Plan, check_destination, extract_image
 from tests.faultserver import FaultServer
 from tests.imagetools import CAP_NET_RAW, MTIME, make_rootfs
@@ -201,8 +202,8 @@ def test_store_beside_the_image_and_text_summary(tmp_path: Path,
 def test_without_owners_skips_and_counts(tmp_path: Path) -> None:
     root = rich_rootfs(tmp_path / "rootfs")
     image = load_image(str(build(tmp_path, root)))
-    summary = extract_image(image, tmp_path / "out", stores=[(tmp_path / "store").as_uri()],
-                            cache_dir=tmp_path / "cache",
+    stores = parse_stores([(tmp_path / "store").as_uri()])
+    summary = extract_image(image, tmp_path / "out", stores=stores, cache_dir=tmp_path / "cache",
                             options=ExtractOptions(same_owner=False, progress=False))
     tree = Tree.from_manifest(image.manifest)
     foreign = [n for n in tree.iter_nodes() if (n.uid, n.gid) != (0, 0)]

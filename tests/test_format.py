@@ -14,8 +14,8 @@ import blake3
 import cbor2
 import pytest
 
-from ocixfs.image import format as fmt
 from ocixfs.errors import FormatError
+from ocixfs.image import format as fmt
 from ocixfs.image.format import (
     DEFAULT_LIMITS,
     OCIX_TAG,

@@ -27,7 +27,7 @@ import zstandard
 
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
-from ocixfs.store.http import download, load_credentials, redact, ssl_context
+from ocixfs.http import download, load_credentials, redact, ssl_context
 from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for

@@ -12,6 +12,7 @@ import trio
 from ocixfs.fetch.reader import Priority, Reader, open_reader
 from ocixfs.image.format import Chunk
 from ocixfs.mount.prefetch import Prefetcher
+from ocixfs.store.spec import parse_stores
 from tests.faultserver import make_store
 
 SMALL = [bytes([i]) * (100 + i) for i in range(2)]
@@ -37,7 +38,7 @@ def _cached(reader: Reader, contents: list[bytes]) -> list[bool]:
 async def test_prefetcher_fetches_the_plan_skipping_what_is_cached(
     tmp_path: Path, store: Path
 ) -> None:
-    async with open_reader([store.as_uri()], tmp_path / "cache") as reader:
+    async with open_reader(parse_stores([store.as_uri()]), tmp_path / "cache") as reader:
         await reader.ensure(_chunk(SMALL[0]), priority=Priority.ON_DEMAND)
         prefetcher = Prefetcher(reader, [_chunk(SMALL[0]), _chunk(SMALL[1]), _chunk(BIG)],
                                 concurrency=2)
@@ -53,7 +54,7 @@ async def test_prefetcher_fetches_the_plan_skipping_what_is_cached(
 
 
 async def test_a_missing_blob_is_counted_not_raised(tmp_path: Path, store: Path) -> None:
-    async with open_reader([store.as_uri()], tmp_path / "cache") as reader:
+    async with open_reader(parse_stores([store.as_uri()]), tmp_path / "cache") as reader:
         prefetcher = Prefetcher(reader, [Chunk(3, b"\x07" * 32), _chunk(OTHER)], concurrency=1)
         with trio.fail_after(10):
             await prefetcher.run()

@@ -17,6 +17,7 @@ from ocixfs.config import FetchConfig, ReaderConfig
 from ocixfs.errors import FetchError, FetchTimeout, UsageError
 from ocixfs.fetch.reader import Priority, open_reader
 from ocixfs.image.format import Chunk
+from ocixfs.store.spec import parse_stores
 from tests.faultserver import Fault, FaultServer, make_store
 
 CHUNK = 4096
@@ -56,7 +57,7 @@ async def test_reads_across_chunk_boundaries(
     tmp_path: Path, store: tuple[Path, tuple[Chunk, ...], tuple[Chunk, ...]], server: FaultServer
 ) -> None:
     _, chunks, whole = store
-    async with open_reader([server.url], tmp_path / "cache", FAST) as reader:
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", FAST) as reader:
         cases = [(0, 10), (CHUNK - 5, 10), (CHUNK, CHUNK), (CHUNK - 1, 3 * CHUNK + 2),
                  (0, len(FILE)), (len(FILE) - 7, 100), (len(FILE), 10), (len(FILE) + 5, 1),
                  (123, 0)]
@@ -74,7 +75,7 @@ async def test_any_range_of_a_chunked_file(
     root = tmp_path_factory.getbasetemp() / "hypothesis-store"
     chunks = tuple(make_store(root, PIECES))
     cache_dir = tmp_path_factory.getbasetemp() / "hypothesis-cache"
-    async with open_reader([root.as_uri()], cache_dir, FAST) as reader:
+    async with open_reader(parse_stores([root.as_uri()]), cache_dir, FAST) as reader:
         assert await reader.read(chunks, offset, size) == FILE[offset : offset + size]
 
 
@@ -83,7 +84,7 @@ async def test_only_touched_chunks_are_fetched(
 ) -> None:
     _, chunks, _ = store
     config = replace(FAST, readahead=2)
-    async with open_reader([server.url], tmp_path / "cache", config) as reader:
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", config) as reader:
         assert await reader.read(chunks, 3 * CHUNK + 10, CHUNK) == FILE[3 * CHUNK + 10 :][:CHUNK]
         # A blob is visible in the cache a moment before its flight is counted as done.
         await wait_until(lambda: reader.statistics().fetch.blobs_fetched >= 4)
@@ -100,7 +101,7 @@ async def test_no_readahead(
 ) -> None:
     _, chunks, _ = store
     config = replace(FAST, readahead=0)
-    async with open_reader([server.url], tmp_path / "cache", config) as reader:
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", config) as reader:
         await reader.read(chunks, 0, 10)
         await trio.testing.wait_all_tasks_blocked()
         assert [server.count(chunk.hex) for chunk in chunks] == [1] + [0] * 9
@@ -111,12 +112,12 @@ async def test_cached_reads_need_no_server(
 ) -> None:
     _, chunks, whole = store
     cache_dir = tmp_path / "cache"
-    async with open_reader([server.url], cache_dir, FAST) as reader:
+    async with open_reader(parse_stores([server.url]), cache_dir, FAST) as reader:
         assert await reader.read(chunks, 0, len(FILE)) == FILE
         assert await reader.read(whole, 0, len(WHOLE)) == WHOLE
     requests = server.count()
     server.stop()
-    async with open_reader([server.url], cache_dir, FAST) as reader:  # a later mount
+    async with open_reader(parse_stores([server.url]), cache_dir, FAST) as reader:  # a later mount
         assert await reader.read(chunks, 100, 3 * CHUNK) == FILE[100 : 100 + 3 * CHUNK]
         assert await reader.read(whole, 7, 1000) == WHOLE[7:1007]
         assert reader.statistics().cache_misses == 0
@@ -129,7 +130,7 @@ async def test_offline_uncached_read_fails_then_recovers(
     _, _, whole = store
     server.stop()
     config = replace(FAST, fetch=replace(FAST.fetch, failure_memory=0.2))
-    async with open_reader([server.url], tmp_path / "cache", config) as reader:
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", config) as reader:
         with trio.fail_after(10), pytest.raises(FetchError):
             await reader.read(whole, 0, 100)
         server.start()
@@ -144,7 +145,8 @@ async def test_deadline_then_fast_retry(
     _, _, whole = store
     server.fault("*", Fault(stall=60))
     fetch = replace(FAST.fetch, deadline=0.5, read_timeout=30)
-    async with open_reader([server.url], tmp_path / "cache", replace(FAST, fetch=fetch)) as reader:
+    config = replace(FAST, fetch=fetch)
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", config) as reader:
         with trio.fail_after(10), pytest.raises(FetchTimeout):
             await reader.read(whole, 0, 100)
         requests = server.count()
@@ -166,7 +168,7 @@ async def test_ensure_and_is_cached(
     tmp_path: Path, store: tuple[Path, tuple[Chunk, ...], tuple[Chunk, ...]], server: FaultServer
 ) -> None:
     _, chunks, _ = store
-    async with open_reader([server.url], tmp_path / "cache", FAST) as reader:
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", FAST) as reader:
         assert not reader.is_cached(chunks[2])
         await reader.ensure(chunks[2], priority=Priority.PREFETCH)
         await reader.ensure(chunks[7], priority=Priority.ON_DEMAND)
@@ -180,7 +182,7 @@ async def test_statistics_snapshot(
     tmp_path: Path, store: tuple[Path, tuple[Chunk, ...], tuple[Chunk, ...]], server: FaultServer
 ) -> None:
     _, _, whole = store
-    async with open_reader([server.url], tmp_path / "cache", FAST) as reader:
+    async with open_reader(parse_stores([server.url]), tmp_path / "cache", FAST) as reader:
         before = reader.statistics()
         await reader.read(whole, 0, 10)
         await reader.read(whole, 10, 10)
@@ -206,6 +208,7 @@ async def test_statistics_snapshot(
 
 async def test_bad_store_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
-        async with open_reader(["gopher://x"], tmp_path / "cache", FAST):
+        parse_stores(["gopher://x"])
+    with pytest.raises(UsageError):
+        async with open_reader([], tmp_path / "cache", FAST):
             pass
-    assert not (tmp_path / "cache").exists()

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 from ocixfs.errors import UsageError
-from ocixfs.store.spec import normalize_store, parse_stores
+from ocixfs.store.spec import HttpStore, LocalStore, normalize_store, parse_stores
 
 
 def test_store_names() -> None:
     assert parse_stores(["http://h/s", "file:///srv/s/", "/srv/t", "file://localhost/srv/u",
                          "file:///srv/a%20b"]) == [
-        "http://h/s",
-        Path("/srv/s"),
-        Path("/srv/t"),
-        Path("/srv/u"),
-        Path("/srv/a b"),
+        HttpStore("http://h/s"),
+        LocalStore(Path("/srv/s")),
+        LocalStore(Path("/srv/t")),
+        LocalStore(Path("/srv/u")),
+        LocalStore(Path("/srv/a b")),
     ]
     bad_names = [[], ["ftp://h/s"], ["relative/dir"], ["file://otherhost/x"], ["http:///x"],
                  ["http://h:99999/"], ["http://[::1/"], ["file://"]]
@@ -46,7 +46,15 @@ def test_normalized_stores_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (tmp_path / "a b").mkdir()
     monkeypatch.chdir(tmp_path)
     names = [normalize_store(name) for name in ("a b", "http://h/s", "file:///srv/s")]
-    assert parse_stores(names) == [tmp_path / "a b", "http://h/s/", Path("/srv/s")]
+    assert parse_stores(names) == [
+        LocalStore(tmp_path / "a b"), HttpStore("http://h/s/"), LocalStore(Path("/srv/s"))
+    ]
+
+
+def test_labels_never_show_credentials() -> None:
+    (http, local) = parse_stores(["https://user:secret@h/s/", "file:///srv/s"])
+    assert http.label == "https://h/s/"
+    assert local.label == "file:///srv/s"
 
 
 @pytest.mark.parametrize(

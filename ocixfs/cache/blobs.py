@@ -1,7 +1,7 @@
 """The local blob cache: verified blobs on disk, named by their BLAKE3-256 hash.
 
 Layout (shared by every mount and image on the host, and safe for several daemons at
-once; ``ocixfs/cachedir.py`` owns the shared parts: quota, eviction, usage counter)::
+once; ``directory`` owns the shared parts: quota, eviction, usage counter)::
 
     CACHE/blobs/<first 2 hex>/<64 hex>    a blob whose hash matched its name, mode 0600
     CACHE/tmp/<hex>.<pid>.<random>        a fill in progress, flock()ed by its writer
@@ -19,7 +19,7 @@ Contract:
   has no hard links) from ``tmp/`` after its length and hash matched (and, by default,
   after fsync), so a reader never sees unverified or partial bytes. ``link`` never
   replaces a blob another daemon published first, which keeps the usage count exact.
-- ``Cache.writer(chunk)`` gives a ``BlobWriter``: ``write()`` hashes while writing (call it
+- ``Cache.fill(chunk)`` gives a ``CacheFill``: ``write()`` hashes while writing (call it
   from a worker thread), ``Cache.commit()`` verifies, makes room under the quota (evicting
   least recently used, unpinned blobs) and publishes, ``abort()`` unlinks. Any failure
   leaves nothing under ``blobs/``.
@@ -56,13 +56,14 @@ from types import TracebackType
 import blake3
 import trio
 
-from ocixfs.cache.directory import CacheDirectory, cache_errors, scan_blobs
+from ocixfs.cache.directory import CacheDirectory
+from ocixfs.cache.layout import blob_file, cache_errors, scan_blobs
 from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, default_cache_dir
 from ocixfs.errors import BlobCorrupt, CacheError
 from ocixfs.image.format import HASH_SIZE, Chunk
 
 __all__ = [
-    "BlobWriter",
+    "CacheFill",
     "Cache",
     "CacheStatistics",
     "CacheUsage",
@@ -117,7 +118,7 @@ class _OpenBlob:
         self.close_when_idle = False
 
 
-class BlobWriter:
+class CacheFill:
     """Fills one cache entry. Not thread-safe: one caller at a time, in order.
 
     ``write()`` and the verification in ``Cache.commit()`` do blocking I/O and hashing:
@@ -296,7 +297,7 @@ class Cache:
         if len(chunk.digest) != HASH_SIZE:
             raise CacheError(f"cache: invalid digest of {len(chunk.digest)} bytes")
         hexdigest = chunk.digest.hex()
-        return self._blobs / hexdigest[:2] / hexdigest
+        return blob_file(self._blobs, hexdigest)
 
     def contains(self, chunk: Chunk) -> bool:
         """True if the blob is cached (filled by this or any other process). No I/O if open."""
@@ -419,12 +420,12 @@ class Cache:
         self._dropped_blobs += 1
         return True
 
-    def writer(self, chunk: Chunk) -> BlobWriter:
+    def fill(self, chunk: Chunk) -> CacheFill:
         """A writer for one fill of ``chunk``; finish with ``commit()`` or ``abort()``."""
-        return BlobWriter(chunk, self.path_of(chunk), self._tmp, fsync=self.config.fsync)
+        return CacheFill(chunk, self.path_of(chunk), self._tmp, fsync=self.config.fsync)
 
     async def commit(
-        self, writer: BlobWriter, *, first: Callable[[], object] | None = None
+        self, writer: CacheFill, *, first: Callable[[], object] | None = None
     ) -> None:
         """Verify length and hash, fsync, make room under the quota and publish, in one
         worker-thread hop that starts with ``first()`` if given (e.g. writing the last

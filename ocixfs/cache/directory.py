@@ -1,13 +1,6 @@
-"""The cache directory as several processes share it: the usage counter, the evictor
-lock, scans, least-recently-used eviction and the integrity check (``fsck``).
-
-Layout (``ocixfs/cache.py`` serves reads and fills on top of it)::
-
-    CACHE/blobs/<2 hex>/<64 hex>    verified blobs; atime = last use (set by ocixfs)
-    CACHE/tmp/<hex>.<pid>.<random>  fills in progress, flock()ed by their writer
-    CACHE/profiles/<hex>.profile    access profiles recorded on this host
-    CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
-    CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
+"""The cache directory as several processes share it: the quota, the evictor lock,
+least-recently-used eviction and the clean-up of abandoned fills (``layout`` names the
+files, ``usage`` keeps the shared counter, ``blobs`` serves reads and fills on top).
 
 Everything here blocks on the file system: call it from worker threads or from tools,
 never from the trio thread, except ``SharedUsage.add`` (microseconds, under a lock that
@@ -46,318 +39,43 @@ public methods (``cache_errors``, shared with ``ocixfs/cache.py``).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import functools
 import logging
 import math
 import os
-import re
-import shutil
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
 
-import blake3
+from ocixfs.cache.layout import (
+    BLOBS,
+    EVICT_LOCK,
+    PROFILES,
+    TMP,
+    USAGE_FILE,
+    Stopped,
+    cache_errors,
+    entries,
+    remove_unpinned,
+    scan_blobs,
+)
+from ocixfs.cache.sizes import filesystem_size, format_size
+from ocixfs.cache.usage import Counted, SharedUsage
+from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig
+from ocixfs.errors import CacheError, CacheFullError
 
-from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, CacheQuota
-from ocixfs.errors import CacheError, CacheFullError, UsageError
-
-__all__ = [
-    "BlobFile",
-    "CacheDirectory",
-    "CheckReport",
-    "Counted",
-    "EvictResult",
-    "Scan",
-    "SharedUsage",
-    "TmpLeftovers",
-    "cache_errors",
-    "check",
-    "filesystem_size",
-    "format_size",
-    "parse_quota",
-    "parse_size",
-    "scan_blobs",
-]
+__all__ = ["CacheDirectory", "EvictResult", "TmpLeftovers"]
 
 log = logging.getLogger(__name__)
 
-USAGE_FILE = "usage"
-EVICT_LOCK = "evict.lock"
 OVER_QUOTA_LOG_INTERVAL = 60.0
 # The background eviction spares blobs used this recently: one just fetched for a read
 # is not taken away before the reader opens it. A fill at the limit spares nothing.
 BACKGROUND_SPARES = 10.0
-
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_USAGE = struct.Struct("<4sIqqd16s")  # magic, version, bytes, blobs, scanned_at, boot id
-_MAGIC = b"OCXU"
-_VERSION = 1
-_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
-_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_HASH_READ = 1 << 20
 _LOCK_POLL = 0.01
-
-
-@contextlib.contextmanager
-def cache_errors(what: str) -> Iterator[None]:
-    """The cache layer's translation boundary: OSError → CacheError/CacheFullError."""
-    try:
-        yield
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno in _FULL_ERRNOS:
-            raise CacheFullError(f"cache full while {what}: {reason}") from exc
-        raise CacheError(f"cache: {what}: {reason}") from exc
-
-
-# --- sizes -------------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    """``10G``, ``500M``, ``1.5TiB``, ``4096``: bytes, K/M/G/T/P being powers of 1024 (a
-    trailing ``B`` or ``iB`` is allowed). Raises ``UsageError``."""
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise UsageError(f"invalid size {text!r} (use e.g. 10G, 500M or 20%)")
-    size = int(float(match[1]) * _UNITS[match[2].lower()])
-    if size <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return size
-
-
-def parse_quota(text: str) -> CacheQuota:
-    """A size (see ``parse_size``), ``N%`` of the filesystem holding the cache, or
-    ``unlimited``. Raises ``UsageError``."""
-    spec = text.strip().lower()
-    if spec in ("unlimited", "none"):
-        return CacheQuota(share=None, cap=None)
-    if spec.endswith("%"):
-        try:
-            share = float(spec[:-1])
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 100:
-            raise UsageError(f"cache size {text!r}: a share must be more than 0 and at most 100%")
-        return CacheQuota(share=share / 100, cap=None)
-    return CacheQuota(size=parse_size(text))
-
-
-def format_size(n: float) -> str:
-    """``n`` bytes in binary units: ``"812 B"``, ``"1.5 MiB"``, ``"20.0 GiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def filesystem_size(path: Path) -> int:
-    """The total size of the filesystem holding ``path``."""
-    st = os.statvfs(path)
-    return st.f_blocks * st.f_frsize
-
-
-# --- scans -------------------------------------------------------------------------------
-
-
-class BlobFile(NamedTuple):
-    """One blob as a scan saw it; ``used`` is its recency, ``max(atime, mtime)``."""
-
-    path: str
-    name: str
-    size: int
-    used: float
-    ino: int
-
-
-@dataclass(slots=True)
-class Scan:
-    """What ``blobs/`` holds: blobs, and strays (anything that is neither a blob nor a
-    shard directory, which only ``check`` removes)."""
-
-    blobs: list[BlobFile]
-    strays: list[str]
-
-    @property
-    def bytes(self) -> int:
-        return sum(blob.size for blob in self.blobs)
-
-
-class _Stopped(Exception):
-    """A scan was asked to stop (the cache is closing)."""
-
-
-def _entries(path: str | Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except FileNotFoundError:
-        return []
-
-
-def scan_blobs(blobs_dir: Path, *, stop: threading.Event | None = None) -> Scan:
-    """Every blob under ``blobs_dir`` with its size and recency (one ``lstat`` each)."""
-    scan = Scan([], [])
-    for shard in _entries(blobs_dir):
-        if stop is not None and stop.is_set():
-            raise _Stopped
-        if not (shard.is_dir(follow_symlinks=False) and _SHARD_NAME.fullmatch(shard.name)):
-            scan.strays.append(shard.path)
-            continue
-        for entry in _entries(shard.path):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            name = entry.name
-            if stat.S_ISREG(st.st_mode) and _BLOB_NAME.fullmatch(name) and name[:2] == shard.name:
-                used = max(st.st_atime, st.st_mtime)
-                scan.blobs.append(BlobFile(entry.path, name, st.st_size, used, st.st_ino))
-            else:
-                scan.strays.append(entry.path)
-    return scan
-
-
-def _remove_unpinned(path: str, *, remove: bool = True) -> int | None:
-    """Unlink a blob unless a process pins it; the bytes freed, or ``None`` if pinned.
-    Raises ``FileNotFoundError`` when it is already gone."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
-        st = os.fstat(fd)
-        if st.st_nlink == 0:
-            raise FileNotFoundError(errno.ENOENT, "removed meanwhile", path)
-        if remove:
-            os.unlink(path)
-        return st.st_size
-    finally:
-        os.close(fd)
-
-
-# --- the shared usage counter ------------------------------------------------------------
-
-
-@functools.cache
-def _boot_id() -> bytes:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return bytes.fromhex(f.read().strip().replace("-", ""))[:16].ljust(16, b"\0")
-    except (OSError, ValueError):
-        return bytes(16)
-
-
-@dataclass(frozen=True, slots=True)
-class Counted:
-    """The counter's content. ``scanned_at`` is when a scan last rebased it (0: never);
-    ``trusted`` is false when it is damaged or was last rebased in another boot."""
-
-    bytes: int
-    blobs: int
-    scanned_at: float
-    trusted: bool
-
-
-class SharedUsage:
-    """The running total in ``CACHE/usage``. Every update is read-modify-write under an
-    exclusive ``flock`` of the file (and a thread lock: flock does not exclude threads
-    sharing one descriptor)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                fd, self._fd = self._fd, -1
-                os.close(fd)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._lock:
-            if self._fd < 0:
-                raise CacheError("cache: usage counter used after close")
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _load(self) -> tuple[Counted, bytes]:
-        data = os.pread(self._fd, _USAGE.size, 0)
-        if len(data) == _USAGE.size:
-            magic, version, nbytes, nblobs, scanned_at, boot = _USAGE.unpack(data)
-            if magic == _MAGIC and version == _VERSION and nbytes >= 0 and nblobs >= 0:
-                trusted = boot == _boot_id() and scanned_at > 0
-                return Counted(nbytes, nblobs, scanned_at, trusted), boot
-        return Counted(0, 0, 0.0, False), bytes(16)
-
-    def _save(self, nbytes: int, nblobs: int, scanned_at: float, boot: bytes) -> None:
-        record = _USAGE.pack(_MAGIC, _VERSION, max(0, nbytes), max(0, nblobs), scanned_at, boot)
-        os.pwrite(self._fd, record, 0)
-
-    def read(self) -> Counted:
-        with self._locked():
-            return self._load()[0]
-
-    def add(self, nbytes: int, nblobs: int) -> None:
-        """Add (or with negative numbers, subtract) unconditionally."""
-        with self._locked():
-            counted, boot = self._load()
-            self._save(counted.bytes + nbytes, counted.blobs + nblobs, counted.scanned_at, boot)
-
-    def publish(
-        self, nbytes: int, limit: int | None, link: Callable[[], bool]
-    ) -> tuple[bool, int] | None:
-        """If one more blob of ``nbytes`` stays within ``limit``: count it, then ``link()``
-        it into place, taking the count back if ``link`` returns False (it was there
-        already) or raises. Returns ``(added, total bytes now)``, or ``None`` when it does
-        not fit (nothing done).
-
-        The link happens under the counter's lock, so a rebase (which reads the counter
-        before its scan) sees each blob in its scan or in the counter's change, never in
-        neither; counting first means a crash can only leave the total too high."""
-        with self._locked():
-            counted, boot = self._load()
-            if limit is not None and counted.bytes + nbytes > limit:
-                return None
-            self._save(counted.bytes + nbytes, counted.blobs + 1, counted.scanned_at, boot)
-            added = False
-            try:
-                added = link()
-            finally:
-                if not added:
-                    self._save(counted.bytes, counted.blobs, counted.scanned_at, boot)
-            return added, counted.bytes + (nbytes if added else 0)
-
-    def rebase(self, nbytes: int, nblobs: int, since: Counted) -> Counted:
-        """Set the total from a scan started when the counter read ``since``; updates made
-        during the scan are kept (a fill the scan also saw is counted twice: too high,
-        which is the safe side, until the next rebase)."""
-        with self._locked():
-            now = self._load()[0]
-            delta_bytes, delta_blobs = now.bytes - since.bytes, now.blobs - since.blobs
-            self._save(nbytes + delta_bytes, nblobs + delta_blobs, time.time(), _boot_id())
-            return self._load()[0]
-
-
-# --- the directory -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -403,9 +121,9 @@ class CacheDirectory:
     ) -> None:
         self.root = Path(root)
         self.config = config
-        self.blobs = self.root / "blobs"
-        self.tmp = self.root / "tmp"
-        self.profiles = self.root / "profiles"
+        self.blobs = self.root / BLOBS
+        self.tmp = self.root / TMP
+        self.profiles = self.root / PROFILES
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self._evictor: threading.Thread | None = None
@@ -548,7 +266,7 @@ class CacheDirectory:
                     log.info("cache %s: evicted %d blobs (%s) in %.2f s, %s left", self.root,
                              result.evicted_blobs, format_size(result.evicted_bytes),
                              result.seconds, format_size(result.remaining_bytes))
-        except _Stopped:
+        except Stopped:
             pass
         except Exception as exc:  # the next trigger tries again
             log.warning("cache %s: eviction failed: %s", self.root, exc)
@@ -608,7 +326,7 @@ class CacheDirectory:
             if blob.name in keep:
                 continue
             try:
-                freed = _remove_unpinned(blob.path, remove=not dry_run)
+                freed = remove_unpinned(blob.path, remove=not dry_run)
             except FileNotFoundError:
                 continue  # removed by someone else, who subtracted it
             if freed is None:
@@ -670,7 +388,7 @@ class CacheDirectory:
                 with cache_errors("rescanning"):
                     self._evict_locked(None, stop=stop)
                     return self.usage.read()
-            except _Stopped:
+            except Stopped:
                 return None
 
     def statistics(self) -> tuple[int, int, int]:
@@ -691,10 +409,10 @@ class CacheDirectory:
         removed = 0
         now = time.time()
         try:
-            entries = _entries(self.tmp)
+            leftovers = entries(self.tmp)
         except OSError as exc:
             raise CacheError(f"cache: listing {self.tmp}: {exc.strerror}") from exc
-        for entry in entries:
+        for entry in leftovers:
             try:
                 removed += self._remove_if_stale(entry.path, entry.name, now)
             except OSError as exc:
@@ -720,7 +438,7 @@ class CacheDirectory:
 
     def tmp_leftovers(self) -> TmpLeftovers:
         files = total = in_use = 0
-        for entry in _entries(self.tmp):
+        for entry in entries(self.tmp):
             with contextlib.suppress(OSError):
                 total += entry.stat(follow_symlinks=False).st_size
                 files += 1
@@ -752,110 +470,3 @@ def _writer_alive(name: str) -> bool:
     except OSError:
         return True
     return True
-
-
-# --- the integrity check -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CheckReport:
-    """``check`` results: blobs hashed, bad ones (wrong content, or unreadable), strays
-    (files that are not blobs), how many of those were removed, and stale fills removed."""
-
-    blobs: int
-    bytes: int
-    bad: tuple[str, ...]
-    strays: tuple[str, ...]
-    removed: int
-    tmp_removed: int
-    seconds: float
-
-
-def _verify(blob: BlobFile, progress: Callable[[int], None] | None) -> bool:
-    """Whether the file still holds the content its name promises (gone counts as good)."""
-    try:
-        fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    try:
-        if os.fstat(fd).st_ino != blob.ino:
-            return True  # replaced since the scan: a fresh, verified fill
-        hasher = blake3.blake3()
-        while data := os.read(fd, _HASH_READ):
-            hasher.update(data)
-            if progress is not None:
-                progress(len(data))
-        return bool(hasher.digest() == bytes.fromhex(blob.name))
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def check(
-    directory: CacheDirectory,
-    *,
-    threads: int = 4,
-    progress: Callable[[int], None] | None = None,
-    remove: bool = True,
-) -> CheckReport:
-    """Re-hash every blob (``threads`` at a time; ``progress(n)`` is called from those
-    threads with bytes hashed) and, if ``remove``, delete bad blobs and strays (even
-    pinned ones: a daemon holding one keeps its descriptor), clean stale fills, and rebase
-    the usage counter. Raises ``CacheError``."""
-    started = time.monotonic()
-    with cache_errors("scanning"):
-        scan = scan_blobs(directory.blobs)
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ocixfs-fsck") as pool:
-        verdicts = list(pool.map(lambda blob: _verify(blob, progress), scan.blobs))
-    bad = [blob for blob, good in zip(scan.blobs, verdicts, strict=True) if not good]
-    removed = tmp_removed = 0
-    if remove:
-        with directory.exclusive(wait=60.0) as locked:
-            if not locked:
-                raise CacheError(f"cache {directory.root}: another process is evicting")
-            with cache_errors("removing bad blobs"):
-                removed = _remove_bad(directory, bad) + _remove_strays(scan.strays)
-                directory._evict_locked(None)  # rebase the counter
-        tmp_removed = directory.remove_stale_tmp()
-    return CheckReport(
-        blobs=len(scan.blobs),
-        bytes=scan.bytes,
-        bad=tuple(blob.name for blob in bad),
-        strays=tuple(scan.strays),
-        removed=removed,
-        tmp_removed=tmp_removed,
-        seconds=time.monotonic() - started,
-    )
-
-
-def _remove_bad(directory: CacheDirectory, bad: list[BlobFile]) -> int:
-    removed = 0
-    for blob in bad:
-        try:
-            if os.lstat(blob.path).st_ino != blob.ino:
-                continue  # replaced by a new fill since it was hashed
-            os.unlink(blob.path)
-        except FileNotFoundError:
-            continue
-        log.warning("cache: removed damaged blob %s", blob.name)
-        directory.usage.add(-blob.size, -1)
-        removed += 1
-    return removed
-
-
-def _remove_strays(strays: list[str]) -> int:
-    removed = 0
-    for path in strays:
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        except FileNotFoundError:
-            continue
-        log.warning("cache: removed stray %s", path)
-        removed += 1
-    return removed

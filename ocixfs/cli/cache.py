@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stats(directory: CacheDirectory, *, as_json: bool) -> int:
-    from ocixfs.cache.directory import scan_blobs
+    from ocixfs.cache.layout import scan_blobs
     from ocixfs.config import CacheQuota
 
     scan = scan_blobs(directory.blobs)
@@ -119,7 +119,7 @@ def _stats(directory: CacheDirectory, *, as_json: bool) -> int:
 
 
 def _format_stats(report: dict[str, Any]) -> str:
-    from ocixfs.cache.directory import format_size as size
+    from ocixfs.cache.sizes import format_size as size
 
     counted, quota, fs = report["counted"], report["quota"], report["filesystem"]
     scanned = counted["scanned_at"]
@@ -160,7 +160,7 @@ def _ago(when: float) -> str:
 
 
 def _gc(directory: CacheDirectory, args: argparse.Namespace) -> int:
-    from ocixfs.cache.directory import filesystem_size, format_size, parse_quota
+    from ocixfs.cache.sizes import filesystem_size, format_size, parse_quota
     from ocixfs.errors import UsageError
 
     keep: set[str] = set()
@@ -296,7 +296,9 @@ def _same_directory(reported: str, root: Path) -> bool:
 
 
 def _fsck(directory: CacheDirectory, *, threads: int, dry_run: bool, as_json: bool) -> int:
-    from ocixfs.cache.directory import check, format_size, scan_blobs
+    from ocixfs.cache.fsck import check
+    from ocixfs.cache.layout import scan_blobs
+    from ocixfs.cache.sizes import format_size
     from ocixfs.progress import Progress
 
     total = scan_blobs(directory.blobs).bytes

@@ -51,18 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ocixfs.config import default_cache_dir
-    from ocixfs.errors import UsageError
-    from ocixfs.image.loading import default_store_for, load_image
-    from ocixfs.store.spec import normalize_store
+    from ocixfs.image.loading import load_image
+    from ocixfs.store.spec import stores_or_default
     from ocixfs.tools.extract import ExtractOptions, check_destination, extract_image
 
     check_destination(args.dest)
-    stores = [normalize_store(store) for store in args.store]
-    if not stores:
-        default = default_store_for(args.image)
-        if default is None:
-            raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
-        stores = [default]
+    stores = stores_or_default(args.store, args.image)
     image = load_image(args.image, expected_digest=args.digest)
     options = ExtractOptions(jobs=args.jobs, progress=not args.no_progress)
     with _quiet_fetcher(unless=args.debug):

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import LoadedImage
     from ocixfs.image.tree import Tree
-    from ocixfs.mount.daemon import MountConfig
+    from ocixfs.mount.config import MountConfig
     from ocixfs.mount.profile import Profile
 
 NAME = "mount"
@@ -116,11 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
     flags, values = parse_mount_options(args.options)
     fetch = _fetch_config(args, values)
-    _check_fetch_files(fetch)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, tree, profile = _load(args.image, _last(values, "digest", args.digest), fetch,
-                                 prefetch, config.cache_dir)
+    image, tree, profile = _load(args.image, _last(values, "digest", args.digest),
+                                 config.reader.fetch, prefetch, config.cache_dir)
     config = replace(config, profile=profile, fill_rest=prefetch == "all")
     if args.foreground:
         return run_foreground(config, tree, image.digest)
@@ -137,18 +136,14 @@ def _mount_config(
 ) -> MountConfig:
     """The daemon's settings from the options (the profile comes later, with the image);
     a mistake is a ``UsageError`` before anything is downloaded."""
-    from ocixfs.config import default_cache_dir
+    from ocixfs.config import CacheConfig, ReaderConfig, default_cache_dir
     from ocixfs.errors import UsageError
-    from ocixfs.image.loading import default_store_for, is_url
-    from ocixfs.mount.daemon import MountConfig, check_mountpoint
-    from ocixfs.store.spec import normalize_store
+    from ocixfs.image.loading import is_url
+    from ocixfs.mount.config import MountConfig
+    from ocixfs.mount.daemon import check_mountpoint
+    from ocixfs.store.spec import stores_or_default
 
-    stores = [normalize_store(s) for s in [*args.store, *values.get("store", [])]]
-    if not stores:
-        default = default_store_for(args.image)
-        if default is None:
-            raise UsageError("no blob store: pass --store URL (or put blobs/ beside the manifest)")
-        stores = [default]
+    stores = stores_or_default([*args.store, *values.get("store", [])], args.image)
     cache_values = values.get("cache", []) + values.get("cache_dir", [])
     cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
     deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
@@ -160,13 +155,16 @@ def _mount_config(
     log_file = args.log_file or (Path(log) if log is not None else None)
     if log_file is None and not args.foreground:
         log_file = _default_log_file(mountpoint)
+    # Prefetch workers each need a background slot to keep that many fetches in flight;
+    # on-demand reads keep their own slots, so this never delays them.
+    fetch = replace(fetch, deadline=deadline, background_slots=max(
+        fetch.background_slots, args.prefetch_concurrency))
     return MountConfig(
         image=args.image if is_url(args.image) else os.path.abspath(args.image),
         mountpoint=mountpoint,
         stores=tuple(stores),
         cache_dir=Path(os.path.abspath(cache_dir)),  # the daemon runs in /
-        cache_quota=_cache_quota(args, values),
-        read_deadline=deadline,
+        reader=ReaderConfig(cache=CacheConfig(quota=_cache_quota(args, values)), fetch=fetch),
         kernel_flags=frozenset(flags & KERNEL_FLAGS),
         suid="suid" in flags,
         dev="dev" in flags,
@@ -176,7 +174,6 @@ def _mount_config(
         debug_fuse=args.debug_fuse,
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,
-        fetch=fetch,
     )
 
 
@@ -216,14 +213,19 @@ def _import_daemon_modules() -> None:
 
 
 def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> FetchConfig:
-    """Network settings from the options (``_check_fetch_files`` reads the files they name)."""
+    """Network settings from the options. The CA and credentials files are read now, once
+    (a mistake in one is reported before anything is downloaded); every client of this
+    mount, before and after the fork, uses what was read."""
     from ocixfs.config import FetchConfig
     from ocixfs.errors import UsageError
+    from ocixfs.http import load_credentials, ssl_context
 
     fetch = FetchConfig(
         ca_file=_last(values, "ca_file", args.ca_file),
         auth_file=_last(values, "store_auth", args.store_auth),
     )
+    ssl_context(fetch.ca_file)
+    fetch = replace(fetch, credentials=load_credentials(fetch.auth_file))
     timeout = _last(values, "timeout", None if args.timeout is None else str(args.timeout))
     if timeout is not None:
         try:
@@ -236,18 +238,8 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
     return fetch
 
 
-def _check_fetch_files(fetch: FetchConfig) -> None:
-    """Read the CA and credentials files now, so a mistake in one is reported before
-    anything is mounted."""
-    from ocixfs.store.http import load_credentials, ssl_context
-
-    if fetch.ca_file is not None:
-        ssl_context(fetch.ca_file)
-    load_credentials(fetch.auth_file)
-
-
 def _cache_quota(args: argparse.Namespace, values: dict[str, list[str]]) -> CacheQuota:
-    from ocixfs.cache.directory import parse_quota
+    from ocixfs.cache.sizes import parse_quota
     from ocixfs.config import CacheQuota
 
     spec = args.cache_max_size or (values["cache_max_size"][-1] if "cache_max_size" in values
@@ -265,7 +257,7 @@ def _default_log_file(mountpoint: Path) -> Path:
 def _fsname(image: str) -> str:
     """The mount source shown by mount(8) and df: the image name (never credentials from
     its URL), made option-safe."""
-    from ocixfs.store.http import redact
+    from ocixfs.http import redact
 
     name = redact(image).rstrip("/").rsplit("/", 1)[-1] or "ocixfs"
     return "".join(c if c.isalnum() or c in "._-:+@" else "_" for c in name)[:200]

@@ -1,7 +1,7 @@
 """File content for the FUSE layer: (blobs, offset, size) → verified bytes.
 
 ``open_reader(stores, cache_dir, config)`` (an async context manager, inside trio) owns
-the cache, the HTTP client and the fetch tasks, and yields a ``Reader``:
+the cache, the stores' sources and the fetch tasks, and yields a ``Reader``:
 
 - ``await reader.read(blobs, offset, size)`` returns exactly the bytes
   ``[offset, min(offset + size, file size))`` of the file whose content is ``blobs`` (a
@@ -34,10 +34,11 @@ import trio
 
 from ocixfs.cache.blobs import Cache
 from ocixfs.config import DEFAULT_READER_CONFIG, ReaderConfig
-from ocixfs.errors import CacheError
-from ocixfs.fetch.fetcher import Fetcher, FetchStatistics, HttpClients, Priority, make_sources
+from ocixfs.errors import CacheError, UsageError
+from ocixfs.fetch.fetcher import Fetcher, FetchStatistics, Priority
 from ocixfs.image.format import Chunk
-from ocixfs.store.spec import parse_stores
+from ocixfs.store.remote import open_sources
+from ocixfs.store.spec import StoreSpec
 
 __all__ = ["Priority", "Reader", "ReaderStatistics", "open_reader"]
 
@@ -224,19 +225,19 @@ class Reader:
 
 @contextlib.asynccontextmanager
 async def open_reader(
-    stores: Sequence[str], cache_dir: Path, config: ReaderConfig = DEFAULT_READER_CONFIG
+    stores: Sequence[StoreSpec], cache_dir: Path, config: ReaderConfig = DEFAULT_READER_CONFIG
 ) -> AsyncIterator[Reader]:
-    """Open the cache, the HTTP clients (only if a store is http(s)://) and a nursery for
-    fetch tasks; yield a ``Reader``; on exit cancel pending fetches and close everything.
-    Raises ``UsageError`` for an unusable store URL, ``CacheError`` for an unusable cache."""
-    parsed = parse_stores(stores)
+    """Open the cache, the stores' sources and a nursery for fetch tasks; yield a
+    ``Reader``; on exit cancel pending fetches and close everything. Raises ``UsageError``
+    when no store is given, ``CacheError`` for an unusable cache."""
+    if not stores:
+        raise UsageError("no blob store given")
     limiter = trio.CapacityLimiter(config.fetch.threads)
     with Cache(cache_dir, config.cache, limiter=limiter) as cache:
         async with contextlib.AsyncExitStack() as stack:
-            clients = None
-            if any(isinstance(store, str) for store in parsed):
-                clients = await stack.enter_async_context(HttpClients(config.fetch))
-            sources = make_sources(parsed, clients=clients, limiter=limiter)
+            sources = await stack.enter_async_context(
+                open_sources(stores, config.fetch, limiter=limiter)
+            )
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             fetcher = Fetcher(sources, cache, config.fetch, nursery=nursery, limiter=limiter)

@@ -4,7 +4,7 @@ Pure: no disk, no network. ``decode`` treats its input as hostile (size, depth, 
 limits; every path, type, hash and hardlink checked) and raises only ``FormatError``, with
 one line ``"<source>: <path>: <problem>"``. ``encode`` writes canonical CBOR (RFC 7049
 §3.9), so the same tree always gives the same bytes. Version 0 is what the reference tool
-``cbormanifest`` writes; version 1 adds ``xattrs`` and chunk lists (see DESIGN.md).
+``cbormanifest`` writes; version 1 adds ``xattrs`` and chunk lists (see docs/design.md).
 
 Canonical input only. The decoder is a small schema-directed CBOR reader, not cbor2:
 cbor2 keeps no encoding details and decodes semantic tags itself, so proving canonical form

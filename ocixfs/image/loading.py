@@ -18,7 +18,6 @@ from ocixfs.image.format import DEFAULT_LIMITS, Limits, Manifest, decode, manife
 
 __all__ = [
     "LoadedImage",
-    "default_store_for",
     "is_url",
     "load_image",
     "read_limited",
@@ -46,7 +45,7 @@ def read_manifest_bytes(
     A URL is fetched with ``transport.download`` (system CAs, ``http.ca_file``,
     credentials, bounded size and rate)."""
     if is_url(source):
-        from ocixfs.store.http import download
+        from ocixfs.http import download
 
         return download(source, max_bytes=limits.max_bytes, config=http)
     path = Path(source)
@@ -84,7 +83,7 @@ def load_image(
 ) -> LoadedImage:
     """Read, pin and decode an image; every failure is a one-line ``OcixError`` (a URL's
     credentials never appear in it)."""
-    from ocixfs.store.http import redact
+    from ocixfs.http import redact
 
     data = read_manifest_bytes(source, http=http)
     digest = manifest_digest(data)
@@ -94,12 +93,3 @@ def load_image(
     name = shown if is_url(source) else os.path.basename(source) or source
     return LoadedImage(source=source, digest=digest, manifest=decode(data, source=name))
 
-
-def default_store_for(source: str) -> str | None:
-    """The store beside a manifest (``dir/`` of ``dir/image.ocix``) when it looks like one."""
-    if is_url(source):
-        return source.rsplit("/", 1)[0] + "/"
-    parent = Path(source).resolve().parent
-    if (parent / "blobs" / "blake3").is_dir():
-        return parent.as_uri()
-    return None

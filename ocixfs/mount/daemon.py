@@ -22,58 +22,17 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocixfs.config import DEFAULT_FETCH_CONFIG, CacheQuota, FetchConfig
 from ocixfs.errors import OcixError, UsageError
-from ocixfs.mount.profile import Profile
+from ocixfs.mount.config import MountConfig
 
-__all__ = ["MountConfig", "check_mountpoint", "mount_options", "run_background", "run_foreground"]
+__all__ = ["check_mountpoint", "run_background", "run_foreground"]
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class MountConfig:
-    """Everything the daemon needs, resolved from the command line. ``fetch`` holds the
-    network settings (timeouts, CA and credentials files); ``read_deadline`` overrides its
-    ``deadline``."""
-
-    image: str
-    mountpoint: Path
-    stores: tuple[str, ...]
-    cache_dir: Path
-    read_deadline: float = 30.0
-    suid: bool = False
-    dev: bool = False
-    allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
-    fsname: str = "ocixfs"
-    log_file: Path | None = None
-    debug_fuse: bool = False
-    kernel_flags: frozenset[str] = frozenset()
-    """Generic mount flags passed through to the kernel (``noexec``, ``noatime``, …)."""
-    profile: Profile | None = None
-    fill_rest: bool = False
-    record_profile: Path | None = None
-    prefetch_concurrency: int = 16
-    fetch: FetchConfig = DEFAULT_FETCH_CONFIG
-    cache_quota: CacheQuota = field(default_factory=CacheQuota)
-
-
-def mount_options(config: MountConfig) -> set[str]:
-    """The FUSE mount options: read-only, nodev/nosuid unless asked, permissions by the kernel."""
-    options = {"ro", "default_permissions", "subtype=ocixfs", f"fsname={config.fsname}"}
-    options.add("suid" if config.suid else "nosuid")
-    options.add("dev" if config.dev else "nodev")
-    if config.allow_other:
-        options.add("allow_other")
-    if config.debug_fuse:
-        options.add("debug")
-    return options | set(config.kernel_flags)
 
 
 def check_mountpoint(mountpoint: Path) -> None:

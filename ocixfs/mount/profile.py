@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cbor2
 
+from ocixfs.cache.layout import PROFILES
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import FormatError, OcixError
 
@@ -140,7 +141,7 @@ class AccessRecorder:
 
 def cached_profile_path(cache_dir: Path, image_digest: str) -> Path:
     """Where a host keeps the profile it recorded for an image (keyed by manifest hash)."""
-    return cache_dir / "profiles" / f"{image_digest.removeprefix('b3:')}.profile"
+    return cache_dir / PROFILES / f"{image_digest.removeprefix('b3:')}.profile"
 
 
 def locate_profile(
@@ -197,7 +198,7 @@ def _read_profile(path: Path, *, strict: bool) -> Profile | None:
 
 def _fetch_profile_url(url: str, http: FetchConfig) -> Profile | None:
     from ocixfs.errors import BlobNotFound
-    from ocixfs.store.http import download, redact
+    from ocixfs.http import download, redact
 
     try:
         data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http)

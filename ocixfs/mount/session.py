@@ -4,7 +4,6 @@ control socket together, and guarantees the FUSE mount is gone when ``serve`` re
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -16,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+from ocixfs.fetch.reader import Reader, open_reader
+from ocixfs.http import redact
 from ocixfs.mount.control import ControlServer
+from ocixfs.mount.fs import Operations
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
-from ocixfs.store.http import redact
 
 if TYPE_CHECKING:
-    from ocixfs.fetch.reader import Reader
     from ocixfs.image.tree import Tree
-    from ocixfs.mount.daemon import MountConfig
-    from ocixfs.mount.fs import Operations
+    from ocixfs.mount.config import MountConfig
 
 __all__ = ["MountSession"]
 
@@ -46,31 +45,16 @@ class MountSession:
         self._prefetcher: Prefetcher | None = None
 
     async def serve(self, ready: Callable[[], None]) -> None:
-        from ocixfs.config import CacheConfig, ReaderConfig
-        from ocixfs.fetch.reader import open_reader
-        from ocixfs.mount.daemon import mount_options
-        from ocixfs.mount.fs import Operations
-
-        # Prefetch workers each need a background slot to keep that many fetches in flight;
-        # on-demand reads keep their own slots, so this never delays them.
-        fetch = dataclasses.replace(
-            self.config.fetch,
-            deadline=self.config.read_deadline,
-            background_slots=max(self.config.fetch.background_slots,
-                                 self.config.prefetch_concurrency),
-        )
-        cache = CacheConfig(quota=self.config.cache_quota)
-        reader_config = ReaderConfig(cache=cache, fetch=fetch)
         async with AsyncExitStack() as stack:
             reader = await stack.enter_async_context(
-                open_reader(self.config.stores, self.config.cache_dir, reader_config)
+                open_reader(self.config.stores, self.config.cache_dir, self.config.reader)
             )
             self._prefetcher = self._make_prefetcher(reader)
             ops = Operations(self.tree, reader, access_log=self._recorder)
             self._ops, self._reader = ops, reader
             control = self._control_server()
             listening = control.bind()
-            pyfuse3.init(ops, os.fspath(self.config.mountpoint), mount_options(self.config))
+            pyfuse3.init(ops, os.fspath(self.config.mountpoint), self.config.fuse_options())
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(control.serve, listening)
@@ -139,7 +123,7 @@ class MountSession:
             "mountpoint": os.fspath(self.config.mountpoint),
             "image": redact(self.config.image),
             "image_digest": self.image_digest,
-            "stores": [redact(store) for store in self.config.stores],
+            "stores": [store.label for store in self.config.stores],
             "cache_dir": os.fspath(self.config.cache_dir),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),

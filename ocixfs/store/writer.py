@@ -1,4 +1,4 @@
-"""The local blob store writer: content-addressed files under ``STORE/blobs/blake3/<hex>``.
+"""The local blob store writer: content-addressed files in a store directory (``layout``).
 
 ``BlobStore(root)`` adds blobs atomically: the bytes go to a temporary file in the blob
 directory, which is renamed to its final name only once complete, so a reader (an HTTP
@@ -36,59 +36,29 @@ import blake3
 import zstandard
 
 from ocixfs.errors import StoreError
-from ocixfs.image.format import HASH_SIZE, Chunk
+from ocixfs.image.format import Chunk
+from ocixfs.store.layout import (
+    BLOB_DIR,
+    STORE_CONFIG,
+    ZSTD_SUFFIX,
+    advertises_zstd,
+    read_store_config,
+)
 
 __all__ = [
-    "BLOB_DIR",
     "DEFAULT_ZSTD_LEVEL",
-    "STORE_CONFIG",
     "BlobStore",
     "BlobWriter",
     "StoreStats",
-    "blob_path",
-    "read_store_config",
 ]
 
 log = logging.getLogger(__name__)
 
-BLOB_DIR = Path("blobs") / "blake3"
-STORE_CONFIG = "ocix-store.json"
-ZSTD_SUFFIX = ".zst"
 # Level 3 compresses typical root file systems to within a few percent of level 9 at
 # several times the speed (scripts/bench_build.py measures it).
 DEFAULT_ZSTD_LEVEL = 3
 _TMP_PREFIX = ".tmp-"
 _BLOB_MODE = 0o644
-
-
-def blob_path(root: Path, digest: bytes | str) -> Path:
-    """The path of the blob named ``digest`` (32 raw bytes or 64 lowercase hex) in ``root``."""
-    if isinstance(digest, bytes):
-        if len(digest) != HASH_SIZE:
-            raise ValueError(f"a BLAKE3-256 digest has {HASH_SIZE} bytes, not {len(digest)}")
-        name = digest.hex()
-    else:
-        if len(digest) != 2 * HASH_SIZE or digest.strip("0123456789abcdef"):
-            raise ValueError(f"not a lowercase hex BLAKE3-256 digest: {digest!r}")
-        name = digest
-    return root / BLOB_DIR / name
-
-
-def read_store_config(root: Path) -> dict[str, Any]:
-    """The parsed ``ocix-store.json`` of ``root``, or ``{}`` when there is none."""
-    try:
-        text = (root / STORE_CONFIG).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise StoreError(f"{root / STORE_CONFIG}: {exc.strerror}") from exc
-    try:
-        config = json.loads(text)
-    except ValueError as exc:
-        raise StoreError(f"{root / STORE_CONFIG}: not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise StoreError(f"{root / STORE_CONFIG}: expected a JSON object")
-    return config
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +84,7 @@ class BlobStore:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create {self.blob_dir}: {exc.strerror}") from exc
-        advertised = "zstd" in read_store_config(self.root).get("compression", [])
+        advertised = advertises_zstd(read_store_config(self.root))
         if advertised and not compress:
             log.info("%s advertises zstd: writing .zst blobs too", self.root)
         self.compress = compress or advertised

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ocixfs.errors import BuildError, StoreError, UsageError
 from ocixfs.image.format import Kind, Manifest
 from ocixfs.image.tree import Node, Tree
-from ocixfs.store.writer import blob_path
+from ocixfs.store.layout import BLOB_DIR, ZSTD_SUFFIX, blob_path
 
 if TYPE_CHECKING:
     from ocixfs.build.inputs import Layer
@@ -308,14 +308,14 @@ def compressed_sizes(store: Path, digests: Mapping[bytes, int]) -> tuple[dict[by
     sizes: dict[bytes, int] = {}
     missing = 0
     for digest, size in digests.items():
-        path = blob_path(store, digest)
+        path, packed = blob_path(store, digest), blob_path(store, digest, zstd=True)
         try:
-            sizes[digest] = os.stat(f"{path}.zst").st_size
+            sizes[digest] = os.stat(packed).st_size
             continue
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise StoreError(f"{path}.zst: {exc.strerror}") from exc
+            raise StoreError(f"{packed}: {exc.strerror}") from exc
         if not os.path.exists(path):
             missing += 1
         sizes[digest] = size
@@ -325,8 +325,8 @@ def compressed_sizes(store: Path, digests: Mapping[bytes, int]) -> tuple[dict[by
 def has_compressed_blobs(store: Path) -> bool:
     """Whether ``store`` holds any ``.zst`` blob."""
     try:
-        with os.scandir(store / "blobs" / "blake3") as entries:
-            return any(entry.name.endswith(".zst") for entry in entries)
+        with os.scandir(store / BLOB_DIR) as entries:
+            return any(entry.name.endswith(ZSTD_SUFFIX) for entry in entries)
     except OSError as exc:
         raise UsageError(f"--store {store}: {exc.strerror}") from None
 

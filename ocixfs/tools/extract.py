@@ -60,6 +60,7 @@ from ocixfs.image.format import Chunk, Kind
 from ocixfs.image.loading import LoadedImage
 from ocixfs.image.tree import Node, Tree
 from ocixfs.progress import Progress
+from ocixfs.store.spec import StoreSpec
 from ocixfs.tools.compare import iter_paths
 
 __all__ = [
@@ -175,7 +176,7 @@ def extract_image(
     image: LoadedImage,
     dest: Path,
     *,
-    stores: Sequence[str],
+    stores: Sequence[StoreSpec],
     cache_dir: Path,
     options: ExtractOptions = DEFAULT_EXTRACT_OPTIONS,
 ) -> ExtractSummary:
@@ -458,7 +459,7 @@ class _Extraction:
         self._error: OcixError | None = None
         self._limiter = trio.CapacityLimiter(options.writers)
 
-    async def run(self, stores: Sequence[str], cache_dir: Path) -> tuple[int, int, int]:
+    async def run(self, stores: Sequence[StoreSpec], cache_dir: Path) -> tuple[int, int, int]:
         """Extract; returns (blobs fetched, bytes fetched, bytes received)."""
         config = ReaderConfig(fetch=FetchConfig(background_slots=self._options.jobs),
                               readahead=0)

@@ -26,12 +26,12 @@ import ocixfs.cache.blobs
 import ocixfs.cli
 import ocixfs.cli.inspect
 import ocixfs.cli.mount
+import ocixfs.http
 import ocixfs.image.format
 import ocixfs.image.loading
 import ocixfs.image.tree
 import ocixfs.mount.daemon
 import ocixfs.mount.prefetch
-import ocixfs.store.http
 import ocixfs.store.spec
 
 ADDRESS_SPACE = 1 << 30

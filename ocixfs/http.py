@@ -48,6 +48,7 @@ from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
 __all__ = [
     "Credentials",
     "async_client",
+    "credentials_of",
     "describe",
     "download",
     "load_credentials",
@@ -181,6 +182,13 @@ def load_credentials(auth_file: str | None = None, *, use_netrc: bool = True) ->
     return Credentials(grants, _read_netrc() if use_netrc else None)
 
 
+def credentials_of(config: FetchConfig) -> httpx.Auth:
+    """The credentials ``config`` carries, or (when nobody read them yet) its files'."""
+    if config.credentials is not None:
+        return config.credentials
+    return load_credentials(config.auth_file)
+
+
 def _read_auth_file(auth_file: str) -> list[_Grant]:
     try:
         with open(auth_file, "rb") as file:
@@ -283,13 +291,13 @@ def _timeout(config: FetchConfig) -> httpx.Timeout:
 
 
 def async_client(
-    config: FetchConfig, *, limits: httpx.Limits, auth: Credentials | None = None
+    config: FetchConfig, *, limits: httpx.Limits, auth: httpx.Auth | None = None
 ) -> httpx.AsyncClient:
-    """The fetcher's client; ``auth`` defaults to ``load_credentials(config.auth_file)``.
+    """The fetcher's client; ``auth`` defaults to ``credentials_of(config)``.
     Raises ``UsageError`` for an unusable CA or credentials file."""
     return httpx.AsyncClient(
         verify=ssl_context(config.ca_file),
-        auth=auth if auth is not None else load_credentials(config.auth_file),
+        auth=auth if auth is not None else credentials_of(config),
         trust_env=True,
         timeout=_timeout(config),
         limits=limits,
@@ -304,7 +312,7 @@ def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
     """A blocking client with the same rules (for commands, before any trio run)."""
     return httpx.Client(
         verify=ssl_context(config.ca_file),
-        auth=load_credentials(config.auth_file),
+        auth=credentials_of(config),
         trust_env=True,
         timeout=_timeout(config),
         follow_redirects=True,

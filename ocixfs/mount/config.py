@@ -1,0 +1,56 @@
+"""One mount's settings, resolved once by the ``mount`` command and passed down whole to
+the daemon and its session; nothing below re-derives a setting. No I/O here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ocixfs.config import ReaderConfig
+from ocixfs.mount.profile import Profile
+from ocixfs.store.spec import StoreSpec
+
+__all__ = ["MountConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountConfig:
+    """One mount, as the ``mount`` command resolved it: ``reader`` holds the data path's
+    settings (the read deadline, the cache quota, slots for the prefetch workers), and
+    ``stores`` the parsed stores in mirror order.
+
+    - ``kernel_flags``: generic mount flags passed through to the kernel (``noexec``, …).
+    - ``profile``: what to prefetch, in order; ``fill_rest``: then fetch the rest of the
+      image in the background.
+    - ``record_profile``: where to save what this mount saw, besides the host's cache.
+    """
+
+    image: str
+    mountpoint: Path
+    stores: tuple[StoreSpec, ...]
+    cache_dir: Path
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    suid: bool = False
+    dev: bool = False
+    allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
+    fsname: str = "ocixfs"
+    log_file: Path | None = None
+    debug_fuse: bool = False
+    kernel_flags: frozenset[str] = frozenset()
+    profile: Profile | None = None
+    fill_rest: bool = False
+    record_profile: Path | None = None
+    prefetch_concurrency: int = 16
+
+    def fuse_options(self) -> set[str]:
+        """The FUSE mount options: read-only, nodev/nosuid unless asked, permissions
+        checked by the kernel, plus the kernel flags."""
+        options = {"ro", "default_permissions", "subtype=ocixfs", f"fsname={self.fsname}"}
+        options.add("suid" if self.suid else "nosuid")
+        options.add("dev" if self.dev else "nodev")
+        if self.allow_other:
+            options.add("allow_other")
+        if self.debug_fuse:
+            options.add("debug")
+        return options | set(self.kernel_flags)
