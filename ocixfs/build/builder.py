@@ -43,7 +43,15 @@ from ocixfs.build.layers import (
     read_rootfs_dir,
 )
 from ocixfs.errors import BuildError, UsageError
-from ocixfs.image.format import Chunk, Kind, Manifest, encode, manifest_digest
+from ocixfs.image.format import (
+    LATEST_VERSION,
+    SUPPORTED_VERSIONS,
+    Chunk,
+    Kind,
+    Manifest,
+    encode,
+    manifest_digest,
+)
 from ocixfs.progress import Progress
 from ocixfs.store.writer import DEFAULT_ZSTD_LEVEL, BlobStore
 
@@ -63,7 +71,6 @@ MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 1 << 30
 IN_FLIGHT_BYTES = 64 << 20
 COMPRESSIONS = ("zstd",)
-FORMAT_VERSIONS = (0, 1)
 BATCH_FILES = 64
 BATCH_BYTES = 1 << 20
 # Per queued file, beyond its bytes: keeps a walk of a million tiny files bounded too.
@@ -80,7 +87,7 @@ def _default_threads() -> int:
 class BuildOptions:
     """How to build; the defaults are what ``ocixfs build`` uses."""
 
-    format_version: int = 1
+    format_version: int = LATEST_VERSION
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compress: str | None = None
     zstd_level: int = DEFAULT_ZSTD_LEVEL
@@ -92,8 +99,9 @@ class BuildOptions:
 
     def check(self) -> None:
         """Raise ``UsageError`` for options that cannot work."""
-        if self.format_version not in FORMAT_VERSIONS:
-            raise UsageError(f"unsupported format version {self.format_version} (0 or 1)")
+        if self.format_version not in SUPPORTED_VERSIONS:
+            known = " or ".join(map(str, SUPPORTED_VERSIONS))
+            raise UsageError(f"unsupported format version {self.format_version} ({known})")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be between {MIN_CHUNK_SIZE} and "
                              f"{MAX_CHUNK_SIZE} bytes, not {self.chunk_size}")

@@ -42,6 +42,7 @@ def parse_size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ocixfs.build.builder import DEFAULT_CHUNK_SIZE
     from ocixfs.build.inputs import DEFAULT_PLATFORM
+    from ocixfs.image.format import LATEST_VERSION, SUPPORTED_VERSIONS
     from ocixfs.store.writer import DEFAULT_ZSTD_LEVEL
 
     parser.add_argument("source", metavar="SOURCE", help="what to build (see above)")
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blob store directory (created if missing)")
     parser.add_argument("--output", "-o", metavar="IMAGE.ocix", required=True,
                         help="where to write the manifest (replaced atomically)")
-    parser.add_argument("--format-version", type=int, choices=(0, 1), default=1,
+    parser.add_argument("--format-version", type=int, choices=SUPPORTED_VERSIONS,
+                        default=LATEST_VERSION,
                         help="manifest format version (default: %(default)s)")
     parser.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
                         metavar="SIZE",

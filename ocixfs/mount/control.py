@@ -133,6 +133,8 @@ class ControlServer:
                     await stream.send_all(json.dumps(answer).encode() + b"\n")
             except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            except Exception:  # one bad connection must not stop the control socket
+                log.exception("control connection failed")
 
     async def _dispatch(self, data: bytes) -> dict[str, Any]:
         try:

@@ -8,7 +8,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ class MountSession:
         self._reader: Reader | None = None
         self._recorder = AccessRecorder()
         self._prefetcher: Prefetcher | None = None
+        self._background_failures: Counter[str] = Counter()
 
     async def serve(self, ready: Callable[[], None]) -> None:
         async with AsyncExitStack() as stack:
@@ -57,17 +59,31 @@ class MountSession:
             pyfuse3.init(ops, os.fspath(self.config.mountpoint), self.config.fuse_options())
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(control.serve, listening)
-                    nursery.start_soon(self._stop_on_signals)
+                    nursery.start_soon(self._guarded, "control", control.serve, listening)
+                    nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
                     nursery.start_soon(self._announce_when_serving, ready)
                     if self._prefetcher is not None:
-                        nursery.start_soon(self._prefetcher.run)
+                        nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
             finally:
                 pyfuse3.close(unmount=True)
                 self._save_profiles()
         log.info("%s: unmounted", self.config.mountpoint)
+
+    async def _guarded(
+        self, name: str, task: Callable[..., Awaitable[None]], *args: object
+    ) -> None:
+        """Run a background task that must not take the mount down: an unexpected
+        exception is logged once and counted (``stats``: ``background_failures``), and the
+        task stops alone while the mount keeps serving. Cancellation passes through."""
+        try:
+            await task(*args)
+        except Exception as exc:
+            self._background_failures[name] += 1
+            log.error("%s: %s stopped by an internal error (%s); the mount keeps serving",
+                      self.config.mountpoint, name, _first_error(exc))
+            log.debug("%s failed", name, exc_info=exc)
 
     def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
         """A prefetcher for the profile's plan, or None when there is nothing to prefetch."""
@@ -132,6 +148,7 @@ class MountSession:
             "image_files": present,
             "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
             "profile_files": len(self._recorder),
+            "background_failures": dict(self._background_failures),
         }
 
     def _local_presence(self) -> dict[str, int]:
@@ -148,3 +165,10 @@ class MountSession:
         return {
             "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
         }
+
+
+def _first_error(exc: BaseException) -> str:
+    """One line for an exception, or for the first of a group's (trio nests them)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
