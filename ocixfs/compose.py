@@ -127,7 +127,8 @@ def parse_part(text: str) -> Part:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PartReport:
-    """What applying one part did. ``added``: paths new in the result (created parents
+    """What applying one part did. ``image``: the part's name for messages (a URL's
+    credentials removed). ``added``: paths new in the result (created parents
     included); ``replaced``: lower paths it gave a new entry; ``deleted``: lower paths its
     whiteouts removed (each path below a removed directory counts); ``created``: parent
     directories made for it; ``unmatched_whiteouts``: paths its whiteouts named that lower
@@ -188,8 +189,8 @@ class _Loaded:
 def compose(
     parts: Sequence[tuple[Part, str, str, Manifest]], *, relink: bool = False
 ) -> Composition:
-    """Compose ``parts``, each ``(part, name for messages, manifest digest, manifest)``,
-    in order. Raises ``ComposeError`` on a conflict and ``FormatError`` if the result
+    """Compose ``parts``, each ``(part, name for messages and reports, manifest digest,
+    manifest)``, in order. Raises ``ComposeError`` on a conflict and ``FormatError`` if the result
     breaks a format rule or limit (a path grown too long by embedding)."""
     if not parts:
         raise UsageError("nothing to compose: give at least one part")
@@ -250,7 +251,7 @@ class _Composer:
     def apply(self, loaded: _Loaded, *, first: bool) -> PartReport:
         manifest, at = loaded.manifest, loaded.part.at
         self.version = max(self.version, manifest.version)
-        report = PartReport(image=loaded.part.image, at=at, digest=loaded.digest,
+        report = PartReport(image=loaded.name, at=at, digest=loaded.digest,
                             version=manifest.version, entries=len(manifest.entries))
         if first and at == "/":
             self.entries = dict(manifest.entries)

@@ -257,14 +257,18 @@ def test_dedup_counts_the_embedded_image_once(images: Images, embedded: Path) ->
     assert content["shared"] < base_bytes
 
 
-@needs_fuse
-@pytest.mark.mount
-def test_embedding_at_a_url_part(images: Images, embedded: Path, tmp_path: Path) -> None:
+def test_parts_given_as_urls(images: Images, embedded: Path, tmp_path: Path) -> None:
     with Nginx(images.work, tmp_path / "nginx") as server:
         out = tmp_path / "url.ocix"
-        compose_cli(out, f"{server.url}minbase.ocix", f"{server.url}python.ocix:/srv/app")
+        secret_url = server.url.replace("http://", "http://user:s3cret@")
+        result = compose_cli(out, f"{server.url}minbase.ocix",
+                             f"{secret_url}python.ocix:/srv/app", "--json")
         assert out.read_bytes() == embedded.read_bytes()
         assert {f"/{name}" for name in ("minbase.ocix", "python.ocix")} <= set(server.requests())
+        assert "s3cret" not in result.stdout + result.stderr
+        parts = json.loads(result.stdout)["parts"]
+        assert [(part["image"], part["at"]) for part in parts] == [
+            (f"{server.url}minbase.ocix", "/"), (f"{server.url}python.ocix", "/srv/app")]
 
 
 # ---- stack: an upper image that adds, replaces and deletes ----------------------------------

@@ -85,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             document = {"output": os.fspath(output), **result.to_json(),
                         "store_checked": args.store}
-            for entry in document["parts"]:
-                if is_url(entry["image"]):
-                    entry["image"] = redact(entry["image"])
             print(json.dumps(document, indent=2))
         else:
             print(format_summary(output, result, store_checked=args.store))
