@@ -287,19 +287,20 @@ class _Composer:
             before = kept.get(path)
             exists = before is not None or path in lower_dirs
             was_dir = path in lower_dirs
+            # A part can white out what is below its PATH, not PATH or what is above it.
+            advice = "" if path == at or path in parents else (
+                " (white it out in the same part to replace it)")
             if new is None or new.kind is Kind.DIRECTORY:
                 if exists and not was_dir:
                     assert before is not None
                     raise ComposeError(
                         f"{path}: {where} needs a directory here, but "
-                        f"{_holder(origin, path)} a {_KIND_NAMES[before.kind]} "
-                        "(white it out in the same part to replace it)"
+                        f"{_holder(origin, path)} a {_KIND_NAMES[before.kind]}{advice}"
                     )
             elif exists and was_dir:
                 raise ComposeError(
                     f"{path}: {where} has a {_KIND_NAMES[new.kind]} here, but "
-                    f"{_holder(origin, path)} a directory "
-                    "(white it out in the same part to replace it)"
+                    f"{_holder(origin, path)} a directory{advice}"
                 )
             if new is None:
                 if not exists:

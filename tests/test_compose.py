@@ -405,7 +405,8 @@ def test_embedding_conflicts_name_the_part_and_its_place() -> None:
     with pytest.raises(ComposeError, match=r"^/etc/hostname: app \(at /etc/hostname/app\) "
                                            "needs a directory here, but base has a regular"):
         run(("base", BASE), ("app:/etc/hostname/app", part))
-    with pytest.raises(ComposeError, match="^/bin: app .at /bin/app. needs a directory"):
+    with pytest.raises(ComposeError, match="^/bin: app .at /bin/app. needs a directory "
+                                           "here, but base has a symlink$"):
         run(("base", BASE), ("app:/bin/app", part))
 
 
