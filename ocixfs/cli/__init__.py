@@ -27,6 +27,7 @@ COMMANDS = (
     "extract",
     "diff",
     "dedup",
+    "compose",
     "lxc_config",
 )
 
