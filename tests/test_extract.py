@@ -149,7 +149,8 @@ def test_missing_blob_fails_in_one_line(tmp_path: Path,
     image = build(tmp_path, root)
     hostname = Tree.from_manifest(load_image(str(image)).manifest).node_by_path("/etc/hostname")
     assert hostname is not None
-    blob_path(tmp_path / "store", hostname.blobs[0].digest).unlink()
+    for packed in (False, True):
+        blob_path(tmp_path / "store", hostname.blobs[0].digest, zstd=packed).unlink()
     dest = tmp_path / "out"
     capsys.readouterr()
     status = main(["extract", str(image), str(dest), "--store", str(tmp_path / "store"),

@@ -56,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
                         metavar="SIZE",
                         help="split larger files into chunks of SIZE (version 1; default 1M)")
-    parser.add_argument("--compress", choices=("zstd",),
-                        help="also write a .zst copy of every blob, for stores served that way")
+    parser.add_argument("--compress", choices=("zstd", "none"), default="zstd",
+                        help="zstd (the default): also write a .zst copy of every blob, which "
+                        "mounts fetch instead (about 40%% of the bytes of a typical root "
+                        "filesystem); none: plain blobs only")
     parser.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="N",
                         help="zstd compression level (default: %(default)s)")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     options = BuildOptions(
         format_version=args.format_version,
         chunk_size=args.chunk_size,
-        compress=args.compress,
+        compress=None if args.compress == "none" else args.compress,
         zstd_level=args.zstd_level,
         threads=args.threads,
         platform=args.platform,
