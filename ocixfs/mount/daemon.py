@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 120.0
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    """Refuse a mountpoint that is missing, not a directory, or already mounted."""
+def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> None:
+    """Refuse a mountpoint that is missing, not a directory, already mounted, or (unless
+    ``nonempty``, the ``-o nonempty`` option) not empty: the mount would hide its files."""
     try:
         is_dir = mountpoint.is_dir()
     except OSError as exc:
@@ -47,6 +48,18 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise UsageError(f"{mountpoint}: not a directory")
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint}: already a mountpoint{_mount_owner(mountpoint)}")
+    if not nonempty and _has_entries(mountpoint):
+        raise UsageError(
+            f"{mountpoint}: not empty (the mount would hide its files; -o nonempty to mount anyway)"
+        )
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError as exc:
+        raise UsageError(f"{directory}: {exc.strerror}") from None
 
 
 def _mount_owner(mountpoint: Path) -> str:
