@@ -129,12 +129,27 @@ def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: in
     try:
         return _serve_and_close(config, tree, image_digest, ready)
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, OcixError) else f"{type(exc).__name__}: {exc}"
+        message = _one_line(exc)
         try:
             os.write(pipe_fd, f"error: {message}\n".encode())
         except OSError:
             log.error("daemon failed: %s", message)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """What the user reads about a failed start: an ``OcixError``'s own message, else the
+    exception's type and text."""
+    return str(exc) if isinstance(exc, OcixError) else f"{type(exc).__name__}: {exc}"
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested one-member groups (trio wraps what a nursery's
+    body raises), or the group itself when it holds more."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
+        found = found.exceptions[0]
+    return found
 
 
 def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
@@ -194,5 +209,11 @@ def _serve_and_close(
     from ocixfs.mount.session import MountSession
 
     session = MountSession(config, tree, image_digest)
-    trio.run(session.serve, ready)
+    try:
+        trio.run(session.serve, ready)
+    except BaseExceptionGroup as group:
+        sole = _sole_exception(group)
+        if isinstance(sole, OcixError):
+            raise sole from None  # one line for the user, not a traceback of the group
+        raise
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+from ocixfs.errors import OcixError
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
 from ocixfs.mount.control import ControlServer
@@ -23,6 +25,8 @@ from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
 
@@ -54,7 +58,12 @@ class MountSession:
             self._ops, self._reader = ops, reader
             control = self._control_server()
             listening = control.bind()
-            pyfuse3.init(ops, os.fspath(self.config.mountpoint), self.config.fuse_options())
+            try:
+                _fuse_mount(ops, self.config.mountpoint, self.config.fuse_options())
+            except BaseException:
+                listening.close()
+                control.path.unlink(missing_ok=True)
+                raise
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(control.serve, listening)
@@ -148,3 +157,31 @@ class MountSession:
         return {
             "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
         }
+
+
+def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
+    """``pyfuse3.init``, with what libfuse prints on stderr while it mounts (``fuse: failed
+    to open /dev/fuse: Permission denied``) caught and turned into the one-line
+    ``OcixError`` a failure raises; on success that text goes to the log."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            pyfuse3.init(ops, os.fspath(mountpoint), options)
+        except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = [line.strip() for line in captured.read(4096).decode(errors="replace").splitlines()]
+    said = [line for line in said if line]
+    if failure is None:
+        for line in said:
+            log.info("libfuse: %s", line)
+        return
+    reason = said[-1] if said else str(failure) or type(failure).__name__
+    hint = "; mount as root or get read-write access to it" if "/dev/fuse" in reason else ""
+    raise OcixError(f"{mountpoint}: cannot mount: {reason}{hint}") from None
