@@ -168,7 +168,8 @@ def _mount_config(
     check_mountpoint(mountpoint, nonempty="nonempty" in flags)
     log = _last(values, "log", None)
     log_file = args.log_file or (Path(log) if log is not None else None)
-    if log_file is None and not args.foreground:
+    default_log = log_file is None and not args.foreground
+    if default_log:
         log_file = _default_log_file(mountpoint)
     # Prefetch workers each need a background slot to keep that many fetches in flight;
     # on-demand reads keep their own slots, so this never delays them.
@@ -186,6 +187,7 @@ def _mount_config(
         allow_other=os.geteuid() == 0 or "allow_other" in flags,
         fsname=_fsname(args.image),
         log_file=log_file,
+        remove_routine_log=default_log,
         debug_fuse=args.debug_fuse,
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ocixfs.errors import OcixError, UsageError
+from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 
 __all__ = ["check_mountpoint", "run_background", "run_foreground"]
@@ -127,7 +128,10 @@ def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: in
         _detach_stdio(config.log_file)
 
     try:
-        return _serve_and_close(config, tree, image_digest, ready)
+        status = _serve_and_close(config, tree, image_digest, ready)
+        if config.remove_routine_log and config.log_file and only_routine_lines(config.log_file):
+            config.log_file.unlink(missing_ok=True)
+        return status
     except BaseException as exc:
         message = _one_line(exc)
         try:
@@ -179,6 +183,7 @@ def _detach_stdio(log_file: Path | None) -> None:
         log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         os.dup2(log_fd, 2)
         os.close(log_fd)
+        timestamp_lines()
     else:
         os.dup2(devnull, 2)
     os.close(devnull)

@@ -134,6 +134,7 @@ class MountSession:
             "image_digest": self.image_digest,
             "stores": [store.label for store in self.config.stores],
             "cache_dir": os.fspath(self.config.cache_dir),
+            "log_file": os.fspath(self.config.log_file) if self.config.log_file else None,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "fs": self._ops.statistics().as_dict(),
