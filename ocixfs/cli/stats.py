@@ -105,16 +105,18 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _flatten(data: dict[str, Any], indent: str) -> list[str]:
+def _flatten(data: dict[str, Any], indent: str, group: str = "") -> list[str]:
+    """``key  value`` lines; the values of a nested group are read by the group's name
+    (``bytes_received_by_source: {store: n}`` holds bytes)."""
     lines = []
     for key, value in sorted(data.items()):
         if isinstance(value, dict):
-            inner = _flatten(value, indent + "  ")
+            inner = _flatten(value, indent + "  ", group=key)
             if inner:
                 lines.append(f"{indent}{key}:")
                 lines.extend(inner)
         else:
-            lines.append(f"{indent}{key:<28} {_value(key, value)}")
+            lines.append(f"{indent}{key:<28} {_value(group or key, value)}")
     return lines
 
 
