@@ -172,6 +172,7 @@ def test_a_non_empty_mountpoint_is_refused_unless_nonempty(
     mountpoint.mkdir()
     (mountpoint / "precious").write_text("hidden by a mount")
     args = mount_args(os.fspath(image.store), tmp_path / "cache")
+    mounts(image.ocix, mountpoint)  # so that teardown unmounts it, should it mount after all
     result = run_ocixfs("mount", os.fspath(image.ocix), os.fspath(mountpoint), *args, check=False)
     assert result.returncode == 2 and not is_mounted(mountpoint)
     assert result.stderr == (f"ocixfs: {mountpoint}: not empty (the mount would hide its files; "
