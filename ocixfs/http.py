@@ -11,13 +11,16 @@ as a URL) goes through a client built here, so they all follow the same rules:
   ``NO_PROXY``; httpx ``trust_env``), so a site cache such as Squid can sit in front.
 - **Redirects**: at most ``FetchConfig.max_redirects``, to any host (CDNs and S3
   presigned URLs legitimately send clients elsewhere, and content is verified anyway), but
-  never from https to plain http. Credentials never follow a redirect to another origin
-  (httpx drops ``Authorization`` there).
+  never from https to plain http. Credentials are chosen again for every request of a
+  redirect chain (``Credentials.rescope``, a request hook): a redirect to a URL outside a
+  secret's scope, on the same origin or not, goes without it.
 - **Credentials** (``Credentials``) are scoped by URL prefix and sent only to their own
   origin: lines of the ``FetchConfig.auth_file`` (``URL bearer TOKEN`` or
-  ``URL basic USER:PASSWORD``), then ``user:password@`` in a store URL, then netrc
-  (``$NETRC`` or ``~/.netrc``, basic auth by host name). Secrets never appear in labels,
-  logs or messages: ``redact(url)`` drops the user-info part of a URL.
+  ``URL basic USER:PASSWORD``), then netrc (``$NETRC`` or ``~/.netrc``, basic auth by host
+  name). A ``user:password@`` in a URL is never used: the commands refuse such URLs
+  (``refuse_credentials``), because a command line is visible to every user in ``ps``
+  for as long as the mount daemon runs. Secrets never appear in labels, logs or
+  messages: ``redact(url)`` drops the user-info part of a URL.
 - ``download(url, ...)`` gets a small document whole, with a size cap and the fetcher's
   minimum-rate rule, so an endless or trickling body cannot hold a command forever.
 
@@ -53,6 +56,7 @@ __all__ = [
     "download",
     "load_credentials",
     "redact",
+    "refuse_credentials",
     "ssl_context",
     "sync_client",
 ]
@@ -72,6 +76,21 @@ def redact(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def refuse_credentials(url: str, what: str) -> None:
+    """Raise ``UsageError`` if ``url`` carries ``user[:password]@``: a command line shows
+    it to every user (``ps``, ``/proc/PID/cmdline``) for as long as the daemon it started
+    runs. ``what`` names the argument (``--store``, ``IMAGE``) in the message."""
+    try:
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return  # not a URL: whoever parses it says so
+    if "@" in netloc:
+        raise UsageError(
+            f"{what} {redact(url)}: credentials in a URL are visible to every user (ps); "
+            "put them in a --store-auth file"
+        )
 
 
 def describe(exc: BaseException) -> str:
@@ -138,12 +157,16 @@ def _basic(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
+_CHOSEN_HERE = "ocixfs.credentials"  # request extension: our Authorization, ours to rescope
+
+
 class Credentials(httpx.Auth):
     """Adds an ``Authorization`` header to requests for URLs it has a secret for.
 
-    Lookup order: the longest matching prefix from the auth file, then ``user:password@``
-    in the request URL, then netrc by host name. A request that already carries an
-    ``Authorization`` header is left alone. ``repr()`` shows no secret."""
+    Lookup order: the longest matching prefix from the auth file, then netrc by host name.
+    A request that already carries an ``Authorization`` header is left alone. Clients
+    made here also call ``rescope`` on every request of a redirect chain. ``repr()``
+    shows no secret."""
 
     def __init__(
         self,
@@ -160,8 +183,6 @@ class Credentials(httpx.Auth):
         for grant in self._grants:
             if grant.covers(url):
                 return grant.header
-        if url.username or url.password:
-            return _basic(url.username, url.password)
         login = self._netrc.get(url.host)
         return _basic(*login) if login is not None else None
 
@@ -170,7 +191,25 @@ class Credentials(httpx.Auth):
             header = self.header_for(request.url)
             if header is not None:
                 request.headers["Authorization"] = header
+                request.extensions[_CHOSEN_HERE] = True
         yield request
+
+    def rescope(self, request: httpx.Request) -> None:
+        """Choose the ``Authorization`` of a redirected request again, for its own URL.
+        httpx copies the header to a redirect on the same origin (and from http to https
+        on the same host) whatever the path, so a token for ``/store/`` would otherwise
+        reach ``/elsewhere`` on a redirect. Headers a caller set itself are left alone."""
+        if not request.extensions.get(_CHOSEN_HERE):
+            return
+        header = self.header_for(request.url)
+        if header is None:
+            request.headers.pop("Authorization", None)
+        else:
+            request.headers["Authorization"] = header
+
+    async def rescope_async(self, request: httpx.Request) -> None:
+        """``rescope`` as an ``httpx.AsyncClient`` request hook."""
+        self.rescope(request)
 
 
 def load_credentials(auth_file: str | None = None, *, use_netrc: bool = True) -> Credentials:
@@ -295,29 +334,33 @@ def async_client(
 ) -> httpx.AsyncClient:
     """The fetcher's client; ``auth`` defaults to ``credentials_of(config)``.
     Raises ``UsageError`` for an unusable CA or credentials file."""
+    auth = auth if auth is not None else credentials_of(config)
+    rescope = [auth.rescope_async] if isinstance(auth, Credentials) else []
     return httpx.AsyncClient(
         verify=ssl_context(config.ca_file),
-        auth=auth if auth is not None else credentials_of(config),
+        auth=auth,
         trust_env=True,
         timeout=_timeout(config),
         limits=limits,
         follow_redirects=True,
         max_redirects=config.max_redirects,
-        event_hooks={"response": [_refuse_downgrade_async]},
+        event_hooks={"request": rescope, "response": [_refuse_downgrade_async]},
         headers={"User-Agent": "ocixfs"},
     )
 
 
 def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
     """A blocking client with the same rules (for commands, before any trio run)."""
+    auth = credentials_of(config)
+    rescope = [auth.rescope] if isinstance(auth, Credentials) else []
     return httpx.Client(
         verify=ssl_context(config.ca_file),
-        auth=credentials_of(config),
+        auth=auth,
         trust_env=True,
         timeout=_timeout(config),
         follow_redirects=True,
         max_redirects=config.max_redirects,
-        event_hooks={"response": [_refuse_downgrade]},
+        event_hooks={"request": rescope, "response": [_refuse_downgrade]},
         headers={"User-Agent": "ocixfs"},
     )
 

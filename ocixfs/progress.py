@@ -4,11 +4,13 @@
 at most every ``interval`` seconds, and is silent otherwise, so logs and pipes never see
 carriage returns. It counts bytes: ``advance(n)`` may be called from any thread. With a
 known ``total`` it shows a bar, a percentage and an ETA; without one, the count and the
-rate. The rate is measured over the last few seconds, not since the start.
+rate. The rate is measured over the last few seconds, not since the start. Sizes are
+decimal (``format_bytes``: 1 MB = 1,000,000 bytes), everywhere ocixfs shows one.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import threading
@@ -21,10 +23,15 @@ __all__ = ["Progress", "format_bytes", "format_duration"]
 
 DEFAULT_INTERVAL = 0.2
 RATE_WINDOW = 5.0
+RATE_MIN_SECONDS = 1.0
+_BYTES_WIDTH = 7  # "999 MB", "9.99 GB", "99.9 kB": format_bytes is at most this wide
+_ETA_WIDTH = 11  # "ETA 1:02:05"
+_BAR_MIN, _BAR_MAX = 10, 40
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes in decimal units, about three figures: ``"812 B"``, ``"16.0 MB"``."""
+    """``n`` bytes in decimal units, about three figures: ``"812 B"``, ``"16.0 MB"``. The
+    one way ocixfs shows a size (progress bars, summaries, ``stats``, ``cache``, logs)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 999.5 or unit == "TB":
             break
@@ -96,29 +103,34 @@ class Progress:
             self.enabled = False
 
     def render(self, width: int) -> str:
-        """The text of the line for a terminal ``width`` columns wide (without ``\\r``)."""
-        now = time.monotonic()
-        rate = self._rate(now)
-        parts = [self.label]
+        """The text of the line for a terminal ``width`` columns wide (without ``\\r``).
+
+        Every number has a fixed width, so the bar neither moves nor changes length while
+        the numbers change: the percentage is rounded down (``100%`` and a full bar only
+        when done), rate and ETA stay blank until ``RATE_MIN_SECONDS`` of progress
+        measured a rate, and the ETA is blank again once done."""
+        rate = self._rate(time.monotonic())
+        rate_text = f"{format_bytes(rate)}/s" if rate is not None else ""
+        numbers = [f"{format_bytes(self.done):>{_BYTES_WIDTH}}"]
+        fraction = min(1.0, self.done / self.total) if self.total else None
+        if self.total and fraction is not None:
+            numbers = [f"{math.floor(fraction * 100):3d}%",
+                       f"{numbers[0]} / {format_bytes(self.total):<{_BYTES_WIDTH}}"]
+        numbers.append(f"{rate_text:>{_BYTES_WIDTH + 2}}")
         if self.total:
-            fraction = min(1.0, self.done / self.total)
-            parts.append(f"{fraction:4.0%}")
-            parts.append(f"{format_bytes(self.done)}/{format_bytes(self.total)}")
-        else:
-            parts.append(format_bytes(self.done))
-        parts.append(f"{format_bytes(rate)}/s")
-        if self.total and rate > 0:
-            parts.append(f"ETA {format_duration(max(0, self.total - self.done) / rate)}")
+            left = self.total - self.done
+            eta = format_duration(left / rate) if rate and left > 0 else ""
+            numbers.append(f"{'ETA ' + eta if eta else '':<{_ETA_WIDTH}}")
+        text = " ".join(numbers)
+        detail_room = len(self.detail) + 2 if self.detail else 0
+        bar_width = min(_BAR_MAX, width - 1 - len(self.label) - len(text) - 4 - detail_room)
+        if fraction is not None and bar_width >= _BAR_MIN:
+            filled = math.floor(bar_width * fraction)
+            text = f"[{'#' * filled}{'.' * (bar_width - filled)}] {text}"
+        line = f"{self.label} {text}"
         if self.detail:
-            parts.append(self.detail)
-        text = "  ".join(parts)
-        if self.total:
-            bar_width = width - len(text) - 4
-            if bar_width >= 10:
-                filled = int(bar_width * min(1.0, self.done / self.total))
-                bar = "[" + "#" * filled + "." * (bar_width - filled) + "]"
-                text = f"{parts[0]} {bar} " + "  ".join(parts[1:])
-        return text[: max(0, width - 1)]
+            line += f"  {self.detail}"
+        return line[: max(0, width - 1)].rstrip()
 
     def _maybe_draw(self) -> None:
         if not self.enabled:
@@ -136,10 +148,14 @@ class Progress:
         self._stream.flush()
         self._drawn_width = len(line)
 
-    def _rate(self, now: float) -> float:
+    def _rate(self, now: float) -> float | None:
+        """Bytes per second over the last ``RATE_WINDOW`` seconds; None until progress has
+        been measured for ``RATE_MIN_SECONDS`` (a first frame's rate is noise)."""
         start_time, start_done = self._samples[0]
         elapsed = now - start_time
-        return (self.done - start_done) / elapsed if elapsed > 0.05 else 0.0
+        if elapsed < RATE_MIN_SECONDS or self.done == 0:
+            return None
+        return (self.done - start_done) / elapsed
 
     def __enter__(self) -> Progress:
         return self

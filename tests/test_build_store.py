@@ -232,10 +232,33 @@ def test_progress_line_contents() -> None:
     progress = Progress("extracting", total=None, enabled=False)
     progress.advance(1_500_000)
     line = progress.render(80)
-    assert line.startswith("extracting  1.50 MB  ") and "/s" in line and "ETA" not in line
+    assert line == "extracting 1.50 MB"  # no rate yet: it would be noise
     assert len(Progress("x" * 200, enabled=False).render(40)) == 39
     assert format_bytes(999) == "999 B" and format_bytes(1_234_567) == "1.23 MB"
     assert format_duration(3725) == "1:02:05" and format_duration(65) == "1:05"
+
+
+def test_progress_bar_keeps_its_place_and_says_only_what_it_knows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11: the bar changed width as numbers changed, showed a dot at "100%" and an
+    ``ETA 87:11:06`` in its first frame. The clock is the only thing faked here."""
+    now = [1000.0]
+    monkeypatch.setattr("ocixfs.progress.time.monotonic", lambda: now[0])
+    progress = Progress("fetching", total=2_000_000, enabled=False)
+    first = progress.render(100)
+    assert "ETA" not in first and "/s" not in first  # no rate measured yet
+    lines = []
+    for done, at in ((1_000, 1000.01), (1_500_000, 1001.5), (498_000, 1002.0), (1_000, 1002.5)):
+        now[0] = at
+        progress._samples.append((at, progress.done))
+        progress.advance(done)
+        lines.append(progress.render(100))
+    bars = [line.index("]") for line in [first, *lines]]
+    assert len(set(bars)) == 1, lines  # the bar never moves
+    assert " 99%" in lines[2] and "." in lines[2].split("]")[0]  # 1,999,000 of 2,000,000
+    assert "100%" in lines[3] and "." not in lines[3].split("]")[0] and "ETA" not in lines[3]
+    assert "ETA 0:0" in lines[1] and "MB/s" in lines[1]
 
 
 # -- command line -------------------------------------------------------------------------

@@ -479,11 +479,13 @@ def test_fsck_finds_damaged_blobs_and_strays(tmp_path: Path) -> None:
     result = run_ocixfs("cache", "fsck", "--cache-dir", os.fspath(tmp_path), check=False)
     assert result.returncode == 1
     assert f"damaged  {chunks[2].hex}" in result.stdout
+    assert "  damaged blobs       1, removed (a read fetches them again)\n" in result.stdout
+    assert "  stray files         2, removed (not named like a blob" in result.stdout
     assert not bad.exists() and not wrong_shard.exists()
     assert names(tmp_path) == {c.hex for c in chunks} - {chunks[2].hex}
     assert _counter(tmp_path) == (4 * 50_000, 4, True)
     result = run_ocixfs("cache", "fsck", "--cache-dir", os.fspath(tmp_path))
-    assert "0 damaged, 0 strays" in result.stdout
+    assert "  damaged blobs       none\n  stray files         none\n" in result.stdout
 
 
 def test_gc_max_size_trims_least_recently_used(tmp_path: Path) -> None:

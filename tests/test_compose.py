@@ -260,12 +260,16 @@ def test_dedup_counts_the_embedded_image_once(images: Images, embedded: Path) ->
 def test_parts_given_as_urls(images: Images, embedded: Path, tmp_path: Path) -> None:
     with Nginx(images.work, tmp_path / "nginx") as server:
         out = tmp_path / "url.ocix"
-        secret_url = server.url.replace("http://", "http://user:s3cret@")
         result = compose_cli(out, f"{server.url}minbase.ocix",
-                             f"{secret_url}python.ocix:/srv/app", "--json")
+                             f"{server.url}python.ocix:/srv/app", "--json")
         assert out.read_bytes() == embedded.read_bytes()
         assert {f"/{name}" for name in ("minbase.ocix", "python.ocix")} <= set(server.requests())
-        assert "s3cret" not in result.stdout + result.stderr
+        secret_url = server.url.replace("http://", "http://user:s3cret@")
+        refused = compose_cli(tmp_path / "refused.ocix", f"{server.url}minbase.ocix",
+                              f"{secret_url}python.ocix:/srv/app", check=False)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+        assert "--store-auth" in refused.stderr and "s3cret" not in refused.stderr
+        assert not (tmp_path / "refused.ocix").exists()
         parts = json.loads(result.stdout)["parts"]
         assert [(part["image"], part["at"]) for part in parts] == [
             (f"{server.url}minbase.ocix", "/"), (f"{server.url}python.ocix", "/srv/app")]
@@ -507,7 +511,7 @@ def test_a_closed_stdout_does_not_traceback(images: Images, tmp_path: Path) -> N
                               stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)
-    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.returncode == 141 and proc.stderr == ""  # as any command on a closed pipe
     assert out.read_bytes() == images.minbase.read_bytes()
 
 

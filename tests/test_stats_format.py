@@ -10,12 +10,14 @@ SAMPLE = {
     "image_digest": "b3:" + "ab" * 32,
     "stores": ["http://127.0.0.1:8080/", "http://mirror/"],
     "cache_dir": "/var/cache/ocixfs",
+    "log_file": "/run/ocixfs/0123.log",
     "pid": 4242,
     "uptime_s": 12.5,
     "image_files": {"files": 10, "files_local": 4, "bytes": 3 << 20, "bytes_local": 1536},
     "prefetch": None,
     "profile_files": 7,
-    "reader": {"blobs_fetched": 4, "errors": {"timeout": 2}},
+    "reader": {"blobs_fetched": 4, "errors": {"timeout": 2}, "bytes_fetched": 1_234_567,
+               "wait_seconds_max": 0.01818287099013105, "blobs_by_source": {}},
     "fs": {"reads": 9, "errors": {}},
 }
 
@@ -25,12 +27,27 @@ def test_every_group_and_counter_is_shown() -> None:
     assert "mountpoint   /mnt/root" in text
     assert "http://127.0.0.1:8080/, http://mirror/" in text
     assert "pid 4242" in text
-    assert "local        4/10 files, 1.5 KiB/3.0 MiB" in text
-    assert "profile      7 files accessed so far" in text
+    assert "local        4 of 10 files, 1.54 kB of 3.15 MB" in text
+    assert "profile      7 files opened so far" in text
+    assert "log          /run/ocixfs/0123.log" in text
+    assert "daemon       pid 4242, up 12.5 s" in text
     assert "prefetch:" not in text  # no prefetch ran
     lines = text.splitlines()
     assert lines.index("reader:") < lines.index("fs:")
     assert "    timeout" in text and "  blobs_fetched" in text
+
+
+def test_numbers_are_rounded_and_empty_groups_hidden() -> None:
+    """Issue 11: raw floats (``0.01818287099013105``), byte counts in bytes and headings
+    over nothing (``errors:`` of a mount without errors) made the text hard to read."""
+    text = format_stats(SAMPLE)
+    assert "wait_seconds_max             18.2 ms" in text
+    assert "bytes_fetched                1.23 MB" in text
+    assert "0181828" not in text
+    assert "blobs_by_source" not in text and "  errors:\n    timeout" in text
+    assert text.count("errors:") == 1  # fs has none: no heading
+    foreground = format_stats({**SAMPLE, "log_file": None})
+    assert "log          stderr (a foreground mount)" in foreground
 
 
 def test_a_running_prefetch_is_shown() -> None:

@@ -30,7 +30,7 @@ def test_store_names() -> None:
 
 def test_normalize_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert normalize_store("http://h/s") == "http://h/s/"
-    assert normalize_store("https://u:p@h/s/") == "https://u:p@h/s/"
+    assert normalize_store("https://h/s/") == "https://h/s/"
     assert normalize_store("file:///nowhere") == "file:///nowhere/"  # not checked here
     assert normalize_store("file://localhost/x/") == "file://localhost/x/"
     (tmp_path / "a b" / "sub").mkdir(parents=True)
@@ -52,9 +52,13 @@ def test_normalized_stores_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_labels_never_show_credentials() -> None:
-    (http, local) = parse_stores(["https://user:secret@h/s/", "file:///srv/s"])
+    (http, local) = parse_stores(["https://h/s/", "file:///srv/s"])
     assert http.label == "https://h/s/"
     assert local.label == "file:///srv/s"
+    for name in ("https://user:secret@h/s/", "https://token@h/s/"):
+        with pytest.raises(UsageError, match="credentials in a URL are visible") as caught:
+            parse_stores([name])
+        assert "secret" not in str(caught.value) and "token" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

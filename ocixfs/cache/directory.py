@@ -62,10 +62,11 @@ from ocixfs.cache.layout import (
     remove_unpinned,
     scan_blobs,
 )
-from ocixfs.cache.sizes import filesystem_size, format_size
+from ocixfs.cache.sizes import filesystem_size
 from ocixfs.cache.usage import Counted, SharedUsage
 from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig
 from ocixfs.errors import CacheError, CacheFullError
+from ocixfs.progress import format_bytes
 
 __all__ = ["CacheDirectory", "EvictResult", "TmpLeftovers"]
 
@@ -203,8 +204,8 @@ class CacheDirectory:
         assert limit is not None
         if size > limit:
             raise CacheFullError(
-                f"a blob of {format_size(size)} is larger than the cache quota "
-                f"({format_size(limit)}); raise --cache-max-size"
+                f"a blob of {format_bytes(size)} is larger than the cache quota "
+                f"({format_bytes(limit)}); raise --cache-max-size"
             )
         deadline = time.monotonic() + self.config.evict_wait
         while True:
@@ -214,7 +215,7 @@ class CacheDirectory:
                         result = self._evict_locked(limit - size)
                     added = self._publish(size, limit, link, trigger=False)
                     if added is None:
-                        self._note_over_quota(f"{format_size(result.pinned_bytes)} are pinned")
+                        self._note_over_quota(f"{format_bytes(result.pinned_bytes)} are pinned")
                         added = self._publish(size, None, link, trigger=False)
             if locked:
                 assert added is not None
@@ -264,8 +265,8 @@ class CacheDirectory:
                         spare_after=time.time() - BACKGROUND_SPARES,
                     )
                     log.info("cache %s: evicted %d blobs (%s) in %.2f s, %s left", self.root,
-                             result.evicted_blobs, format_size(result.evicted_bytes),
-                             result.seconds, format_size(result.remaining_bytes))
+                             result.evicted_blobs, format_bytes(result.evicted_bytes),
+                             result.seconds, format_bytes(result.remaining_bytes))
         except Stopped:
             pass
         except Exception as exc:  # the next trigger tries again
@@ -291,7 +292,7 @@ class CacheDirectory:
         if now - self._over_quota_logged >= OVER_QUOTA_LOG_INTERVAL:
             self._over_quota_logged = now
             log.warning("cache %s: over its quota of %s: %s", self.root,
-                        format_size(self.limit or 0), why)
+                        format_bytes(self.limit or 0), why)
 
     # --- eviction ---
 
@@ -354,8 +355,8 @@ class CacheDirectory:
         )
         if evicted_blobs and not dry_run:
             log.debug("cache %s: evicted %d blobs (%s) in %.2f s, %s left", self.root,
-                     evicted_blobs, format_size(evicted_bytes), result.seconds,
-                     format_size(result.remaining_bytes))
+                     evicted_blobs, format_bytes(evicted_bytes), result.seconds,
+                     format_bytes(result.remaining_bytes))
         return result
 
     def trim(

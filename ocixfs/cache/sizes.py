@@ -1,4 +1,5 @@
-"""Sizes as users type and read them: ``10G``, ``20%``, ``1.5 MiB``."""
+"""Sizes as users type them: ``10G``, ``20%``, ``1.5TiB`` (K, M, G, T, P are powers of
+1024 here, as in ``df -h``). Sizes ocixfs shows are decimal: ``progress.format_bytes``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from ocixfs.config import CacheQuota
 from ocixfs.errors import UsageError
 
-__all__ = ["filesystem_size", "format_size", "parse_quota", "parse_size"]
+__all__ = ["filesystem_size", "parse_quota", "parse_size"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -42,16 +43,6 @@ def parse_quota(text: str) -> CacheQuota:
             raise UsageError(f"cache size {text!r}: a share must be more than 0 and at most 100%")
         return CacheQuota(share=share / 100, cap=None)
     return CacheQuota(size=parse_size(text))
-
-
-def format_size(n: float) -> str:
-    """``n`` bytes in binary units: ``"812 B"``, ``"1.5 MiB"``, ``"20.0 GiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def filesystem_size(path: Path) -> int:

@@ -4,12 +4,15 @@ Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``. Command modules import their heavy dependencies inside ``run`` so
 that ``ocixfs --help`` and the mount daemon start quickly. An ``OcixError`` (or an
 ``OSError`` about a user-named file) becomes one line on stderr and exit status 1 or 2.
+A reader that closes the output early (``ocixfs diff A B | head``) ends any command
+quietly, with the status 141 a shell gives a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -62,6 +65,7 @@ def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--debug", action="store_true", help="log debug messages to stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _load_commands(commands):
         cmd = sub.add_parser(
@@ -73,6 +77,23 @@ def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from ocixfs import __version__
+
+    return __version__
+
+
+BROKEN_PIPE_STATUS = 128 + 13  # what a shell reports for a process killed by SIGPIPE
+
+
+def _stop_writing_stdout() -> None:
+    """After the reader of stdout went away: send what is still buffered nowhere, so
+    Python's flush at exit cannot fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ocixfs.errors import OcixError, UsageError
     from ocixfs.log import setup_logging
@@ -82,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(debug=args.debug)
     try:
         status: int = args._run(args)
+        sys.stdout.flush()
         return status
+    except BrokenPipeError:
+        _stop_writing_stdout()
+        return BROKEN_PIPE_STATUS
     except UsageError as exc:
         print(f"ocixfs: {exc}", file=sys.stderr)
         return 2

@@ -119,7 +119,7 @@ def _stats(directory: CacheDirectory, *, as_json: bool) -> int:
 
 
 def _format_stats(report: dict[str, Any]) -> str:
-    from ocixfs.cache.sizes import format_size as size
+    from ocixfs.progress import format_bytes as size
 
     counted, quota, fs = report["counted"], report["quota"], report["filesystem"]
     scanned = counted["scanned_at"]
@@ -160,8 +160,9 @@ def _ago(when: float) -> str:
 
 
 def _gc(directory: CacheDirectory, args: argparse.Namespace) -> int:
-    from ocixfs.cache.sizes import filesystem_size, format_size, parse_quota
+    from ocixfs.cache.sizes import filesystem_size, parse_quota
     from ocixfs.errors import UsageError
+    from ocixfs.progress import format_bytes
 
     keep: set[str] = set()
     if args.all_unused:
@@ -190,8 +191,8 @@ def _gc(directory: CacheDirectory, args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {result.evicted_blobs} blobs ({format_size(result.evicted_bytes)}); "
-              f"{result.remaining_blobs} blobs ({format_size(result.remaining_bytes)}) remain, "
+        print(f"{verb} {result.evicted_blobs} blobs ({format_bytes(result.evicted_bytes)}); "
+              f"{result.remaining_blobs} blobs ({format_bytes(result.remaining_bytes)}) remain, "
               f"{result.pinned_blobs} of them skipped because a mount holds them open")
         if tmp_removed:
             print(f"removed {tmp_removed} leftovers of interrupted fills")
@@ -298,8 +299,7 @@ def _same_directory(reported: str, root: Path) -> bool:
 def _fsck(directory: CacheDirectory, *, threads: int, dry_run: bool, as_json: bool) -> int:
     from ocixfs.cache.fsck import check
     from ocixfs.cache.layout import scan_blobs
-    from ocixfs.cache.sizes import format_size
-    from ocixfs.progress import Progress
+    from ocixfs.progress import Progress, format_bytes
 
     total = scan_blobs(directory.blobs).bytes
     with Progress("fsck", total=total) as progress:
@@ -318,9 +318,16 @@ def _fsck(directory: CacheDirectory, *, threads: int, dry_run: bool, as_json: bo
             print(f"damaged  {name}")
         for path in report.strays:
             print(f"stray    {path}")
-        removed = "nothing removed: --dry-run" if dry_run else f"{report.removed} removed"
-        print(f"checked {report.blobs} blobs ({format_size(report.bytes)}) in "
-              f"{report.seconds:.1f} s ({format_size(rate)}/s): {len(report.bad)} damaged, "
-              f"{len(report.strays)} strays ({removed}); {report.tmp_removed} leftovers of "
-              "interrupted fills removed")
+        fate = "kept (--dry-run)" if dry_run else "removed"
+        print(f"checked {report.blobs} blobs ({format_bytes(report.bytes)}) in "
+              f"{report.seconds:.1f} s ({format_bytes(rate)}/s)")
+        print(f"  damaged blobs       {_count_or_none(len(report.bad), fate)}"
+              f"{' (a read fetches them again)' if report.bad and not dry_run else ''}")
+        print(f"  stray files         {_count_or_none(len(report.strays), fate)}"
+              f"{' (not named like a blob, or in the wrong directory)' if report.strays else ''}")
+        print(f"  interrupted fills   {_count_or_none(report.tmp_removed, 'removed')}")
     return 1 if problems else 0
+
+
+def _count_or_none(count: int, fate: str) -> str:
+    return f"{count}, {fate}" if count else "none"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,17 +86,11 @@ def run(args: argparse.Namespace) -> int:
                              f"referenced are missing (first: {missing[0].hex}); "
                              f"nothing written")
     write_atomically(output, result.data)
-    try:
-        if args.json:
-            document = {"output": os.fspath(output), **result.to_json(),
-                        "store_checked": args.store}
-            print(json.dumps(document, indent=2))
-        else:
-            print(format_summary(output, result, store_checked=args.store))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `ocixfs compose ... | head -1`: the file is written; stop quietly.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.json:
+        document = {"output": os.fspath(output), **result.to_json(), "store_checked": args.store}
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_summary(output, result, store_checked=args.store))
     return 0
 
 

@@ -51,13 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ocixfs.config import default_cache_dir
-    from ocixfs.image.loading import load_image
+    from ocixfs.image.loading import check_digest, load_image
     from ocixfs.store.spec import stores_or_default
     from ocixfs.tools.extract import ExtractOptions, check_destination, extract_image
 
+    digest = check_digest(args.digest) if args.digest is not None else None
     check_destination(args.dest)
     stores = stores_or_default(args.store, args.image)
-    image = load_image(args.image, expected_digest=args.digest)
+    image = load_image(args.image, expected_digest=digest)
     options = ExtractOptions(jobs=args.jobs, progress=not args.no_progress)
     with _quiet_fetcher(unless=args.debug):
         summary = extract_image(image, args.dest, stores=stores,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -66,17 +65,12 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = _load(args.image, DEFAULT_LIMITS)
     summary = summarize(manifest)
-    try:
-        if args.json:
-            _print_json(manifest, summary, with_entries=not args.summary)
-        else:
-            if not args.summary:
-                _print_listing(manifest)
-            print(_summary_line(summary))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `ocixfs inspect x | head`: stop quietly; keep Python's exit-time flush from failing.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.json:
+        _print_json(manifest, summary, with_entries=not args.summary)
+    else:
+        if not args.summary:
+            _print_listing(manifest)
+        print(_summary_line(summary))
     return 0
 
 

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ocixfs.errors import UsageError
-    from ocixfs.image.loading import is_url
+    from ocixfs.image.loading import check_digest, is_url
     from ocixfs.store.spec import normalize_store
 
     lower, upper = _absolute(args.lower), _absolute(args.upper)
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         if args.cache_dir is not None:
             mount_command += ["--cache-dir", os.fspath(_absolute(args.cache_dir))]
         if args.digest is not None:
-            mount_command += ["--digest", args.digest]
+            mount_command += ["--digest", check_digest(args.digest)]
         umount_command = [*ocixfs, "umount", os.fspath(lower)]
     rootfs = LxcRootfs(
         lower=lower,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +19,7 @@ if TYPE_CHECKING:
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
     from ocixfs.mount.profile import Profile
+    from ocixfs.store.spec import StoreSpec
 
 NAME = "mount"
 HELP = "mount an image read-only, fetching file contents lazily"
@@ -38,7 +43,7 @@ examples:
 
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
               "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
-              "nofail", "_netdev", "user", "nouser", "users", "defaults"}
+              "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty"}
 KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
                  "store_auth", "ca_file", "timeout", "cache_max_size"}
@@ -46,7 +51,9 @@ VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "pr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="manifest file or http(s) URL")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                        help="an empty directory (-o nonempty: or one whose contents the "
+                        "mount may hide)")
     parser.add_argument("--store", action="append", default=[], metavar="URL",
                         help="blob store (http(s)://, file://, or a directory); repeat for "
                         "mirrors, tried in order (default: the manifest's directory)")
@@ -73,9 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground (for systemd Type=notify)")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                        help="comma-separated mount options: suid, dev (opt in), allow_other, "
-                        "store=URL, cache=DIR, digest=b3:HEX, deadline=SECONDS, log=FILE, "
-                        "timeout=SECONDS, store_auth=FILE, ca_file=FILE")
+                        help="comma-separated mount options: suid, dev (honour setuid bits "
+                        "and device nodes; off by default), allow_other, nonempty, noexec, "
+                        "noatime and the other generic flags; store=URL, cache=DIR (or "
+                        "cache_dir=DIR), cache_max_size=SIZE, digest=b3:HEX, "
+                        "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
+                        "log=FILE, store_auth=FILE, ca_file=FILE; x-* and comment=* are "
+                        "ignored (fstab)")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
@@ -112,14 +123,18 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
+    from ocixfs.image.loading import check_digest
     from ocixfs.mount.daemon import run_background, run_foreground
 
     flags, values = parse_mount_options(args.options)
+    digest = _last(values, "digest", args.digest)
+    if digest is not None:
+        digest = check_digest(digest)
     fetch = _fetch_config(args, values)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, tree, profile = _load(args.image, _last(values, "digest", args.digest),
-                                 config.reader.fetch, prefetch, config.cache_dir)
+    image, tree, profile = _load(args.image, digest, config.reader.fetch, prefetch,
+                                 config.cache_dir, config.stores)
     config = replace(config, profile=profile, fill_rest=prefetch == "all")
     if args.foreground:
         return run_foreground(config, tree, image.digest)
@@ -150,10 +165,11 @@ def _mount_config(
     if deadline <= 0:
         raise UsageError("--deadline must be positive")
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, nonempty="nonempty" in flags)
     log = _last(values, "log", None)
     log_file = args.log_file or (Path(log) if log is not None else None)
-    if log_file is None and not args.foreground:
+    default_log = log_file is None and not args.foreground
+    if default_log:
         log_file = _default_log_file(mountpoint)
     # Prefetch workers each need a background slot to keep that many fetches in flight;
     # on-demand reads keep their own slots, so this never delays them.
@@ -171,29 +187,86 @@ def _mount_config(
         allow_other=os.geteuid() == 0 or "allow_other" in flags,
         fsname=_fsname(args.image),
         log_file=log_file,
+        remove_routine_log=default_log,
         debug_fuse=args.debug_fuse,
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,
     )
 
 
+# How long the look at the stores may hold up a mount whose manifest is already here
+# (each network step; a refused connection answers at once).
+STORE_PROBE_TIMEOUT = 2.0
+
+
 def _load(
-    source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path
+    source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
+    stores: Sequence[StoreSpec],
 ) -> tuple[LoadedImage, Tree, Profile | None]:
     """The image, its inode tree and the profile to play. Start-up time is the user's wait:
-    the manifest (and a profile beside it) download and decode in worker threads while
-    this thread imports what the daemon will need."""
+    the manifest (and a profile beside it) download and decode in worker threads, and the
+    stores are probed in a third, while this thread imports what the daemon will need.
+
+    When the manifest cannot be loaded its one-line error is all that is said (what the
+    profile lookup found is held back and dropped); otherwise a store that did not answer
+    is one warning line on stderr, and the mount goes on (what is cached still works)."""
     from ocixfs.mount.profile import locate_profile, profile_beside
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool:
+    with (
+        _held_warnings("ocixfs.mount.profile") as release,
+        ThreadPoolExecutor(max_workers=3, thread_name_prefix="ocixfs-load") as pool,
+    ):
         loading = pool.submit(_load_tree, source, digest, fetch)
         beside = (pool.submit(profile_beside, source, fetch)
                   if prefetch in ("auto", "all") else None)
+        probes = [pool.submit(_probe_store, store, fetch) for store in stores]
         _import_daemon_modules()
         image, tree = loading.result()
+        release()
+        _warn_unreachable(stores, probes)
         profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
                                  beside=beside.result if beside is not None else None)
     return image, tree, profile
+
+
+def _probe_store(store: StoreSpec, fetch: FetchConfig) -> str | None:
+    from ocixfs.store.remote import probe
+
+    return probe(store, fetch, timeout=STORE_PROBE_TIMEOUT)
+
+
+def _warn_unreachable(stores: Sequence[StoreSpec], probes: list[Future[str | None]]) -> None:
+    """One line on stderr for each store that did not answer its probe."""
+    for store, found in zip(stores, probes, strict=True):
+        problem = found.result()
+        if problem is not None:
+            print(f"ocixfs: warning: store {store.label} did not answer ({problem}); files "
+                  "not in the cache cannot be read until it does", file=sys.stderr)
+
+
+@contextmanager
+def _held_warnings(logger_name: str) -> Iterator[Callable[[], None]]:
+    """Hold back what ``logger_name`` logs until the caller calls the function it yields
+    (then the held records are logged, and later ones go straight through); records still
+    held at the end are dropped."""
+    logger = logging.getLogger(logger_name)
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    def release() -> None:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
+        held.clear()
+
+    logger.addFilter(hold)
+    try:
+        yield release
+    finally:
+        logger.removeFilter(hold)
 
 
 def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[LoadedImage, Tree]:

@@ -28,15 +28,25 @@ serves version N+1 too.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    save = sub.add_parser("save", help="write the running mount's profile to FILE")
-    save.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    save.add_argument("output", type=Path, metavar="FILE")
-    show = sub.add_parser("show", help="list a profile")
-    show.add_argument("profile", type=Path, metavar="FILE")
+    save = sub.add_parser(
+        "save", help="write the running mount's profile to FILE",
+        description="Write the access profile of the mount at MOUNTPOINT (the files opened "
+        "so far, in first-access order) to FILE, replacing it atomically. Put it beside the "
+        "manifest as IMAGE.ocix.profile and every mount of that image prefetches it.")
+    save.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="a running ocixfs mount")
+    save.add_argument("output", type=Path, metavar="FILE", help="where to write the profile")
+    show = sub.add_parser(
+        "show", help="list a profile",
+        description="List the files of the profile FILE in first-access order, with the "
+        "milliseconds after mount at which each was first opened.")
+    show.add_argument("profile", type=Path, metavar="FILE", help="a profile file")
     show.add_argument("--json", action="store_true", help="print one JSON document")
-    merge = sub.add_parser("merge", help="combine profiles, keeping each path's earliest access")
-    merge.add_argument("output", type=Path, metavar="OUT")
-    merge.add_argument("inputs", type=Path, nargs="+", metavar="IN")
+    merge = sub.add_parser(
+        "merge", help="combine profiles, keeping each path's earliest access",
+        description="Combine the profiles IN (runs on many hosts, or of several workloads) "
+        "into OUT: every path any of them opened, at its earliest access time.")
+    merge.add_argument("output", type=Path, metavar="OUT", help="where to write the result")
+    merge.add_argument("inputs", type=Path, nargs="+", metavar="IN", help="profile files")
 
 
 def run(args: argparse.Namespace) -> int:

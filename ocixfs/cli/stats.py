@@ -78,42 +78,62 @@ def wait_for_prefetch(mountpoint: Path, timeout: float | None = None) -> int:
 
 
 def format_stats(stats: dict[str, Any]) -> str:
-    """A human-readable rendering: one ``key  value`` line per counter, grouped."""
+    """A human-readable rendering: one ``key  value`` line per counter, grouped; sizes in
+    decimal units (``progress.format_bytes``), times rounded, empty groups left out."""
+    from ocixfs.progress import format_bytes
+
+    log_file = stats.get("log_file")
     lines = [
         f"mountpoint   {stats['mountpoint']}",
         f"image        {stats['image']} ({stats['image_digest']})",
         f"stores       {', '.join(stats['stores'])}",
         f"cache        {stats['cache_dir']}",
-        f"daemon       pid {stats['pid']}, up {stats['uptime_s']:.0f} s",
+        f"daemon       pid {stats['pid']}, up {_duration(stats['uptime_s'])}",
+        f"log          {log_file if log_file else 'stderr (a foreground mount)'}",
     ]
     files = stats["image_files"]
     lines.append(
-        f"local        {files['files_local']}/{files['files']} files, "
-        f"{_size(files['bytes_local'])}/{_size(files['bytes'])}"
+        f"local        {files['files_local']} of {files['files']} files, "
+        f"{format_bytes(files['bytes_local'])} of {format_bytes(files['bytes'])}"
     )
-    lines.append(f"profile      {stats.get('profile_files', 0)} files accessed so far")
+    lines.append(f"profile      {stats.get('profile_files', 0)} files opened so far")
     for group in ("prefetch", "reader", "fs"):
-        if stats.get(group):
+        body = _flatten(stats.get(group) or {}, "  ")
+        if body:
             lines.append(f"{group}:")
-            lines.extend(_flatten(stats[group], "  "))
+            lines.extend(body)
     return "\n".join(lines)
 
 
-def _flatten(data: dict[str, Any], indent: str) -> list[str]:
+def _flatten(data: dict[str, Any], indent: str, group: str = "") -> list[str]:
+    """``key  value`` lines; the values of a nested group are read by the group's name
+    (``bytes_received_by_source: {store: n}`` holds bytes)."""
     lines = []
     for key, value in sorted(data.items()):
         if isinstance(value, dict):
-            lines.append(f"{indent}{key}:")
-            lines.extend(_flatten(value, indent + "  "))
+            inner = _flatten(value, indent + "  ", group=key)
+            if inner:
+                lines.append(f"{indent}{key}:")
+                lines.extend(inner)
         else:
-            lines.append(f"{indent}{key:<28} {value}")
+            lines.append(f"{indent}{key:<28} {_value(group or key, value)}")
     return lines
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+def _value(key: str, value: Any) -> str:
+    """A counter as a person reads it: bytes in decimal units, seconds rounded."""
+    from ocixfs.progress import format_bytes
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if "bytes" in key or key.endswith("_size"):
+        return format_bytes(value)
+    if "seconds" in key or key.endswith("_s"):
+        return _duration(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.1f} s" if seconds < 600 else f"{seconds / 60:.0f} min"

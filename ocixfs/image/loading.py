@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from ocixfs.image.format import DEFAULT_LIMITS, Limits, Manifest, decode, manife
 
 __all__ = [
     "LoadedImage",
+    "check_digest",
     "is_url",
     "load_image",
     "read_limited",
@@ -34,6 +36,18 @@ class LoadedImage:
     manifest: Manifest
 
 
+_DIGEST = re.compile(r"b3:[0-9a-f]{64}")
+
+
+def check_digest(text: str) -> str:
+    """An image digest as a user typed it (``--digest``), lower-cased; anything but
+    ``b3:`` and 64 hex digits is a ``UsageError``."""
+    digest = text.strip().lower()
+    if _DIGEST.fullmatch(digest) is None:
+        raise UsageError(f"--digest {text:.80}: not an image digest (b3: and 64 hex digits)")
+    return digest
+
+
 def is_url(text: str) -> bool:
     return urlsplit(text).scheme in ("http", "https")
 
@@ -42,11 +56,12 @@ def read_manifest_bytes(
     source: str, *, limits: Limits = DEFAULT_LIMITS, http: FetchConfig = DEFAULT_FETCH_CONFIG
 ) -> bytes:
     """The raw bytes of a manifest, refusing anything larger than ``limits.max_bytes``.
-    A URL is fetched with ``transport.download`` (system CAs, ``http.ca_file``,
-    credentials, bounded size and rate)."""
+    A URL is fetched with ``http.download`` (system CAs, ``http.ca_file``, credentials,
+    bounded size and rate); one with ``user:password@`` in it is a ``UsageError``."""
     if is_url(source):
-        from ocixfs.http import download
+        from ocixfs.http import download, refuse_credentials
 
+        refuse_credentials(source, "IMAGE")
         return download(source, max_bytes=limits.max_bytes, config=http)
     path = Path(source)
     try:
@@ -85,10 +100,12 @@ def load_image(
     credentials never appear in it)."""
     from ocixfs.http import redact
 
+    if expected_digest is not None:
+        expected_digest = check_digest(expected_digest)
     data = read_manifest_bytes(source, http=http)
     digest = manifest_digest(data)
     shown = redact(source)
-    if expected_digest is not None and not hmac.compare_digest(digest, expected_digest.lower()):
+    if expected_digest is not None and not hmac.compare_digest(digest, expected_digest):
         raise FormatError(f"{shown}: digest is {digest}, expected {expected_digest}")
     name = shown if is_url(source) else os.path.basename(source) or source
     return LoadedImage(source=source, digest=digest, manifest=decode(data, source=name))

@@ -24,6 +24,9 @@ class MountConfig:
     - ``profile``: what to prefetch, in order; ``fill_rest``: then fetch the rest of the
       image in the background.
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
+    - ``log_file``: where a background daemon logs; ``remove_routine_log``: remove it at a
+      clean unmount if it holds nothing but routine lines (the default log in the runtime
+      directory; never a file the user named).
     """
 
     image: str
@@ -36,6 +39,7 @@ class MountConfig:
     allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
     fsname: str = "ocixfs"
     log_file: Path | None = None
+    remove_routine_log: bool = False
     debug_fuse: bool = False
     kernel_flags: frozenset[str] = frozenset()
     profile: Profile | None = None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ocixfs.errors import OcixError, UsageError
+from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 
 __all__ = ["check_mountpoint", "run_background", "run_foreground"]
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 120.0
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    """Refuse a mountpoint that is missing, not a directory, or already mounted."""
+def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> None:
+    """Refuse a mountpoint that is missing, not a directory, already mounted, or (unless
+    ``nonempty``, the ``-o nonempty`` option) not empty: the mount would hide its files."""
     try:
         is_dir = mountpoint.is_dir()
     except OSError as exc:
@@ -47,6 +49,18 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise UsageError(f"{mountpoint}: not a directory")
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint}: already a mountpoint{_mount_owner(mountpoint)}")
+    if not nonempty and _has_entries(mountpoint):
+        raise UsageError(
+            f"{mountpoint}: not empty (the mount would hide its files; -o nonempty to mount anyway)"
+        )
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError as exc:
+        raise UsageError(f"{directory}: {exc.strerror}") from None
 
 
 def _mount_owner(mountpoint: Path) -> str:
@@ -114,14 +128,32 @@ def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: in
         _detach_stdio(config.log_file)
 
     try:
-        return _serve_and_close(config, tree, image_digest, ready)
+        status = _serve_and_close(config, tree, image_digest, ready)
+        if config.remove_routine_log and config.log_file and only_routine_lines(config.log_file):
+            config.log_file.unlink(missing_ok=True)
+        return status
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, OcixError) else f"{type(exc).__name__}: {exc}"
+        message = _one_line(exc)
         try:
             os.write(pipe_fd, f"error: {message}\n".encode())
         except OSError:
             log.error("daemon failed: %s", message)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """What the user reads about a failed start: an ``OcixError``'s own message, else the
+    exception's type and text."""
+    return str(exc) if isinstance(exc, OcixError) else f"{type(exc).__name__}: {exc}"
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested one-member groups (trio wraps what a nursery's
+    body raises), or the group itself when it holds more."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
+        found = found.exceptions[0]
+    return found
 
 
 def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
@@ -151,6 +183,7 @@ def _detach_stdio(log_file: Path | None) -> None:
         log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         os.dup2(log_fd, 2)
         os.close(log_fd)
+        timestamp_lines()
     else:
         os.dup2(devnull, 2)
     os.close(devnull)
@@ -181,5 +214,11 @@ def _serve_and_close(
     from ocixfs.mount.session import MountSession
 
     session = MountSession(config, tree, image_digest)
-    trio.run(session.serve, ready)
+    try:
+        trio.run(session.serve, ready)
+    except BaseExceptionGroup as group:
+        sole = _sole_exception(group)
+        if isinstance(sole, OcixError):
+            raise sole from None  # one line for the user, not a traceback of the group
+        raise
     return 0

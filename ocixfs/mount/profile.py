@@ -76,8 +76,8 @@ def decode_profile(data: bytes, *, source: str = "profile") -> Profile:
         raise FormatError(f"{source}: larger than {MAX_PROFILE_BYTES} bytes")
     try:
         body = cbor2.loads(data, max_depth=4, allow_indefinite=False, allow_duplicate_keys=False)
-    except Exception as exc:  # cbor2 raises many types on hostile bytes; one boundary here
-        raise FormatError(f"{source}: not a profile: {exc}") from None
+    except Exception:  # cbor2 raises many types on hostile bytes; one boundary here
+        raise FormatError(f"{source}: not an ocixfs profile") from None
     if not isinstance(body, Mapping) or body.get("version") != PROFILE_VERSION:
         raise FormatError(f"{source}: not an ocixfs profile (version {PROFILE_VERSION})")
     raw = body.get("entries")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+from ocixfs.errors import OcixError
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
 from ocixfs.mount.control import ControlServer
@@ -24,6 +26,8 @@ from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
 
@@ -56,7 +60,12 @@ class MountSession:
             self._ops, self._reader = ops, reader
             control = self._control_server()
             listening = control.bind()
-            pyfuse3.init(ops, os.fspath(self.config.mountpoint), self.config.fuse_options())
+            try:
+                _fuse_mount(ops, self.config.mountpoint, self.config.fuse_options())
+            except BaseException:
+                listening.close()
+                control.path.unlink(missing_ok=True)
+                raise
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._guarded, "control", control.serve, listening)
@@ -141,6 +150,7 @@ class MountSession:
             "image_digest": self.image_digest,
             "stores": [store.label for store in self.config.stores],
             "cache_dir": os.fspath(self.config.cache_dir),
+            "log_file": os.fspath(self.config.log_file) if self.config.log_file else None,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "fs": self._ops.statistics().as_dict(),
@@ -172,3 +182,31 @@ def _first_error(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
+
+
+def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
+    """``pyfuse3.init``, with what libfuse prints on stderr while it mounts (``fuse: failed
+    to open /dev/fuse: Permission denied``) caught and turned into the one-line
+    ``OcixError`` a failure raises; on success that text goes to the log."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            pyfuse3.init(ops, os.fspath(mountpoint), options)
+        except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = [line.strip() for line in captured.read(4096).decode(errors="replace").splitlines()]
+    said = [line for line in said if line]
+    if failure is None:
+        for line in said:
+            log.info("libfuse: %s", line)
+        return
+    reason = said[-1] if said else str(failure) or type(failure).__name__
+    hint = "; mount as root or get read-write access to it" if "/dev/fuse" in reason else ""
+    raise OcixError(f"{mountpoint}: cannot mount: {reason}{hint}") from None

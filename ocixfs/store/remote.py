@@ -23,6 +23,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, assert_never
 
@@ -32,7 +33,7 @@ import zstandard
 
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import BlobCorrupt, StoreError
-from ocixfs.http import async_client, credentials_of, describe, ssl_context
+from ocixfs.http import async_client, credentials_of, describe, ssl_context, sync_client
 from ocixfs.store.layout import (
     STORE_CONFIG,
     STORE_CONFIG_MAX,
@@ -49,6 +50,7 @@ __all__ = [
     "Source",
     "attempt_errors",
     "open_sources",
+    "probe",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,26 @@ class _HttpSource(Source):
                     FailureKind.HTTP_STATUS, f"unasked Content-Encoding {encoding}"
                 )
             yield response.aiter_raw()
+
+
+def probe(store: StoreSpec, config: FetchConfig, *, timeout: float) -> str | None:
+    """One quick, blocking look at a store before a mount relies on it: a GET of its
+    ``ocix-store.json`` (for a local store, that its directory exists), each network step
+    bounded by ``timeout`` seconds. Returns None when the store answered (a 404 is an
+    answer: the file is optional), else why not, in a few words (no credentials)."""
+    if isinstance(store, LocalStore):
+        return None if store.path.is_dir() else "no such directory"
+    quick = replace(config, connect_timeout=timeout, read_timeout=timeout)
+    try:
+        with (
+            sync_client(quick) as client,
+            client.stream("GET", f"{store.url.rstrip('/')}/{STORE_CONFIG}",
+                          headers={"Accept-Encoding": "identity"}) as response,
+        ):
+            status = response.status_code
+    except httpx.HTTPError as exc:
+        return describe(exc)
+    return f"HTTP {status}" if status in (401, 407) or status >= 500 else None
 
 
 def _status_failure(response: httpx.Response) -> AttemptFailed:

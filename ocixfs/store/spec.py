@@ -2,8 +2,9 @@
 
 A store is one of:
 
-- ``HttpStore``: an ``http://`` or ``https://`` URL with a host (credentials in it are
-  allowed; they are never shown: ``label`` is redacted),
+- ``HttpStore``: an ``http://`` or ``https://`` URL with a host, without
+  ``user:password@`` (refused: a command line is visible to every user; credentials go in
+  a ``--store-auth`` file),
 - ``LocalStore``: a ``file://`` URL of a local path (``file:///DIR`` or
   ``file://localhost/DIR``), or a plain directory: absolute for ``parse_stores``; on the
   command line (``relative=True``) also a relative one, which must exist and is made
@@ -26,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from ocixfs.errors import UsageError
-from ocixfs.http import redact
+from ocixfs.http import redact, refuse_credentials
 from ocixfs.image.loading import is_url
 from ocixfs.store.layout import looks_like_store
 
@@ -56,7 +57,7 @@ class LocalStore:
 
 @dataclass(frozen=True, slots=True)
 class HttpStore:
-    """A store under an http(s) base URL (may carry ``user:password@``)."""
+    """A store under an http(s) base URL."""
 
     url: str
 
@@ -79,6 +80,7 @@ def parse_store(text: str, *, relative: bool = False) -> StoreSpec:
         raise UsageError(f"--store {shown}: not a valid URL") from None
     if parts.scheme in ("http", "https"):
         if parts.hostname and _valid_url(text):
+            refuse_credentials(text, "--store")
             return HttpStore(text)
         raise UsageError(f"--store {shown}: not a valid URL")
     if parts.scheme == "file":
@@ -127,7 +129,10 @@ def default_store_for(source: str) -> str | None:
 
 def stores_or_default(texts: Sequence[str], image: str) -> list[StoreSpec]:
     """The stores named on the command line (``relative=True``), or else the store beside
-    the image. Raises ``UsageError`` when there is neither."""
+    the image. Raises ``UsageError`` when there is neither, or when the image's URL
+    carries credentials (checked here first: the store beside it would inherit them)."""
+    if is_url(image):
+        refuse_credentials(image, "IMAGE")
     if not texts:
         default = default_store_for(image)
         if default is None:
