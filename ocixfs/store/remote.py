@@ -23,7 +23,6 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
 from typing import BinaryIO, Protocol, assert_never
 
 import httpx
@@ -33,6 +32,7 @@ import zstandard
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import BlobCorrupt, StoreError
 from ocixfs.http import async_client, credentials_of, describe, ssl_context
+from ocixfs.image.loading import open_regular
 from ocixfs.store.layout import (
     STORE_CONFIG,
     STORE_CONFIG_MAX,
@@ -257,7 +257,7 @@ class _FileSource(Source):
 
     async def _read_config(self) -> bytes:
         def load() -> bytes:
-            with open(self._root / STORE_CONFIG, "rb") as file:
+            with open_regular(self._root / STORE_CONFIG) as file:
                 return file.read(STORE_CONFIG_MAX + 1)
 
         return await trio.to_thread.run_sync(load, limiter=self._limiter)
@@ -265,15 +265,13 @@ class _FileSource(Source):
     @contextlib.asynccontextmanager
     async def body(self, name: str, *, no_cache: bool) -> AsyncIterator[Body]:
         path = self._root / name
-        file = await trio.to_thread.run_sync(_open_rb, path, limiter=self._limiter)
+        file = await trio.to_thread.run_sync(open_regular, path, 0, limiter=self._limiter)
         try:
             yield _FilePieces(file, self._limiter)
         finally:
             file.close()
 
 
-def _open_rb(path: Path) -> BinaryIO:
-    return open(path, "rb", buffering=0)  # noqa: SIM115 -- closed by the caller
 
 
 class HttpClients:
