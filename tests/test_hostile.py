@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -390,3 +391,62 @@ def test_mount_of_a_manifest_url_from_a_hostile_server_fails_in_one_line(
     assert expect in result.stderr
     assert time.monotonic() - started < 60
     assert not is_mounted(tmp_path / "mnt")
+
+
+# --- side files: profiles and store files -----------------------------------------------
+
+
+def _profile_bomb(entries: int) -> bytes:
+    """A canonical profile of ``entries`` times ``["/", 0]`` (4 bytes each), gzip'ed:
+    about 1/1000 of its size on the wire."""
+    head = b"\xa2\x67entries\x9a" + entries.to_bytes(4, "big")
+    body = head + b"\x82\x61/\x00" * entries + b"\x67version\x01"
+    return gzip.compress(body, compresslevel=9)
+
+
+def test_a_profile_bomb_beside_a_url_image_is_refused_from_its_header(tmp_path: Path) -> None:
+    """12 million entries in 48 MB (under the 64 MiB size limit), 47 KB gzip'ed on the
+    wire: refused from the list header, in a process limited to 1 GiB of address space,
+    in seconds; the mount would go on without it."""
+    bomb = _profile_bomb(12_000_000)
+    assert len(bomb) < 64 << 10
+    probe = (
+        "import logging, sys\n"
+        "from ocixfs.mount.profile import profile_beside\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "print(profile_beside(sys.argv[1]))\n"
+    )
+    (tmp_path / "image.ocix.profile").write_bytes(b"served with the fault's body instead")
+    with FaultServer(tmp_path) as server:
+        server.fault("image.ocix.profile", Fault(body=bomb, content_encoding="gzip"))
+        started = time.monotonic()
+        result = subprocess.run(
+            ["prlimit", "--as=1073741824", "--cpu=60", sys.executable, "-c", probe,
+             f"{server.url}/image.ocix"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
+    assert "entries must be a list of at most 2000000" in result.stderr, result.stderr
+    assert time.monotonic() - started < 30
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_fifos_planted_beside_the_image_and_in_the_store_hang_nothing(tmp_path: Path) -> None:
+    """``IMAGE.ocix.profile``, ``ocix-store.json`` and one blob are FIFOs nobody writes to:
+    the mount comes up (no profile), files read right (plain names), and the file whose
+    blob is a FIFO fails with EIO at once instead of taking a worker thread for ever."""
+    image = write_image(tmp_path / "image", {"/ok": os.urandom(5000), "/fifo": b"planted"})
+    os.mkfifo(image.ocix.parent / "image.ocix.profile")
+    os.mkfifo(image.store / "ocix-store.json")
+    blob = image.store / "blobs" / "blake3" / image.hexes("/fifo")[0]
+    blob.unlink()
+    os.mkfifo(blob)
+    started = time.monotonic()
+    with Mount(image.ocix, tmp_path / "mnt", "--store", os.fspath(image.store), "--cache-dir",
+               os.fspath(tmp_path / "cache"), "--deadline", "20") as mount:
+        assert (mount.mountpoint / "ok").read_bytes() == image.contents["/ok"]
+        assert read_or_errno(mount.mountpoint / "fifo") == errno.EIO
+        assert time.monotonic() - started < 15
+        assert (mount.mountpoint / "ok").read_bytes() == image.contents["/ok"]

@@ -28,6 +28,7 @@ import zstandard
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
 from ocixfs.http import download, load_credentials, redact, ssl_context
+from ocixfs.mount.profile import profile_beside
 from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
@@ -356,6 +357,27 @@ def test_download_is_bounded(tmp_path: Path, serve: FaultServers) -> None:
     with pytest.raises(FetchError) as caught:
         download(url, max_bytes=1000)
     assert PASSWORD not in str(caught.value)
+
+
+def test_download_just_above_the_minimum_rate_ends_at_its_deadline(
+    tmp_path: Path, serve: FaultServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manifest or profile trickled just above the minimum rate (here 2x, which would
+    take 20 s) ends at the overall deadline; a profile beside a URL image gets at most the
+    read deadline, since the mount waits for it."""
+    (tmp_path / "image.ocix").write_bytes(b"m" * 40_000)
+    (tmp_path / "image.ocix.profile").write_bytes(b"p" * 40_000)
+    server = serve(tmp_path)
+    server.fault("*", Fault(rate=2000))
+    trickle = replace(FAST, min_rate=1000, rate_window=0.2, document_deadline=1.5, deadline=0.7)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"image.ocix: not received within 1.5 s"):
+        download(f"{server.url}/image.ocix", max_bytes=1 << 20, config=trickle)
+    assert 1.5 <= time.monotonic() - started < 4
+    started = time.monotonic()
+    assert profile_beside(f"{server.url}/image.ocix", trickle) is None
+    assert time.monotonic() - started < 3
+    assert "image.ocix.profile: not received within 0.7 s" in caplog.text
 
 
 def test_download_decodes_compressed_documents_within_the_limit(
