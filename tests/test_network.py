@@ -29,7 +29,7 @@ from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
 from ocixfs.http import download, load_credentials, redact, ssl_context
 from ocixfs.mount.profile import profile_beside
-from tests.faultserver import Fault, FaultServer
+from tests.faultserver import Fault, FaultServer, make_store
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
 from tests.reliabilitykit import Image, black_hole, mount_args, read_or_errno, write_image
@@ -96,6 +96,32 @@ async def test_transfer_below_the_minimum_rate_fails_over(
         assert await cached(cache, chunks[0]) == CONTENTS[0]
         assert fetcher.statistics().errors == {"slow": 1}
         assert good.count(chunks[0].hex) == 1
+
+
+async def test_a_store_dripping_its_configuration_falls_back_to_plain_names_and_mirrors(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Two zstd stores; the first sends ``ocix-store.json`` (and everything else) one byte
+    per (virtual) second, forever alive. With the default settings (a 30 s deadline, 32 KiB/s
+    after 10 s), reads are served within their deadline: discovery gives up at the
+    minimum-rate rule and plain names are used; the first blob comes from the second
+    mirror, then the first store's discovery is not asked again for a while."""
+    mock_clock.rate = 20  # 1 real second is 20 virtual ones; the server drips in real time
+    contents = [os.urandom(40_000), os.urandom(30_000)]
+    dripping = make_store(tmp_path / "a", contents, zstd=True)
+    make_store(tmp_path / "b", contents, zstd=True)
+    config = FetchConfig(threads=4)
+    with FaultServer(tmp_path / "a") as drip, FaultServer(tmp_path / "b") as good:
+        drip.fault("*", Fault(rate=20))  # a byte every 50 ms real: 1 B/s virtual
+        async with fetching([drip.url, good.url], tmp_path / "cache", config) as (fetcher, cache):
+            for chunk, content in zip(dripping, contents, strict=True):
+                started = trio.current_time()
+                await fetcher.ensure(chunk, deadline=started + config.deadline)
+                assert trio.current_time() - started < config.deadline
+                assert await cached(cache, chunk) == content
+            assert drip.count("ocix-store.json") == 1
+            assert good.count("ocix-store.json") == 1
+            assert good.count(dripping[0].hex + ".zst") == 1
 
 
 async def test_retries_are_bounded_and_spaced(

@@ -57,7 +57,14 @@ from ocixfs.errors import (
 from ocixfs.fetch.scheduler import Priority, Scheduler, Ticket
 from ocixfs.image.format import Chunk
 from ocixfs.store.layout import blob_name
-from ocixfs.store.remote import AttemptFailed, Body, FailureKind, Source, attempt_errors
+from ocixfs.store.remote import (
+    AttemptFailed,
+    Body,
+    FailureKind,
+    Source,
+    attempt_errors,
+    check_rate,
+)
 
 __all__ = ["FetchStatistics", "Fetcher", "Priority"]
 
@@ -446,15 +453,8 @@ class Fetcher:
             if batched >= self._config.write_batch:
                 await trio.to_thread.run_sync(sink.write, batch, limiter=self._limiter)
                 batch, batched = [], 0
-            self._check_rate(received, started)
+            check_rate(self._config, received, started)
         return batch
-
-    def _check_rate(self, received: int, started: float) -> None:
-        elapsed = trio.current_time() - started
-        if elapsed > self._config.rate_window and received < self._config.min_rate * elapsed:
-            raise AttemptFailed(
-                FailureKind.SLOW, f"{received / elapsed:.0f} B/s is below the minimum rate"
-            )
 
 
 def _summarise(chunk: Chunk, failures: list[tuple[Source, AttemptFailed]]) -> FetchError:
