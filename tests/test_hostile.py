@@ -450,3 +450,23 @@ def test_fifos_planted_beside_the_image_and_in_the_store_hang_nothing(tmp_path: 
         assert read_or_errno(mount.mountpoint / "fifo") == errno.EIO
         assert time.monotonic() - started < 15
         assert (mount.mountpoint / "ok").read_bytes() == image.contents["/ok"]
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_file_larger_than_the_cache_quota_fails_at_once_without_a_download(
+    tmp_path: Path,
+) -> None:
+    """A manifest naming a 3 MB blob (a v0 image's whole file, or a hostile size) under a
+    1 MiB quota: EIO at once, nothing requested, nothing written; other files read."""
+    image = write_image(tmp_path / "image", {"/big": os.urandom(3 << 20), "/ok": b"ok"})
+    cache = tmp_path / "cache"
+    with FaultServer(image.store) as server, Mount(image.ocix, tmp_path / "mnt", *mount_args(
+        server.url, cache, "--cache-max-size", "1M"
+    )) as mount:
+        started = time.monotonic()
+        assert read_or_errno(mount.mountpoint / "big") == errno.EIO
+        assert time.monotonic() - started < 5
+        assert server.count(image.hexes("/big")[0]) == 0
+        assert (mount.mountpoint / "ok").read_bytes() == b"ok"
+    assert os.listdir(cache / "tmp") == []

@@ -19,10 +19,12 @@ Contract:
   has no hard links) from ``tmp/`` after its length and hash matched (and, by default,
   after fsync), so a reader never sees unverified or partial bytes. ``link`` never
   replaces a blob another daemon published first, which keeps the usage count exact.
-- ``Cache.fill(chunk)`` gives a ``CacheFill``: ``write()`` hashes while writing (call it
-  from a worker thread), ``Cache.commit()`` verifies, makes room under the quota (evicting
-  least recently used, unpinned blobs) and publishes, ``abort()`` unlinks. Any failure
-  leaves nothing under ``blobs/``.
+- ``Cache.fill(chunk)`` gives a ``CacheFill`` (or ``CacheFullError`` at once when the
+  blob's declared size is larger than the whole quota): ``write()`` hashes while writing
+  (call it from a worker thread) and refuses bytes beyond the declared size;
+  ``Cache.commit()`` verifies, makes room under the quota (evicting least recently used,
+  unpinned blobs) and publishes; ``abort()`` unlinks. Any failure leaves nothing under
+  ``blobs/``.
 - ``Cache.read()`` serves a cached blob with ``pread`` on a kept-open descriptor (an LRU of
   at most ``open_files``), inline for small reads, in a worker thread for large ones. It
   never touches the network; it returns ``None`` when the blob is not cached. Every kept-open
@@ -420,8 +422,16 @@ class Cache:
         self._dropped_blobs += 1
         return True
 
+    def refuse_oversized(self, chunk: Chunk) -> None:
+        """Raise ``CacheFullError`` if ``chunk`` is larger than the whole quota: fetching it
+        would be wasted (and, unchecked, could fill the cache's filesystem)."""
+        self.directory.refuse_oversized(chunk.size)
+
     def fill(self, chunk: Chunk) -> CacheFill:
-        """A writer for one fill of ``chunk``; finish with ``commit()`` or ``abort()``."""
+        """A writer for one fill of ``chunk``; finish with ``commit()`` or ``abort()``.
+        Raises ``CacheFullError`` at once for a blob larger than the whole quota; the
+        writer refuses more bytes than ``chunk.size``."""
+        self.refuse_oversized(chunk)
         return CacheFill(chunk, self.path_of(chunk), self._tmp, fsync=self.config.fsync)
 
     async def commit(

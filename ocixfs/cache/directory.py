@@ -191,6 +191,16 @@ class CacheDirectory:
 
     # --- fills ---
 
+    def refuse_oversized(self, size: int) -> None:
+        """Raise ``CacheFullError`` for a blob of ``size`` bytes that could never fit the
+        quota (asked before a fetch, so such a blob is never downloaded)."""
+        limit = self.limit
+        if limit is not None and size > limit:
+            raise CacheFullError(
+                f"a blob of {format_size(size)} is larger than the cache quota "
+                f"({format_size(limit)}); raise --cache-max-size"
+            )
+
     def publish(self, size: int, link: Callable[[], bool]) -> bool:
         """Publish a verified blob of ``size`` bytes with ``link()`` (False: it was there
         already) and count it, making room first when it would pass the quota (see the
@@ -201,11 +211,7 @@ class CacheDirectory:
         if added is not None:
             return added
         assert limit is not None
-        if size > limit:
-            raise CacheFullError(
-                f"a blob of {format_size(size)} is larger than the cache quota "
-                f"({format_size(limit)}); raise --cache-max-size"
-            )
+        self.refuse_oversized(size)
         deadline = time.monotonic() + self.config.evict_wait
         while True:
             with self.exclusive(0.0) as locked:

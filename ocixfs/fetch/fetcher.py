@@ -24,6 +24,8 @@ Contract:
 - A 429 or 503 with ``Retry-After`` (seconds or a date, at most an hour) keeps that source
   from being asked again before then; the next mirror is tried, and when none is left the
   fetch waits for the earliest one if that fits its time, else fails at once.
+- A blob larger than the cache's whole quota fails at once with ``CacheFullError``,
+  before any request.
 - Bytes stream into a ``CacheFill`` in batches (hash + write, and zstd decompression,
   in worker threads). A body longer than the blob, or a zstd stream that decompresses to
   more, is cut and counted as corrupt; nothing unverified reaches the cache.
@@ -297,6 +299,7 @@ class Fetcher:
     async def _fly(self, flight: _Flight) -> OcixError | None:
         chunk = flight.chunk
         try:
+            self._cache.refuse_oversized(chunk)  # before a slot or a byte is spent on it
             await self._scheduler.acquire(flight.ticket)
             try:
                 budget = self._config.deadline + chunk.size / self._config.min_rate
