@@ -33,11 +33,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
-from ocixfs.image.format import Manifest, decode, encode
+from ocixfs.image.format import Entry, Kind, Manifest, decode, encode
 from tests.faultserver import Fault, FaultServer
 from tests.hostile import make_corpus
 from tests.imagetools import file, hardlink, symlink
-from tests.mounting import OCIXFS, Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
+from tests.mounting import (
+    OCIXFS,
+    Mount,
+    Mounts,
+    is_mounted,
+    needs_fuse,
+    run_ocixfs,
+    wait_for,
+)
 from tests.reliabilitykit import mount_args, read_or_errno, write_image
 from tests.test_build_layers import build_layers
 
@@ -470,3 +478,41 @@ def test_a_file_larger_than_the_cache_quota_fails_at_once_without_a_download(
         assert server.count(image.hexes("/big")[0]) == 0
         assert (mount.mountpoint / "ok").read_bytes() == b"ok"
     assert os.listdir(cache / "tmp") == []
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_manifest_lying_about_a_shared_blobs_size_fails_its_read_not_the_others(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """Image ``good`` and image ``liar`` share a blob; ``liar`` declares it 1000 bytes
+    longer. Reading it through ``liar`` fails with EIO and leaves the cached blob alone (it
+    verifies against its name), so ``good`` keeps reading it without a refetch. A cached
+    file that is really damaged (wrong size, wrong bytes) is dropped and fetched again."""
+    content = os.urandom(50_000)
+    good = write_image(tmp_path / "good", {"/shared": content})
+    digest = blake3.blake3(content).digest()
+    liar = tmp_path / "liar.ocix"
+    liar.write_bytes(encode(Manifest(1, {
+        "/": Entry(Kind.DIRECTORY, mode=0o755),
+        "/shared": Entry(Kind.REGULAR, mode=0o644, size=len(content) + 1000, digest=digest),
+    })))
+    cache = tmp_path / "cache"
+    cached_blob = cache / "blobs" / digest.hex()[:2] / digest.hex()
+    with FaultServer(good.store) as server:
+        honest = mounts(good.ocix, tmp_path / "m1", *mount_args(server.url, cache)).start()
+        lying = mounts(liar, tmp_path / "m2", *mount_args(server.url, cache)).start()
+        assert (honest.mountpoint / "shared").read_bytes() == content
+        for _ in range(2):  # the kernel's retry, and a later read
+            assert read_or_errno(lying.mountpoint / "shared") == errno.EIO
+        assert cached_blob.read_bytes() == content
+        honest.stop()
+        honest = mounts(good.ocix, tmp_path / "m1", *mount_args(server.url, cache)).start()
+        assert (honest.mountpoint / "shared").read_bytes() == content
+        assert server.count(good.hexes("/shared")[0]) == 1
+        honest.stop()
+        cached_blob.write_bytes(b"damaged")  # wrong size and wrong bytes: dropped, refetched
+        honest = mounts(good.ocix, tmp_path / "m1", *mount_args(server.url, cache)).start()
+        assert (honest.mountpoint / "shared").read_bytes() == content
+        assert server.count(good.hexes("/shared")[0]) == 2
+        assert cached_blob.read_bytes() == content

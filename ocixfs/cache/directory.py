@@ -277,14 +277,19 @@ class CacheDirectory:
         except Exception as exc:  # the next trigger tries again
             log.warning("cache %s: eviction failed: %s", self.root, exc)
 
-    def remove_blob(self, path: Path) -> bool:
+    def remove_blob(self, path: Path, identity: tuple[int, int] | None = None) -> bool:
         """Unlink one blob now, pinned or not (damaged, or dropped by a reader); False if
-        it was not there. It is subtracted from the counter only when no eviction runs
-        (whose rebase might subtract it again): otherwise the total stays high, the safe
-        side, until the next rebase."""
+        it was not there (or, given ``identity`` = ``(st_dev, st_ino)``, is another file
+        now, e.g. a good copy another process published since). Blocks: a worker thread's
+        job. It is subtracted from the counter only when no eviction runs (whose rebase
+        might subtract it again): otherwise the total stays high, the safe side, until the
+        next rebase."""
         with self.exclusive(0.0) as locked, cache_errors(f"removing {path}"):
             try:
-                size = os.lstat(path).st_size
+                st = os.lstat(path)
+                if identity is not None and (st.st_dev, st.st_ino) != identity:
+                    return False
+                size = st.st_size
                 os.unlink(path)
             except FileNotFoundError:
                 return False
