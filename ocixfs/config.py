@@ -99,9 +99,12 @@ class FetchConfig:
     - ``connect_timeout``/``read_timeout``: per socket operation (``read_timeout`` is how
       long a body may stall before the source counts as failed).
     - ``min_rate``: after ``rate_window`` seconds a transfer slower than this (bytes/s) is
-      abandoned; a blob's own fetch may run ``deadline + size / min_rate`` seconds, so big
-      whole-file blobs can finish on slow links while waiting readers still give up at
-      ``deadline``.
+      abandoned (``too_slow``); a blob's own fetch may run ``deadline + size / min_rate``
+      seconds, so big whole-file blobs can finish on slow links while waiting readers still
+      give up at ``deadline``.
+    - ``document_deadline``: how long downloading a manifest (``http.download``) may take
+      in total, however fast its body trickles; a profile beside it gets at most
+      ``deadline`` (it is optional: the mount does not wait longer for it).
     - ``on_demand_slots``/``background_slots``: concurrent fetches of each class; they
       never share slots, so queued background work cannot delay an on-demand fetch.
     - ``rounds``: passes over the source list for transient failures, ``backoff`` apart
@@ -125,6 +128,7 @@ class FetchConfig:
     read_timeout: float = 10.0
     min_rate: float = 32 * 1024
     rate_window: float = 10.0
+    document_deadline: float = 120.0
     on_demand_slots: int = 16
     background_slots: int = 4
     rounds: int = 2
@@ -138,6 +142,11 @@ class FetchConfig:
     auth_file: str | None = None
     credentials: httpx.Auth | None = field(default=None, compare=False, repr=False)
     threads: int = field(default_factory=_default_threads)
+
+    def too_slow(self, received: int, elapsed: float) -> bool:
+        """The minimum-rate rule every transfer follows: after ``rate_window`` seconds,
+        ``received`` bytes in ``elapsed`` seconds must be at least ``min_rate`` per second."""
+        return elapsed > self.rate_window and received < self.min_rate * elapsed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

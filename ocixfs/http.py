@@ -21,8 +21,9 @@ as a URL) goes through a client built here, so they all follow the same rules:
   (``refuse_credentials``), because a command line is visible to every user in ``ps``
   for as long as the mount daemon runs. Secrets never appear in labels, logs or
   messages: ``redact(url)`` drops the user-info part of a URL.
-- ``download(url, ...)`` gets a small document whole, with a size cap and the fetcher's
-  minimum-rate rule, so an endless or trickling body cannot hold a command forever.
+- ``download(url, ...)`` gets a small document whole, with a size cap, the fetcher's
+  minimum-rate rule and an overall deadline (``FetchConfig.document_deadline``), so an
+  endless or trickling body cannot hold a command for long.
 
 Errors: bad settings (unreadable CA or credentials file) raise ``UsageError``;
 ``download`` raises ``FetchError``/``BlobNotFound`` or ``FormatError``. httpx exceptions
@@ -365,17 +366,27 @@ def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
     )
 
 
-def download(url: str, *, max_bytes: int, config: FetchConfig = DEFAULT_FETCH_CONFIG) -> bytes:
+def download(
+    url: str,
+    *,
+    max_bytes: int,
+    config: FetchConfig = DEFAULT_FETCH_CONFIG,
+    deadline: float | None = None,
+) -> bytes:
     """GET ``url`` whole (status 200 only). The body may be at most ``max_bytes`` long,
-    before and after decoding, and, after ``config.rate_window`` seconds, must arrive at
-    ``config.min_rate`` or faster. A server may send it compressed (``Content-Encoding``
-    gzip or zstd: nginx ``gzip_static``, an S3 object uploaded with that header); it is
-    decoded here, in bounded steps, so a compression bomb is just "too large".
+    before and after decoding, must arrive at ``config.min_rate`` or faster after
+    ``config.rate_window`` seconds, and the whole download may take at most ``deadline``
+    seconds (default ``config.document_deadline``), so a body trickled just above the
+    minimum rate cannot hold a command for long either. A server may send it compressed
+    (``Content-Encoding`` gzip or zstd: nginx ``gzip_static``, an S3 object uploaded with
+    that header); it is decoded here, in bounded steps, so a compression bomb is just "too
+    large".
 
     Raises ``BlobNotFound`` (404/410), ``FetchError`` (network, TLS, other status, too
-    slow, a corrupt or unknown encoding) or ``FormatError`` (too large), each one line
-    naming the redacted URL."""
+    slow or past the deadline, a corrupt or unknown encoding) or ``FormatError`` (too
+    large), each one line naming the redacted URL."""
     label = redact(url)
+    clock = _DownloadClock(config, config.document_deadline if deadline is None else deadline)
     try:
         with (
             sync_client(config) as client,
@@ -387,7 +398,7 @@ def download(url: str, *, max_bytes: int, config: FetchConfig = DEFAULT_FETCH_CO
                 raise BlobNotFound(f"{label}: HTTP {status}")
             if status != 200:
                 raise FetchError(f"{label}: HTTP {status}")
-            raw = _read_body(response.iter_raw(), label, max_bytes, config)
+            raw = _read_body(response.iter_raw(), label, max_bytes, clock)
             encoding = response.headers.get("content-encoding", "").strip().lower()
             return _decode_body(raw, encoding, label, max_bytes)
     except httpx.TimeoutException as exc:
@@ -396,18 +407,32 @@ def download(url: str, *, max_bytes: int, config: FetchConfig = DEFAULT_FETCH_CO
         raise FetchError(f"{label}: {describe(exc)}") from None
 
 
-def _read_body(pieces: Iterator[bytes], label: str, max_bytes: int, config: FetchConfig) -> bytes:
+@dataclass(slots=True)
+class _DownloadClock:
+    """The time rules of one download: the minimum rate and the overall deadline, both
+    counted from the request (so slow headers count too)."""
+
+    config: FetchConfig
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+
+    def check(self, received: int, label: str) -> None:
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.deadline:
+            raise FetchError(f"{label}: not received within {self.deadline:g} s")
+        if self.config.too_slow(received, elapsed):
+            raise FetchError(f"{label}: {received / elapsed:.0f} B/s is below the minimum rate")
+
+
+def _read_body(pieces: Iterator[bytes], label: str, max_bytes: int, clock: _DownloadClock) -> bytes:
     parts: list[bytes] = []
     received = 0
-    started = time.monotonic()
     for piece in pieces:
         received += len(piece)
         if received > max_bytes:
             raise FormatError(f"{label}: larger than the limit of {max_bytes} bytes")
         parts.append(piece)
-        elapsed = time.monotonic() - started
-        if elapsed > config.rate_window and received < config.min_rate * elapsed:
-            raise FetchError(f"{label}: {received / elapsed:.0f} B/s is below the minimum rate")
+        clock.check(received, label)
     return b"".join(parts)
 
 

@@ -6,7 +6,8 @@
 - ``FaultServers``: starts ``FaultServer``s for one test and stops them all at its end
   (the ``serve`` fixture of ``tests/conftest.py``).
 - ``fetching_with(config)``: an async context manager ``fetching(stores, cache_dir,
-  config=<that config>)`` giving a real ``Fetcher`` (real HTTP client) and its ``Cache``.
+  config=<that config>, cache_config=DEFAULT_CACHE_CONFIG)`` giving a real ``Fetcher``
+  (real HTTP client) and its ``Cache``.
 - ``cached(cache, chunk)``: the chunk's bytes in the cache, or None.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import trio
 
 from ocixfs.cache.blobs import Cache
-from ocixfs.config import FetchConfig
+from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, FetchConfig
 from ocixfs.fetch.fetcher import Fetcher
 from ocixfs.image.format import Chunk
 from ocixfs.store.remote import open_sources
@@ -69,10 +70,13 @@ def fetching_with(default: FetchConfig) -> FetchingFactory:
 
     @contextlib.asynccontextmanager
     async def fetching(
-        stores: Sequence[str], cache_dir: Path, config: FetchConfig = default
+        stores: Sequence[str],
+        cache_dir: Path,
+        config: FetchConfig = default,
+        cache_config: CacheConfig = DEFAULT_CACHE_CONFIG,
     ) -> AsyncIterator[tuple[Fetcher, Cache]]:
         limiter = trio.CapacityLimiter(config.threads)
-        with Cache(cache_dir, limiter=limiter) as cache:
+        with Cache(cache_dir, cache_config, limiter=limiter) as cache:
             async with (
                 open_sources(parse_stores(stores), config, limiter=limiter) as sources,
                 trio.open_nursery() as nursery,

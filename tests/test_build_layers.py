@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import tarfile
+import tracemalloc
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 from ocixfs.build.builder import BuildOptions, BuildSummary, build_image
+from ocixfs.build.layers import BuildTree, FileContent, PendingContent, apply_tar_layer
 from ocixfs.errors import BuildError
-from ocixfs.image.format import Kind, Manifest, decode
+from ocixfs.image.format import Kind, Limits, Manifest, decode
 from tests.imagetools import (
     TarEntry,
     directory,
@@ -245,3 +250,64 @@ def test_failed_build_keeps_previous_output(tmp_path: Path) -> None:
                     options=OPTIONS)
     assert (tmp_path / "image.ocix").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _empty_files_layer(path: Path, count: int) -> None:
+    """A gzip tar layer of ``count`` empty files, written member by member (a real file)."""
+    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
+        for number in range(count):
+            archive.addfile(tarfile.TarInfo(f"f{number}"))
+
+
+def test_a_layer_past_the_entry_limit_is_refused_while_it_is_read(tmp_path: Path) -> None:
+    """60,000 empty files against a limit of 1,000: refused at the 1,001st, having built
+    about a thousand nodes (memory follows the limit, not the layer)."""
+    layer = tmp_path / "layer.tar.gz"
+    _empty_files_layer(layer, 60_000)
+    tree = BuildTree(limits=Limits(max_entries=1000))
+    tracemalloc.start()
+    try:
+        with gzip.open(layer, "rb") as stream, pytest.raises(BuildError) as caught:
+            apply_tar_layer(tree, stream, _NoContent(), name="layer")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(caught.value) == "layer: f1000: the image has more than 1000 entries (the limit)"
+    assert peak < 8 << 20
+
+
+def test_the_entry_count_follows_replacements_and_whiteouts(tmp_path: Path) -> None:
+    lower = [directory("d"), file("d/a"), file("d/b"), file("x"), directory("e"), file("e/1")]
+    upper = [whiteout("d"), file("x", mode=0o600), opaque("e"), file("e/2"), file("n/m")]
+    tree = BuildTree()
+    for number, entries in enumerate([lower, upper]):
+        with io.BytesIO(tar_bytes(entries)) as stream:
+            apply_tar_layer(tree, stream, _NoContent(), name=f"layer{number}")
+    assert tree.entries == len(tree.to_entries(version=1)[0]) == 5  # x e e/2 n n/m
+
+
+def test_a_name_path_or_size_over_the_manifest_limits_is_refused_while_reading(
+    tmp_path: Path,
+) -> None:
+    deep = "/".join(["d" * 200] * 21)  # 4,220 bytes
+    assert "path longer than 4096 bytes" in build_error(tmp_path / "1", [file(deep)])
+    message = build_error(tmp_path / "2", [file("n" * 256)])
+    assert message.endswith(f"{'n' * 256}: a name longer than 255 bytes")
+    message = build_error(tmp_path / "3", [symlink("s", "t" * 4097)])
+    assert message.endswith("s: symlink target longer than 4096 bytes")
+
+
+class _NoContent:
+    """A ``ContentSink`` for empty files only (the layers above hold nothing else)."""
+
+    def from_stream(self, stream: IO[bytes], size: int) -> PendingContent:
+        assert size == 0
+        return _Empty()
+
+    def from_path(self, path: str, size: int) -> PendingContent:
+        raise AssertionError(path)
+
+
+class _Empty:
+    def result(self) -> FileContent:
+        return FileContent(0, None)

@@ -235,6 +235,6 @@ async def test_discard(tmp_path: Path) -> None:
     with Cache(tmp_path) as cache:
         chunk = await fill(cache, b"data")
         assert await cache.read(chunk, 0, 4) == b"data"
-        assert cache.discard(chunk)
-        assert not cache.discard(chunk)
+        assert await cache.discard(chunk)
+        assert not await cache.discard(chunk)
         assert await cache.read(chunk, 0, 4) is None

@@ -12,8 +12,8 @@ import pytest
 import trio
 import zstandard
 
-from ocixfs.config import FetchConfig
-from ocixfs.errors import BlobCorrupt, BlobNotFound, FetchError, FetchTimeout
+from ocixfs.config import CacheConfig, CacheQuota, FetchConfig
+from ocixfs.errors import BlobCorrupt, BlobNotFound, CacheFullError, FetchError, FetchTimeout
 from ocixfs.fetch.fetcher import Priority
 from ocixfs.image.format import Chunk
 from tests.faultserver import Fault, FaultServer, blob_path, make_store
@@ -395,3 +395,23 @@ def test_faultserver_serves_ranges(store: Store, server: FaultServer) -> None:
         assert response.headers["Content-Range"] == f"bytes 10-19/{chunk.size}"
         assert response.read() == CONTENTS[0][10:20]
     assert server.count(chunk.hex) == 1
+
+
+async def test_a_blob_larger_than_the_quota_is_refused_before_any_request(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """A 3 MB blob and a 1 MB quota: no byte is downloaded; the failure is remembered (the
+    kernel's retry fails at once); blobs that fit are fetched as usual."""
+    big, small = store.chunks[3], store.chunks[0]
+    small_quota = CacheConfig(quota=CacheQuota(size=1_000_000))
+    async with fetching([server.url], tmp_path / "cache", cache_config=small_quota) as (
+        fetcher, cache
+    ):
+        for _ in range(2):
+            with pytest.raises(CacheFullError, match="larger than the cache quota"):
+                await fetcher.ensure(big)
+        assert server.count(big.hex) == 0
+        assert fetcher.statistics().fast_failures == 1
+        await fetcher.ensure(small)
+        assert await cached(cache, small) == CONTENTS[0]
+    assert os.listdir(tmp_path / "cache" / "tmp") == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -32,11 +33,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
-from ocixfs.image.format import Manifest, decode, encode
+from ocixfs.image.format import Entry, Kind, Manifest, decode, encode
 from tests.faultserver import Fault, FaultServer
 from tests.hostile import make_corpus
 from tests.imagetools import file, hardlink, symlink
-from tests.mounting import OCIXFS, Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
+from tests.mounting import (
+    OCIXFS,
+    Mount,
+    Mounts,
+    is_mounted,
+    needs_fuse,
+    run_ocixfs,
+    wait_for,
+)
 from tests.reliabilitykit import mount_args, read_or_errno, write_image
 from tests.test_build_layers import build_layers
 
@@ -390,3 +399,120 @@ def test_mount_of_a_manifest_url_from_a_hostile_server_fails_in_one_line(
     assert expect in result.stderr
     assert time.monotonic() - started < 60
     assert not is_mounted(tmp_path / "mnt")
+
+
+# --- side files: profiles and store files -----------------------------------------------
+
+
+def _profile_bomb(entries: int) -> bytes:
+    """A canonical profile of ``entries`` times ``["/", 0]`` (4 bytes each), gzip'ed:
+    about 1/1000 of its size on the wire."""
+    head = b"\xa2\x67entries\x9a" + entries.to_bytes(4, "big")
+    body = head + b"\x82\x61/\x00" * entries + b"\x67version\x01"
+    return gzip.compress(body, compresslevel=9)
+
+
+def test_a_profile_bomb_beside_a_url_image_is_refused_from_its_header(tmp_path: Path) -> None:
+    """12 million entries in 48 MB (under the 64 MiB size limit), 47 KB gzip'ed on the
+    wire: refused from the list header, in a process limited to 1 GiB of address space,
+    in seconds; the mount would go on without it."""
+    bomb = _profile_bomb(12_000_000)
+    assert len(bomb) < 64 << 10
+    probe = (
+        "import logging, sys\n"
+        "from ocixfs.mount.profile import profile_beside\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "print(profile_beside(sys.argv[1]))\n"
+    )
+    (tmp_path / "image.ocix.profile").write_bytes(b"served with the fault's body instead")
+    with FaultServer(tmp_path) as server:
+        server.fault("image.ocix.profile", Fault(body=bomb, content_encoding="gzip"))
+        started = time.monotonic()
+        result = subprocess.run(
+            ["prlimit", "--as=1073741824", "--cpu=60", sys.executable, "-c", probe,
+             f"{server.url}/image.ocix"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
+    assert "entries must be a list of at most 2000000" in result.stderr, result.stderr
+    assert time.monotonic() - started < 30
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_fifos_planted_beside_the_image_and_in_the_store_hang_nothing(tmp_path: Path) -> None:
+    """``IMAGE.ocix.profile``, ``ocix-store.json`` and one blob are FIFOs nobody writes to:
+    the mount comes up (no profile), files read right (plain names), and the file whose
+    blob is a FIFO fails with EIO at once instead of taking a worker thread for ever."""
+    image = write_image(tmp_path / "image", {"/ok": os.urandom(5000), "/fifo": b"planted"})
+    os.mkfifo(image.ocix.parent / "image.ocix.profile")
+    os.mkfifo(image.store / "ocix-store.json")
+    blob = image.store / "blobs" / "blake3" / image.hexes("/fifo")[0]
+    blob.unlink()
+    os.mkfifo(blob)
+    started = time.monotonic()
+    with Mount(image.ocix, tmp_path / "mnt", "--store", os.fspath(image.store), "--cache-dir",
+               os.fspath(tmp_path / "cache"), "--deadline", "20") as mount:
+        assert (mount.mountpoint / "ok").read_bytes() == image.contents["/ok"]
+        assert read_or_errno(mount.mountpoint / "fifo") == errno.EIO
+        assert time.monotonic() - started < 15
+        assert (mount.mountpoint / "ok").read_bytes() == image.contents["/ok"]
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_file_larger_than_the_cache_quota_fails_at_once_without_a_download(
+    tmp_path: Path,
+) -> None:
+    """A manifest naming a 3 MB blob (a v0 image's whole file, or a hostile size) under a
+    1 MiB quota: EIO at once, nothing requested, nothing written; other files read."""
+    image = write_image(tmp_path / "image", {"/big": os.urandom(3 << 20), "/ok": b"ok"})
+    cache = tmp_path / "cache"
+    with FaultServer(image.store) as server, Mount(image.ocix, tmp_path / "mnt", *mount_args(
+        server.url, cache, "--cache-max-size", "1M"
+    )) as mount:
+        started = time.monotonic()
+        assert read_or_errno(mount.mountpoint / "big") == errno.EIO
+        assert time.monotonic() - started < 5
+        assert server.count(image.hexes("/big")[0]) == 0
+        assert (mount.mountpoint / "ok").read_bytes() == b"ok"
+    assert os.listdir(cache / "tmp") == []
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_manifest_lying_about_a_shared_blobs_size_fails_its_read_not_the_others(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """Image ``good`` and image ``liar`` share a blob; ``liar`` declares it 1000 bytes
+    longer. Reading it through ``liar`` fails with EIO and leaves the cached blob alone (it
+    verifies against its name), so ``good`` keeps reading it without a refetch. A cached
+    file that is really damaged (wrong size, wrong bytes) is dropped and fetched again."""
+    content = os.urandom(50_000)
+    good = write_image(tmp_path / "good", {"/shared": content})
+    digest = blake3.blake3(content).digest()
+    liar = tmp_path / "liar.ocix"
+    liar.write_bytes(encode(Manifest(1, {
+        "/": Entry(Kind.DIRECTORY, mode=0o755),
+        "/shared": Entry(Kind.REGULAR, mode=0o644, size=len(content) + 1000, digest=digest),
+    })))
+    cache = tmp_path / "cache"
+    cached_blob = cache / "blobs" / digest.hex()[:2] / digest.hex()
+    with FaultServer(good.store) as server:
+        honest = mounts(good.ocix, tmp_path / "m1", *mount_args(server.url, cache)).start()
+        lying = mounts(liar, tmp_path / "m2", *mount_args(server.url, cache)).start()
+        assert (honest.mountpoint / "shared").read_bytes() == content
+        for _ in range(2):  # the kernel's retry, and a later read
+            assert read_or_errno(lying.mountpoint / "shared") == errno.EIO
+        assert cached_blob.read_bytes() == content
+        honest.stop()
+        honest = mounts(good.ocix, tmp_path / "m1", *mount_args(server.url, cache)).start()
+        assert (honest.mountpoint / "shared").read_bytes() == content
+        assert server.count(good.hexes("/shared")[0]) == 1
+        honest.stop()
+        cached_blob.write_bytes(b"damaged")  # wrong size and wrong bytes: dropped, refetched
+        honest = mounts(good.ocix, tmp_path / "m1", *mount_args(server.url, cache)).start()
+        assert (honest.mountpoint / "shared").read_bytes() == content
+        assert server.count(good.hexes("/shared")[0]) == 2
+        assert cached_blob.read_bytes() == content

@@ -28,7 +28,8 @@ import zstandard
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
 from ocixfs.http import download, load_credentials, redact, ssl_context
-from tests.faultserver import Fault, FaultServer
+from ocixfs.mount.profile import profile_beside
+from tests.faultserver import Fault, FaultServer, make_store
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mount, is_mounted, needs_fuse, run_ocixfs, wait_for
 from tests.reliabilitykit import Image, black_hole, mount_args, read_or_errno, write_image
@@ -95,6 +96,32 @@ async def test_transfer_below_the_minimum_rate_fails_over(
         assert await cached(cache, chunks[0]) == CONTENTS[0]
         assert fetcher.statistics().errors == {"slow": 1}
         assert good.count(chunks[0].hex) == 1
+
+
+async def test_a_store_dripping_its_configuration_falls_back_to_plain_names_and_mirrors(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Two zstd stores; the first sends ``ocix-store.json`` (and everything else) one byte
+    per (virtual) second, forever alive. With the default settings (a 30 s deadline, 32 KiB/s
+    after 10 s), reads are served within their deadline: discovery gives up at the
+    minimum-rate rule and plain names are used; the first blob comes from the second
+    mirror, then the first store's discovery is not asked again for a while."""
+    mock_clock.rate = 20  # 1 real second is 20 virtual ones; the server drips in real time
+    contents = [os.urandom(40_000), os.urandom(30_000)]
+    dripping = make_store(tmp_path / "a", contents, zstd=True)
+    make_store(tmp_path / "b", contents, zstd=True)
+    config = FetchConfig(threads=4)
+    with FaultServer(tmp_path / "a") as drip, FaultServer(tmp_path / "b") as good:
+        drip.fault("*", Fault(rate=20))  # a byte every 50 ms real: 1 B/s virtual
+        async with fetching([drip.url, good.url], tmp_path / "cache", config) as (fetcher, cache):
+            for chunk, content in zip(dripping, contents, strict=True):
+                started = trio.current_time()
+                await fetcher.ensure(chunk, deadline=started + config.deadline)
+                assert trio.current_time() - started < config.deadline
+                assert await cached(cache, chunk) == content
+            assert drip.count("ocix-store.json") == 1
+            assert good.count("ocix-store.json") == 1
+            assert good.count(dripping[0].hex + ".zst") == 1
 
 
 async def test_retries_are_bounded_and_spaced(
@@ -399,6 +426,27 @@ def test_download_is_bounded(tmp_path: Path, serve: FaultServers) -> None:
     server.fault("doc", Fault(status=500))
     with pytest.raises(FetchError, match="HTTP 500"):
         download(f"{server.url}/doc", max_bytes=1000)
+
+
+def test_download_just_above_the_minimum_rate_ends_at_its_deadline(
+    tmp_path: Path, serve: FaultServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manifest or profile trickled just above the minimum rate (here 2x, which would
+    take 20 s) ends at the overall deadline; a profile beside a URL image gets at most the
+    read deadline, since the mount waits for it."""
+    (tmp_path / "image.ocix").write_bytes(b"m" * 40_000)
+    (tmp_path / "image.ocix.profile").write_bytes(b"p" * 40_000)
+    server = serve(tmp_path)
+    server.fault("*", Fault(rate=2000))
+    trickle = replace(FAST, min_rate=1000, rate_window=0.2, document_deadline=1.5, deadline=0.7)
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"image.ocix: not received within 1.5 s"):
+        download(f"{server.url}/image.ocix", max_bytes=1 << 20, config=trickle)
+    assert 1.5 <= time.monotonic() - started < 4
+    started = time.monotonic()
+    assert profile_beside(f"{server.url}/image.ocix", trickle) is None
+    assert time.monotonic() - started < 3
+    assert "image.ocix.profile: not received within 0.7 s" in caplog.text
 
 
 def test_download_decodes_compressed_documents_within_the_limit(

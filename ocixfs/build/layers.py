@@ -41,7 +41,7 @@ from types import MappingProxyType
 from typing import IO, Any, Protocol, cast
 
 from ocixfs.errors import BuildError
-from ocixfs.image.format import Chunk, Entry, Kind, path_sort_key
+from ocixfs.image.format import DEFAULT_LIMITS, Chunk, Entry, Kind, Limits, path_sort_key
 
 __all__ = [
     "IGNORED_XATTRS",
@@ -131,9 +131,20 @@ class Node:
 
 @dataclass(slots=True)
 class BuildTree:
-    """The tree being built; starts as an implicit root directory."""
+    """The tree being built; starts as an implicit root directory.
+
+    ``entries`` counts the names below the root as they come and go, so that a layer is
+    refused the moment the tree passes the manifest's entry limit (``limits``), not after
+    millions of nodes were built: a 10 MB gzip layer can hold a million empty files."""
 
     root: Node = field(default_factory=lambda: Node.directory(implicit=True))
+    limits: Limits = DEFAULT_LIMITS
+    entries: int = 0
+
+    def grow(self, names: int = 1) -> bool:
+        """Count ``names`` more entries (negative: fewer); False once past the limit."""
+        self.entries += names
+        return self.entries <= self.limits.max_entries
 
     def walk(self) -> Iterator[tuple[str, Node]]:
         """Every ``(absolute path, node)``, parents before children; a hard link per name."""
@@ -171,6 +182,18 @@ class BuildTree:
                           and entries[path].kind is not Kind.HARDLINK)
         ordered = {path: entries[path] for path in sorted(entries, key=path_sort_key)}
         return ordered, dropped
+
+
+def _names(node: Node) -> int:
+    """How many entries ``node`` stands for: itself and everything below it."""
+    count = 0
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        count += 1
+        if current.children:
+            pending.extend(current.children.values())
+    return count
 
 
 def _entry(node: Node, version: int) -> Entry:
@@ -258,6 +281,26 @@ class _LayerApplier:
     def fail(self, member: tarfile.TarInfo, problem: str) -> BuildError:
         return BuildError(f"{self.layer}: {member.name}: {problem}")
 
+    def grow(self, member: tarfile.TarInfo, names: int) -> None:
+        """Count entries added (or removed); refuse the layer once past the entry limit."""
+        if not self.tree.grow(names):
+            limit = self.tree.limits.max_entries
+            raise self.fail(member, f"the image has more than {limit} entries (the limit)")
+
+    def check_size(self, member: tarfile.TarInfo, path: str, base: str) -> None:
+        """The manifest's limits on one entry, checked before it is built."""
+        limits = self.tree.limits
+        if len(path.encode("utf-8", "surrogateescape")) + 1 > limits.max_path_bytes:
+            raise self.fail(member, f"path longer than {limits.max_path_bytes} bytes")
+        if len(base.encode("utf-8", "surrogateescape")) > limits.max_name_bytes:
+            raise self.fail(member, f"a name longer than {limits.max_name_bytes} bytes")
+        if member.isreg() and member.size > limits.max_file_size:
+            raise self.fail(member, f"larger than {limits.max_file_size} bytes")
+        if member.issym() and len(member.linkname.encode("utf-8", "surrogateescape")) > (
+            limits.max_symlink_bytes
+        ):
+            raise self.fail(member, f"symlink target longer than {limits.max_symlink_bytes} bytes")
+
     def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
         parts = self.clean(member, member.name)
         if not parts:
@@ -272,13 +315,15 @@ class _LayerApplier:
             return
         parent, parent_path = self.resolve(member, dir_parts)
         path = f"{parent_path}/{base}" if parent_path else base
+        self.check_size(member, path, base)
         assert parent.children is not None
         existing = parent.children.get(base)
         if existing is not None and existing.kind is Kind.DIRECTORY and member.isdir():
             existing.meta = self.meta(member)
             existing.implicit = False
         else:
-            parent.children.pop(base, None)
+            replaced = parent.children.pop(base, None)
+            self.grow(member, 1 - (_names(replaced) if replaced is not None else 0))
             parent.children[base] = self.new_node(member, archive)
         self.mark_upper(path)
 
@@ -334,6 +379,7 @@ class _LayerApplier:
         path = f"{parent_path}/{victim}" if parent_path else victim
         if path not in self.upper:
             del parent.children[victim]
+            self.tree.grow(-_names(node))
         elif node.kind is Kind.DIRECTORY:
             self.purge(node, path)
 
@@ -345,6 +391,7 @@ class _LayerApplier:
             child_path = prefix + name
             if child_path not in self.upper:
                 del directory.children[name]
+                self.tree.grow(-_names(child))
             elif child.kind is Kind.DIRECTORY:
                 self.purge(child, child_path)
 
@@ -382,6 +429,7 @@ class _LayerApplier:
             if child is None:
                 if not create:
                     return None
+                self.grow(member, 1)
                 child = current.children[name] = Node.directory(implicit=True)
             elif child.kind is Kind.SYMLINK:
                 hops += 1
@@ -484,6 +532,8 @@ def read_rootfs_dir(tree: BuildTree, root: Path) -> Iterator[PendingFile]:
         for name, child_path, child in reader.children(path):
             assert node.children is not None
             node.children[name] = child
+            if not tree.grow():
+                raise BuildError(f"{root}: more than {tree.limits.max_entries} entries (the limit)")
             if child.kind is Kind.DIRECTORY:
                 pending.append((child_path, child))
         yield from reader.files

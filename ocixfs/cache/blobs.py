@@ -19,10 +19,12 @@ Contract:
   has no hard links) from ``tmp/`` after its length and hash matched (and, by default,
   after fsync), so a reader never sees unverified or partial bytes. ``link`` never
   replaces a blob another daemon published first, which keeps the usage count exact.
-- ``Cache.fill(chunk)`` gives a ``CacheFill``: ``write()`` hashes while writing (call it
-  from a worker thread), ``Cache.commit()`` verifies, makes room under the quota (evicting
-  least recently used, unpinned blobs) and publishes, ``abort()`` unlinks. Any failure
-  leaves nothing under ``blobs/``.
+- ``Cache.fill(chunk)`` gives a ``CacheFill`` (or ``CacheFullError`` at once when the
+  blob's declared size is larger than the whole quota): ``write()`` hashes while writing
+  (call it from a worker thread) and refuses bytes beyond the declared size;
+  ``Cache.commit()`` verifies, makes room under the quota (evicting least recently used,
+  unpinned blobs) and publishes; ``abort()`` unlinks. Any failure leaves nothing under
+  ``blobs/``.
 - ``Cache.read()`` serves a cached blob with ``pread`` on a kept-open descriptor (an LRU of
   at most ``open_files``), inline for small reads, in a worker thread for large ones. It
   never touches the network; it returns ``None`` when the blob is not cached. Every kept-open
@@ -72,6 +74,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_SOUND_FILES_KEPT = 1024
+_HASH_READ = 1 << 20
+
 # link() errors meaning "this filesystem has no hard links": publish by rename instead.
 _NO_HARDLINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
 
@@ -116,6 +121,15 @@ class _OpenBlob:
         self.touched = touched
         self.users = 0
         self.close_when_idle = False
+
+
+@dataclass(frozen=True, slots=True)
+class _WrongSize:
+    """A cached file opened (and pinned) by ``_lookup`` whose size is not the declared one;
+    whoever gets it closes ``fd``."""
+
+    fd: int
+    st: os.stat_result
 
 
 class CacheFill:
@@ -236,6 +250,7 @@ class Cache:
         self._limiter = limiter
         self._open_blobs: OrderedDict[bytes, _OpenBlob] = OrderedDict()
         self._open_bytes = 0
+        self._sound_files: dict[bytes, tuple[int, int, int, int]] = {}
         self._open_bytes_max = (
             None if self.limit is None else max(1, int(self.limit * config.open_share))
         )
@@ -309,7 +324,11 @@ class Cache:
         """Bytes ``[offset, offset+size)`` of a cached blob (clamped to its end), or ``None``
         if it is not cached. Always a checkpoint; never waits on the network."""
         size = max(0, min(size, chunk.size - offset))
-        blob = self._lookup(chunk)
+        found = self._lookup(chunk)
+        if isinstance(found, _WrongSize):
+            await self._settle_wrong_size(chunk, found)  # raises, or the blob is gone
+            return None
+        blob = found
         if blob is None:
             await trio.lowlevel.checkpoint()
             return None
@@ -328,11 +347,14 @@ class Cache:
                 if blob.close_when_idle:
                     self._retire(blob)
         if len(data) != size:
-            self.discard(chunk)
+            await self.discard(chunk)
             raise CacheError(f"cache: blob {chunk.hex} is shorter than it should be")
         return data
 
-    def _lookup(self, chunk: Chunk) -> _OpenBlob | None:
+    def _lookup(self, chunk: Chunk) -> _OpenBlob | _WrongSize | None:
+        """The kept-open blob (opened and pinned now if need be), ``None`` when it is not
+        cached, or ``_WrongSize`` (holding the open descriptor) when the file's size is not
+        the one ``chunk`` declares. No await: the table is read and written atomically."""
         blob = self._open_blobs.get(chunk.digest)
         if blob is not None:
             self._open_blobs.move_to_end(chunk.digest)
@@ -355,11 +377,7 @@ class Cache:
             os.close(fd)
             return None
         if st.st_size != chunk.size:
-            os.close(fd)
-            log.warning("cache: %s holds %d bytes, expected %d; dropping it",
-                        path, st.st_size, chunk.size)
-            self.discard(chunk)
-            return None
+            return _WrongSize(fd, st)
         if time.time() - max(st.st_atime, st.st_mtime) >= self.config.touch_interval:
             self._touch(fd, st.st_mtime_ns)
         blob = _OpenBlob(fd, chunk.size, st.st_mtime_ns, time.monotonic())
@@ -409,19 +427,61 @@ class Cache:
             fd, blob.fd = blob.fd, -1
             os.close(fd)
 
-    def discard(self, chunk: Chunk) -> bool:
-        """Remove a blob (bad on disk, or evicted). Open descriptors keep working."""
-        blob = self._open_blobs.pop(chunk.digest, None)
+    async def _settle_wrong_size(self, chunk: Chunk, wrong: _WrongSize) -> None:
+        """A cached file whose size is not the one ``chunk`` declares. Its content is
+        hashed in a worker thread (once per file: the verdict is remembered): if it matches
+        its name, the blob is good and the manifest that declared the size is wrong (one
+        image's lie must not cost the others a blob they share): raise ``CacheError``
+        and keep it. Otherwise the file is damaged: remove it (the caller refetches)."""
+        identity = (wrong.st.st_dev, wrong.st.st_ino, wrong.st.st_size, wrong.st.st_mtime_ns)
+        try:
+            sound = self._sound_files.get(chunk.digest) == identity
+            if not sound:
+                digest = await trio.to_thread.run_sync(
+                    _hash_file, wrong.fd, chunk.hex, limiter=self._limiter
+                )
+                sound = digest == chunk.digest
+                if sound:
+                    if len(self._sound_files) >= _SOUND_FILES_KEPT:
+                        self._sound_files.clear()
+                    self._sound_files[chunk.digest] = identity
+        finally:
+            os.close(wrong.fd)
+        if sound:
+            raise CacheError(
+                f"cache: blob {chunk.hex} is {wrong.st.st_size} bytes, not the {chunk.size} "
+                "the manifest says: the manifest is wrong (the blob is kept)"
+            )
+        log.warning("cache: blob %s is damaged (%d bytes, expected %d); dropping it",
+                    chunk.hex, wrong.st.st_size, chunk.size)
+        await self.discard(chunk, only=wrong.st)
+
+    async def discard(self, chunk: Chunk, *, only: os.stat_result | None = None) -> bool:
+        """Remove a blob (bad on disk, or evicted), in a worker thread (removal may wait on
+        the disk). ``only``: remove it only if it is still that file. Open descriptors keep
+        working. Returns whether a file was removed."""
+        blob = self._open_blobs.pop(chunk.digest, None)  # atomically, before the await
         if blob is not None:
             self._open_bytes -= blob.size
             self._retire(blob)
-        if not self.directory.remove_blob(self.path_of(chunk)):
-            return False
-        self._dropped_blobs += 1
-        return True
+        identity = None if only is None else (only.st_dev, only.st_ino)
+        removed = await trio.to_thread.run_sync(
+            self.directory.remove_blob, self.path_of(chunk), identity, limiter=self._limiter
+        )
+        if removed:
+            self._dropped_blobs += 1
+        return removed
+
+    def refuse_oversized(self, chunk: Chunk) -> None:
+        """Raise ``CacheFullError`` if ``chunk`` is larger than the whole quota: fetching it
+        would be wasted (and, unchecked, could fill the cache's filesystem)."""
+        self.directory.refuse_oversized(chunk.size)
 
     def fill(self, chunk: Chunk) -> CacheFill:
-        """A writer for one fill of ``chunk``; finish with ``commit()`` or ``abort()``."""
+        """A writer for one fill of ``chunk``; finish with ``commit()`` or ``abort()``.
+        Raises ``CacheFullError`` at once for a blob larger than the whole quota; the
+        writer refuses more bytes than ``chunk.size``."""
+        self.refuse_oversized(chunk)
         return CacheFill(chunk, self.path_of(chunk), self._tmp, fsync=self.config.fsync)
 
     async def commit(
@@ -468,6 +528,17 @@ class Cache:
             usage_bytes=counted.bytes,
             limit=self.limit,
         )
+
+
+def _hash_file(fd: int, hexdigest: str) -> bytes:
+    """The BLAKE3 digest of the whole file behind ``fd`` (runs in a worker thread)."""
+    hasher = blake3.blake3()
+    offset = 0
+    with cache_errors(f"reading blob {hexdigest}"):
+        while data := os.pread(fd, _HASH_READ, offset):
+            hasher.update(data)
+            offset += len(data)
+    return hasher.digest()
 
 
 def _pread_exact(fd: int, size: int, offset: int, hexdigest: str) -> bytes:

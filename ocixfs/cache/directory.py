@@ -192,6 +192,16 @@ class CacheDirectory:
 
     # --- fills ---
 
+    def refuse_oversized(self, size: int) -> None:
+        """Raise ``CacheFullError`` for a blob of ``size`` bytes that could never fit the
+        quota (asked before a fetch, so such a blob is never downloaded)."""
+        limit = self.limit
+        if limit is not None and size > limit:
+            raise CacheFullError(
+                f"a blob of {format_bytes(size)} is larger than the cache quota "
+                f"({format_bytes(limit)}); raise --cache-max-size"
+            )
+
     def publish(self, size: int, link: Callable[[], bool]) -> bool:
         """Publish a verified blob of ``size`` bytes with ``link()`` (False: it was there
         already) and count it, making room first when it would pass the quota (see the
@@ -202,11 +212,7 @@ class CacheDirectory:
         if added is not None:
             return added
         assert limit is not None
-        if size > limit:
-            raise CacheFullError(
-                f"a blob of {format_bytes(size)} is larger than the cache quota "
-                f"({format_bytes(limit)}); raise --cache-max-size"
-            )
+        self.refuse_oversized(size)
         deadline = time.monotonic() + self.config.evict_wait
         while True:
             with self.exclusive(0.0) as locked:
@@ -272,14 +278,19 @@ class CacheDirectory:
         except Exception as exc:  # the next trigger tries again
             log.warning("cache %s: eviction failed: %s", self.root, exc)
 
-    def remove_blob(self, path: Path) -> bool:
+    def remove_blob(self, path: Path, identity: tuple[int, int] | None = None) -> bool:
         """Unlink one blob now, pinned or not (damaged, or dropped by a reader); False if
-        it was not there. It is subtracted from the counter only when no eviction runs
-        (whose rebase might subtract it again): otherwise the total stays high, the safe
-        side, until the next rebase."""
+        it was not there (or, given ``identity`` = ``(st_dev, st_ino)``, is another file
+        now, e.g. a good copy another process published since). Blocks: a worker thread's
+        job. It is subtracted from the counter only when no eviction runs (whose rebase
+        might subtract it again): otherwise the total stays high, the safe side, until the
+        next rebase."""
         with self.exclusive(0.0) as locked, cache_errors(f"removing {path}"):
             try:
-                size = os.lstat(path).st_size
+                st = os.lstat(path)
+                if identity is not None and (st.st_dev, st.st_ino) != identity:
+                    return False
+                size = st.st_size
                 os.unlink(path)
             except FileNotFoundError:
                 return False

@@ -76,11 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
 def load_profile_file(path: Path) -> Profile:
     from ocixfs.errors import UsageError
-    from ocixfs.mount.profile import MAX_PROFILE_BYTES, decode_profile
+    from ocixfs.mount.profile import decode_profile, read_profile_file
 
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PROFILE_BYTES + 1)
+        data = read_profile_file(path)
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
     return decode_profile(data, source=os.fspath(path))

@@ -24,6 +24,8 @@ Contract:
 - A 429 or 503 with ``Retry-After`` (seconds or a date, at most an hour) keeps that source
   from being asked again before then; the next mirror is tried, and when none is left the
   fetch waits for the earliest one if that fits its time, else fails at once.
+- A blob larger than the cache's whole quota fails at once with ``CacheFullError``,
+  before any request.
 - Bytes stream into a ``CacheFill`` in batches (hash + write, and zstd decompression,
   in worker threads). A body longer than the blob, or a zstd stream that decompresses to
   more, is cut and counted as corrupt; nothing unverified reaches the cache.
@@ -57,7 +59,14 @@ from ocixfs.errors import (
 from ocixfs.fetch.scheduler import Priority, Scheduler, Ticket
 from ocixfs.image.format import Chunk
 from ocixfs.store.layout import blob_name
-from ocixfs.store.remote import AttemptFailed, Body, FailureKind, Source, attempt_errors
+from ocixfs.store.remote import (
+    AttemptFailed,
+    Body,
+    FailureKind,
+    Source,
+    attempt_errors,
+    check_rate,
+)
 
 __all__ = ["FetchStatistics", "Fetcher", "Priority"]
 
@@ -290,6 +299,7 @@ class Fetcher:
     async def _fly(self, flight: _Flight) -> OcixError | None:
         chunk = flight.chunk
         try:
+            self._cache.refuse_oversized(chunk)  # before a slot or a byte is spent on it
             await self._scheduler.acquire(flight.ticket)
             try:
                 budget = self._config.deadline + chunk.size / self._config.min_rate
@@ -446,15 +456,8 @@ class Fetcher:
             if batched >= self._config.write_batch:
                 await trio.to_thread.run_sync(sink.write, batch, limiter=self._limiter)
                 batch, batched = [], 0
-            self._check_rate(received, started)
+            check_rate(self._config, received, started)
         return batch
-
-    def _check_rate(self, received: int, started: float) -> None:
-        elapsed = trio.current_time() - started
-        if elapsed > self._config.rate_window and received < self._config.min_rate * elapsed:
-            raise AttemptFailed(
-                FailureKind.SLOW, f"{received / elapsed:.0f} B/s is below the minimum rate"
-            )
 
 
 def _summarise(chunk: Chunk, failures: list[tuple[Source, AttemptFailed]]) -> FetchError:

@@ -40,7 +40,8 @@ import datetime
 import enum
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from functools import cache, lru_cache
@@ -51,6 +52,7 @@ from ocixfs.errors import FormatError
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "CanonicalReader",
     "HASH_SIZE",
     "LATEST_VERSION",
     "MAX_DEVICE_MAJOR",
@@ -75,6 +77,7 @@ __all__ = [
     "parent",
     "parse_time",
     "path_sort_key",
+    "reading",
     "split_path",
 ]
 
@@ -360,14 +363,22 @@ def decode(data: bytes, *, limits: Limits = DEFAULT_LIMITS, source: str = "manif
         raise FormatError(f"{source}: {len(data)} bytes exceed the limit of {limits.max_bytes}")
     if not isinstance(data, bytes):
         data = bytes(data)
-    try:
+    with reading(source):
         version, entries = _Reader(data, limits).manifest()
         _check_manifest(version, entries, limits)
+    return Manifest(version, entries)
+
+
+@contextmanager
+def reading(source: str) -> Iterator[None]:
+    """Report a ``CanonicalReader`` problem (or runaway nesting) raised inside as one
+    ``FormatError`` line naming ``source``."""
+    try:
+        yield
     except _Problem as problem:
         raise FormatError(problem.render(source)) from None
     except RecursionError:
         raise FormatError(f"{source}: nested too deeply") from None
-    return Manifest(version, entries)
 
 
 _HEAD_MINIMUM = (24, 1 << 8, 1 << 16, 1 << 32)
@@ -375,17 +386,151 @@ _CONTENT_KEYS = frozenset(kind.value for kind in Kind)
 _TRUNCATED = "unexpected end of data"
 
 
-class _Reader:
-    """One pass over canonical CBOR with the OCIX schema in mind; see the module docstring.
+class CanonicalReader:
+    """Items of canonical CBOR read in place, without building objects for what is only
+    checked or counted: a container's length comes from its header, so a caller can
+    refuse an oversized one before reading a single element. Shared by the manifest
+    decoder and other hostile documents (access profiles).
 
-    Methods take the offset of an item and return ``(value, offset after it)``. The common
-    small forms are decoded inline: this loop runs for every item of every entry.
+    Methods take the offset of an item and return ``(value, offset after it)``; a problem
+    raises an internal exception that ``reading(source)`` turns into one ``FormatError``
+    line. ``skip`` nests at most ``limits.max_depth`` deep.
     """
 
-    def __init__(self, data: bytes, limits: Limits) -> None:
+    def __init__(self, data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
         self.data = data
         self.end = len(data)
         self.limits = limits
+
+    @staticmethod
+    def problem(message: str, pos: int | None = None) -> Exception:
+        """An error for ``reading`` to report as ``"<source>: <message> (at byte <pos>)"``."""
+        return _Problem(message, pos)
+
+    def head(self, pos: int) -> tuple[int, int, int]:
+        """``(major type, argument, offset after the head)``; checks shortest form."""
+        if pos >= self.end:
+            raise _Problem(_TRUNCATED, pos)
+        initial = self.data[pos]
+        major = initial >> 5
+        info = initial & 0x1F
+        if info < 24:
+            return major, info, pos + 1
+        if info > 27:
+            if info == 31 and 2 <= major <= 5:
+                raise _Problem("indefinite-length item", pos)
+            raise _Problem("malformed CBOR (reserved or unexpected break)", pos)
+        after = pos + 1 + (1 << (info - 24))
+        if after > self.end:
+            raise _Problem(_TRUNCATED, pos)
+        argument = int.from_bytes(self.data[pos + 1 : after], "big")
+        if argument < _HEAD_MINIMUM[info - 24] and major != 7:
+            raise _Problem("integer or length not in shortest form", pos)
+        return major, argument, after
+
+
+    def text_span(self, pos: int, what: str) -> tuple[int, int]:
+        """Where the text of the text item at ``pos`` starts and ends."""
+        initial = self.data[pos] if pos < self.end else 0
+        if 0x60 <= initial < 0x78:
+            start = pos + 1
+            after = start + initial - 0x60
+        else:
+            major, length, start = self.head(pos)
+            if major != 3:
+                raise _Problem(f"{what} is not text", pos)
+            after = start + length
+        if after > self.end:
+            raise _Problem(_TRUNCATED, pos)
+        return start, after
+
+
+    def key(self, pos: int, previous: bytes) -> tuple[bytes, int, int]:
+        """A text map key that must sort after ``previous``: (encoded key, text start, end)."""
+        initial = self.data[pos] if pos < self.end else 0
+        if 0x60 <= initial < 0x78 and pos + initial - 0x5F <= self.end:
+            start = pos + 1
+            after = start + initial - 0x60
+        else:
+            start, after = self.text_span(pos, "map key")
+        encoded = self.data[pos:after]
+        if len(encoded) <= len(previous) and (len(encoded) < len(previous) or encoded <= previous):
+            raise _key_order_problem(previous, encoded, pos)
+        return encoded, start, after
+
+
+    def utf8(self, start: int, after: int) -> str:
+        try:
+            return self.data[start:after].decode()
+        except UnicodeDecodeError:
+            raise _Problem("text is not valid UTF-8", start) from None
+
+
+    def read_uint(self, pos: int, what: str) -> tuple[int, int]:
+        initial = self.data[pos] if pos < self.end else 0xFF
+        if initial < 24:
+            return initial, pos + 1
+        major, value, after = self.head(pos)
+        if major != 0:
+            raise _Problem(f"{what} is not an unsigned integer", pos)
+        return value, after
+
+
+    def read_text(self, pos: int, what: str) -> tuple[str, int]:
+        start, after = self.text_span(pos, what)
+        return self.utf8(start, after), after
+
+
+    def skip(self, pos: int, depth: int) -> int:
+        """Check one well-formed canonical item of any shape (an unknown key's value)."""
+        if depth > self.limits.max_depth:
+            raise _Problem(f"nested deeper than {self.limits.max_depth}", pos)
+        major, argument, after = self.head(pos)
+        if major <= 1:
+            return after
+        if major <= 3:
+            end = after + argument
+            if end > self.end:
+                raise _Problem(_TRUNCATED, pos)
+            if major == 3:
+                self.utf8(after, end)
+            return end
+        if major == 4:
+            for _ in range(argument):
+                after = self.skip(after, depth + 1)
+            return after
+        if major == 5:
+            previous = b""
+            for _ in range(argument):
+                key_at = after
+                after = self.skip(after, depth + 1)
+                encoded = self.data[key_at:after]
+                if len(encoded) <= len(previous) and (
+                    len(encoded) < len(previous) or encoded <= previous
+                ):
+                    raise _key_order_problem(previous, encoded, key_at)
+                previous = encoded
+                after = self.skip(after, depth + 1)
+            return after
+        if major == 6:
+            raise _Problem(f"tag {argument} is not allowed here", pos)
+        info = self.data[pos] & 0x1F
+        if info == 24 and argument < 32:
+            raise _Problem("malformed CBOR (two-byte simple value below 32)", pos)
+        if info >= 25:
+            _check_float(info, argument, pos)
+        return after
+
+
+
+class _Reader(CanonicalReader):
+    """One pass over canonical CBOR with the OCIX schema in mind; see the module docstring.
+
+    The common small forms are decoded inline: this loop runs for every item of every entry.
+    """
+
+    def __init__(self, data: bytes, limits: Limits) -> None:
+        super().__init__(data, limits)
         self.times: dict[bytes, int] = {}
         self.modes = _ModeCodes()
 
@@ -416,61 +561,6 @@ class _Reader:
         if version is None:
             raise _Problem("no 'version'")
         return version, entries
-
-    def head(self, pos: int) -> tuple[int, int, int]:
-        """``(major type, argument, offset after the head)``; checks shortest form."""
-        if pos >= self.end:
-            raise _Problem(_TRUNCATED, pos)
-        initial = self.data[pos]
-        major = initial >> 5
-        info = initial & 0x1F
-        if info < 24:
-            return major, info, pos + 1
-        if info > 27:
-            if info == 31 and 2 <= major <= 5:
-                raise _Problem("indefinite-length item", pos)
-            raise _Problem("malformed CBOR (reserved or unexpected break)", pos)
-        after = pos + 1 + (1 << (info - 24))
-        if after > self.end:
-            raise _Problem(_TRUNCATED, pos)
-        argument = int.from_bytes(self.data[pos + 1 : after], "big")
-        if argument < _HEAD_MINIMUM[info - 24] and major != 7:
-            raise _Problem("integer or length not in shortest form", pos)
-        return major, argument, after
-
-    def text_span(self, pos: int, what: str) -> tuple[int, int]:
-        """Where the text of the text item at ``pos`` starts and ends."""
-        initial = self.data[pos] if pos < self.end else 0
-        if 0x60 <= initial < 0x78:
-            start = pos + 1
-            after = start + initial - 0x60
-        else:
-            major, length, start = self.head(pos)
-            if major != 3:
-                raise _Problem(f"{what} is not text", pos)
-            after = start + length
-        if after > self.end:
-            raise _Problem(_TRUNCATED, pos)
-        return start, after
-
-    def key(self, pos: int, previous: bytes) -> tuple[bytes, int, int]:
-        """A text map key that must sort after ``previous``: (encoded key, text start, end)."""
-        initial = self.data[pos] if pos < self.end else 0
-        if 0x60 <= initial < 0x78 and pos + initial - 0x5F <= self.end:
-            start = pos + 1
-            after = start + initial - 0x60
-        else:
-            start, after = self.text_span(pos, "map key")
-        encoded = self.data[pos:after]
-        if len(encoded) <= len(previous) and (len(encoded) < len(previous) or encoded <= previous):
-            raise _key_order_problem(previous, encoded, pos)
-        return encoded, start, after
-
-    def utf8(self, start: int, after: int) -> str:
-        try:
-            return self.data[start:after].decode()
-        except UnicodeDecodeError:
-            raise _Problem("text is not valid UTF-8", start) from None
 
     def read_files(self, pos: int) -> tuple[dict[str, Entry], int]:
         major, count, pos = self.head(pos)
@@ -528,19 +618,6 @@ class _Reader:
                 content = name
             fields[name], pos = readers[name](self, pos, name)
         return _entry_from_fields(fields, content), pos
-
-    def read_uint(self, pos: int, what: str) -> tuple[int, int]:
-        initial = self.data[pos] if pos < self.end else 0xFF
-        if initial < 24:
-            return initial, pos + 1
-        major, value, after = self.head(pos)
-        if major != 0:
-            raise _Problem(f"{what} is not an unsigned integer", pos)
-        return value, after
-
-    def read_text(self, pos: int, what: str) -> tuple[str, int]:
-        start, after = self.text_span(pos, what)
-        return self.utf8(start, after), after
 
     def read_type(self, pos: int, what: str) -> tuple[Kind, int]:
         initial = self.data[pos] if pos < self.end else 0
@@ -680,46 +757,6 @@ class _Reader:
         major, pos = self.read_uint(pos, "device major")
         minor, pos = self.read_uint(pos, "device minor")
         return (major, minor), pos
-
-    def skip(self, pos: int, depth: int) -> int:
-        """Check one well-formed canonical item of any shape (an unknown key's value)."""
-        if depth > self.limits.max_depth:
-            raise _Problem(f"nested deeper than {self.limits.max_depth}", pos)
-        major, argument, after = self.head(pos)
-        if major <= 1:
-            return after
-        if major <= 3:
-            end = after + argument
-            if end > self.end:
-                raise _Problem(_TRUNCATED, pos)
-            if major == 3:
-                self.utf8(after, end)
-            return end
-        if major == 4:
-            for _ in range(argument):
-                after = self.skip(after, depth + 1)
-            return after
-        if major == 5:
-            previous = b""
-            for _ in range(argument):
-                key_at = after
-                after = self.skip(after, depth + 1)
-                encoded = self.data[key_at:after]
-                if len(encoded) <= len(previous) and (
-                    len(encoded) < len(previous) or encoded <= previous
-                ):
-                    raise _key_order_problem(previous, encoded, key_at)
-                previous = encoded
-                after = self.skip(after, depth + 1)
-            return after
-        if major == 6:
-            raise _Problem(f"tag {argument} is not allowed here", pos)
-        info = self.data[pos] & 0x1F
-        if info == 24 and argument < 32:
-            raise _Problem("malformed CBOR (two-byte simple value below 32)", pos)
-        if info >= 25:
-            _check_float(info, argument, pos)
-        return after
 
 
 def _key_order_problem(previous: bytes, encoded: bytes, pos: int) -> _Problem:

@@ -8,7 +8,11 @@ version N+1 too. On the wire it is canonical CBOR::
 
 sorted by ``ms`` then path. ``merge`` combines runs (e.g. from many hosts) keeping each
 path's earliest time. Decoding is bounded like manifests are: a profile may come from the
-network (``IMAGE.ocix.profile`` beside a remote manifest).
+network (``IMAGE.ocix.profile`` beside a remote manifest), so it is read in place
+(``format.CanonicalReader``), the entry count taken from the list's header and refused
+before a single entry is built, and only canonical CBOR is accepted. A profile file is
+opened without waiting and must be a regular file; a URL's download takes at most the
+fetch ``deadline``.
 
 Where profiles live: ``locate_profile`` picks the one a mount plays (``--prefetch``), from
 a named file, ``IMAGE.profile`` beside the manifest (``profile_beside``; a URL too), or the
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,7 @@ import cbor2
 from ocixfs.cache.layout import PROFILES
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import FormatError, OcixError
+from ocixfs.image.format import CanonicalReader, Limits, reading
 
 __all__ = [
     "PROFILE_VERSION",
@@ -42,6 +47,7 @@ __all__ = [
     "locate_profile",
     "merge",
     "profile_beside",
+    "read_profile_file",
     "save_profile",
 ]
 
@@ -71,34 +77,66 @@ def encode_profile(profile: Profile) -> bytes:
 
 
 def decode_profile(data: bytes, *, source: str = "profile") -> Profile:
-    """Decode and validate; any problem is a one-line ``FormatError``."""
+    """Decode and validate canonical CBOR; any problem is a one-line ``FormatError``.
+    Memory is bounded by the entry limit, checked from the list header first."""
     if len(data) > MAX_PROFILE_BYTES:
         raise FormatError(f"{source}: larger than {MAX_PROFILE_BYTES} bytes")
-    try:
-        body = cbor2.loads(data, max_depth=4, allow_indefinite=False, allow_duplicate_keys=False)
-    except Exception:  # cbor2 raises many types on hostile bytes; one boundary here
-        raise FormatError(f"{source}: not an ocixfs profile") from None
-    if not isinstance(body, Mapping) or body.get("version") != PROFILE_VERSION:
+    if not data or data[0] >> 5 != 5:  # a profile is a CBOR map
+        raise FormatError(f"{source}: not an ocixfs profile")
+    with reading(source):
+        version, entries = _ProfileReader(data).profile()
+    if version != PROFILE_VERSION or entries is None:
         raise FormatError(f"{source}: not an ocixfs profile (version {PROFILE_VERSION})")
-    raw = body.get("entries")
-    if not isinstance(raw, Sequence) or len(raw) > MAX_PROFILE_ENTRIES:
-        raise FormatError(f"{source}: entries must be a list of at most {MAX_PROFILE_ENTRIES}")
-    return Profile(tuple(_entry(item, source) for item in raw))
+    return Profile(entries)
 
 
-def _entry(item: object, source: str) -> tuple[str, int]:
-    if (
-        isinstance(item, Sequence)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and item[0].startswith("/")
-        and len(item[0].encode("utf-8", "surrogateescape")) <= MAX_PATH_BYTES
-        and isinstance(item[1], int)
-        and not isinstance(item[1], bool)
-        and 0 <= item[1] < 1 << 48
-    ):
-        return item[0], item[1]
-    raise FormatError(f"{source}: bad entry {item!r:.80}")
+_PROFILE_LIMITS = Limits(max_depth=4)
+
+
+class _ProfileReader(CanonicalReader):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, _PROFILE_LIMITS)
+
+    def profile(self) -> tuple[int | None, tuple[tuple[str, int], ...] | None]:
+        """``(version, entries)`` as found (either may be missing); unknown keys skipped."""
+        major, count, pos = self.head(0)
+        if major != 5:
+            raise self.problem(f"not an ocixfs profile (version {PROFILE_VERSION})", 0)
+        version = entries = None
+        previous = b""
+        for _ in range(count):
+            previous, start, pos = self.key(pos, previous)
+            name = self.utf8(start, pos)
+            if name == "entries":
+                entries, pos = self.entries(pos)
+            elif name == "version":
+                version, pos = self.read_uint(pos, "version")
+            else:
+                pos = self.skip(pos, 1)
+        if pos != self.end:
+            raise self.problem(f"{self.end - pos} bytes after the profile", pos)
+        return version, entries
+
+    def entries(self, pos: int) -> tuple[tuple[tuple[str, int], ...], int]:
+        major, count, after = self.head(pos)
+        if major != 4 or count > MAX_PROFILE_ENTRIES:
+            raise self.problem(f"entries must be a list of at most {MAX_PROFILE_ENTRIES}", pos)
+        found = []
+        for _ in range(count):
+            entry_at = after
+            major, length, after = self.head(after)
+            if major != 4 or length != 2:
+                raise self.problem("bad entry: not [path, ms]", entry_at)
+            start, after = self.text_span(after, "path")
+            if after - start > MAX_PATH_BYTES or self.data[start : start + 1] != b"/":
+                raise self.problem("bad entry: not an absolute path of at most "
+                                   f"{MAX_PATH_BYTES} bytes", entry_at)
+            path = self.utf8(start, after)
+            ms, after = self.read_uint(after, "access time")
+            if ms >= 1 << 48:
+                raise self.problem("bad entry: access time out of range", entry_at)
+            found.append((path, ms))
+        return tuple(found), after
 
 
 def merge(profiles: Iterable[Profile]) -> Profile:
@@ -183,8 +221,7 @@ def _read_profile(path: Path, *, strict: bool) -> Profile | None:
     from ocixfs.errors import UsageError
 
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PROFILE_BYTES + 1)
+        data = read_profile_file(path)
     except FileNotFoundError:
         if strict:
             raise UsageError(f"{path}: no such profile") from None
@@ -192,16 +229,27 @@ def _read_profile(path: Path, *, strict: bool) -> Profile | None:
     except OSError as exc:
         if strict:
             raise UsageError(f"{path}: {exc.strerror}") from None
+        log.warning("ignoring %s: %s", path, exc.strerror)
         return None
     return _decode_or_warn(data, os.fspath(path), strict=strict)
+
+
+def read_profile_file(path: Path) -> bytes:
+    """The bytes of a profile file (at most ``MAX_PROFILE_BYTES + 1``), never waiting on a
+    FIFO or device planted under its name. Raises ``OSError``."""
+    from ocixfs.image.loading import open_regular, read_limited
+
+    with open_regular(path) as file:
+        return read_limited(file, MAX_PROFILE_BYTES)
 
 
 def _fetch_profile_url(url: str, http: FetchConfig) -> Profile | None:
     from ocixfs.errors import BlobNotFound
     from ocixfs.http import download, redact
 
+    deadline = min(http.deadline, http.document_deadline)  # optional: never worth more
     try:
-        data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http)
+        data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http, deadline=deadline)
     except BlobNotFound:
         return None
     except OcixError as exc:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ocixfs.errors import StoreError
 from ocixfs.image.format import HASH_SIZE
+from ocixfs.image.loading import open_regular
 
 __all__ = [
     "BLOB_DIR",
@@ -91,7 +92,7 @@ def read_store_config(root: Path) -> dict[str, Any]:
     Raises ``StoreError``."""
     path = root / STORE_CONFIG
     try:
-        with open(path, "rb") as file:
+        with open_regular(path) as file:
             raw = file.read(STORE_CONFIG_MAX + 1)
     except FileNotFoundError:
         return {}

@@ -24,7 +24,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import BinaryIO, Protocol, assert_never
 
 import httpx
@@ -34,6 +33,7 @@ import zstandard
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import BlobCorrupt, StoreError
 from ocixfs.http import async_client, credentials_of, describe, ssl_context, sync_client
+from ocixfs.image.loading import open_regular
 from ocixfs.store.layout import (
     STORE_CONFIG,
     STORE_CONFIG_MAX,
@@ -49,6 +49,7 @@ __all__ = [
     "HttpClients",
     "Source",
     "attempt_errors",
+    "check_rate",
     "open_sources",
     "probe",
 ]
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _MAX_RETRY_AFTER = 3600
 _FILE_READ = 1 << 20
+_DISCOVERY_RETRY = 30.0
 
 
 class FailureKind(enum.Enum):
@@ -104,36 +106,68 @@ def attempt_errors() -> Iterator[None]:
 
 
 
+def check_rate(config: FetchConfig, received: int, started: float) -> None:
+    """Raise ``AttemptFailed`` (``SLOW``) when a transfer that began at trio time
+    ``started`` breaks the minimum-rate rule (``FetchConfig.too_slow``)."""
+    elapsed = trio.current_time() - started
+    if config.too_slow(received, elapsed):
+        raise AttemptFailed(
+            FailureKind.SLOW, f"{received / elapsed:.0f} B/s is below the minimum rate"
+        )
+
+
 class Body(Protocol):
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
 
 class Source(ABC):
-    """One store. ``label`` names it in logs and statistics (no credentials)."""
+    """One store. ``label`` names it in logs and statistics (no credentials); ``config``
+    gives the timeouts and the minimum rate of its transfers."""
 
     label: str
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, config: FetchConfig) -> None:
         self.label = label
+        self.config = config
         self._zstd: bool | None = None
         self._zstd_retry_at = -math.inf
         self._discovery = trio.Lock()
 
     async def wants_zstd(self) -> bool:
         """Whether ``ocix-store.json`` advertises zstd (asked once; retried later after a
-        network failure, meanwhile plain names are used). Raises nothing."""
+        failure, meanwhile plain names are used, which every store has). Raises nothing.
+
+        Discovery follows the rules of a blob transfer (per-socket timeouts, the minimum
+        rate after ``rate_window``) and takes at most ``discovery_budget`` seconds in all,
+        so a store that drips its configuration delays the fetches waiting for it by that
+        much, leaving them the time to fetch from it by plain name or from the next mirror."""
         async with self._discovery:
             if self._zstd is None and trio.current_time() >= self._zstd_retry_at:
-                try:
-                    with attempt_errors():
-                        self._zstd = self._advertises_zstd(await self._read_config())
-                except AttemptFailed as failure:
-                    if failure.kind is FailureKind.NOT_FOUND:
-                        self._zstd = False
-                    else:
-                        self._zstd_retry_at = trio.current_time() + 30
-                        log.debug("%s: %s: %s", self.label, STORE_CONFIG, failure.message)
+                with trio.move_on_after(self.discovery_budget) as scope:
+                    try:
+                        with attempt_errors():
+                            self._zstd = self._advertises_zstd(await self._read_config())
+                    except AttemptFailed as failure:
+                        self._discovery_failed(failure)
+                if scope.cancelled_caught:
+                    self._discovery_failed(AttemptFailed(
+                        FailureKind.TIMEOUT, f"not received within {self.discovery_budget:g} s"
+                    ))
         return bool(self._zstd)
+
+    @property
+    def discovery_budget(self) -> float:
+        """Seconds ``ocix-store.json`` may take: the rate window, then the largest one at
+        the minimum rate."""
+        return self.config.rate_window + STORE_CONFIG_MAX / self.config.min_rate
+
+    def _discovery_failed(self, failure: AttemptFailed) -> None:
+        if failure.kind is FailureKind.NOT_FOUND:
+            self._zstd = False
+            return
+        self._zstd_retry_at = trio.current_time() + _DISCOVERY_RETRY
+        log.info("%s: %s: %s; using plain names for %g s", self.label, STORE_CONFIG,
+                 failure.message, _DISCOVERY_RETRY)
 
     def _advertises_zstd(self, raw: bytes) -> bool:
         try:
@@ -156,8 +190,8 @@ class Source(ABC):
 
 
 class _HttpSource(Source):
-    def __init__(self, store: HttpStore, clients: HttpClients) -> None:
-        super().__init__(store.label)
+    def __init__(self, store: HttpStore, clients: HttpClients, config: FetchConfig) -> None:
+        super().__init__(store.label, config)
         self._base = store.url.rstrip("/")
         self._clients = clients
 
@@ -173,10 +207,12 @@ class _HttpSource(Source):
             if response.status_code != 200:
                 raise _status_failure(response)
             raw = bytearray()
+            started = trio.current_time()
             async for piece in response.aiter_raw():
                 raw += piece
                 if len(raw) > STORE_CONFIG_MAX:
                     break
+                check_rate(self.config, len(raw), started)
         return bytes(raw)
 
     @contextlib.asynccontextmanager
@@ -272,14 +308,16 @@ class _FilePieces:
 
 
 class _FileSource(Source):
-    def __init__(self, store: LocalStore, limiter: trio.CapacityLimiter) -> None:
-        super().__init__(store.label)
+    def __init__(
+        self, store: LocalStore, limiter: trio.CapacityLimiter, config: FetchConfig
+    ) -> None:
+        super().__init__(store.label, config)
         self._root = store.path
         self._limiter = limiter
 
     async def _read_config(self) -> bytes:
         def load() -> bytes:
-            with open(self._root / STORE_CONFIG, "rb") as file:
+            with open_regular(self._root / STORE_CONFIG) as file:
                 return file.read(STORE_CONFIG_MAX + 1)
 
         return await trio.to_thread.run_sync(load, limiter=self._limiter)
@@ -287,15 +325,13 @@ class _FileSource(Source):
     @contextlib.asynccontextmanager
     async def body(self, name: str, *, no_cache: bool) -> AsyncIterator[Body]:
         path = self._root / name
-        file = await trio.to_thread.run_sync(_open_rb, path, limiter=self._limiter)
+        file = await trio.to_thread.run_sync(open_regular, path, 0, limiter=self._limiter)
         try:
             yield _FilePieces(file, self._limiter)
         finally:
             file.close()
 
 
-def _open_rb(path: Path) -> BinaryIO:
-    return open(path, "rb", buffering=0)  # noqa: SIM115 -- closed by the caller
 
 
 class HttpClients:
@@ -360,11 +396,11 @@ async def open_sources(
         for store in stores:
             match store:
                 case LocalStore():
-                    sources.append(_FileSource(store, limiter))
+                    sources.append(_FileSource(store, limiter, config))
                 case HttpStore():
                     if clients is None:
                         clients = await stack.enter_async_context(HttpClients(config))
-                    sources.append(_HttpSource(store, clients))
+                    sources.append(_HttpSource(store, clients, config))
                 case _:
                     assert_never(store)
         yield sources
