@@ -18,10 +18,8 @@ their content, so they are correct and the next build reuses them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +43,7 @@ from ocixfs.build.layers import (
 from ocixfs.errors import BuildError, UsageError
 from ocixfs.image.format import Chunk, Kind, Manifest, encode, manifest_digest
 from ocixfs.progress import Progress
+from ocixfs.safefs import write_atomically
 from ocixfs.store.writer import DEFAULT_ZSTD_LEVEL, BlobStore
 
 __all__ = [
@@ -152,7 +151,7 @@ def build_image(source: str, *, store: Path, output: Path,
         log.warning("format version 0 has no xattrs: dropped those of %d entries", dropped)
     data = encode(Manifest(options.format_version, entries))
     blobs.finish()
-    _write_atomically(output, data)
+    _write_output(output, data)
     regular = [e for e in entries.values() if e.kind is Kind.REGULAR]
     stats = blobs.stats()
     return BuildSummary(
@@ -195,25 +194,11 @@ def _check_output(output: Path) -> None:
         raise BuildError(f"cannot write {output}: it is a directory")
 
 
-def _write_atomically(output: Path, data: bytes) -> None:
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
+def _write_output(output: Path, data: bytes) -> None:
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-        directory = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise BuildError(f"cannot write {output}: {exc.strerror}") from exc
-        raise
+        write_atomically(output, data)
+    except OSError as exc:
+        raise BuildError(f"cannot write {output}: {exc.strerror}") from exc
 
 
 # -- the content pipeline -----------------------------------------------------------------

@@ -45,6 +45,7 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -57,7 +58,7 @@ import blake3
 import trio
 
 from ocixfs.cache.directory import CacheDirectory
-from ocixfs.cache.layout import blob_file, cache_errors, scan_blobs
+from ocixfs.cache.layout import NotABlob, blob_file, cache_errors, open_blob, scan_blobs
 from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, default_cache_dir
 from ocixfs.errors import BlobCorrupt, CacheError
 from ocixfs.image.format import HASH_SIZE, Chunk
@@ -151,7 +152,8 @@ class CacheFill:
     def _open(self) -> int:
         if self._fd < 0:
             tmp = self._tmpdir / f"{self.chunk.hex}.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
             self._fd, self._tmp = fd, tmp
             # Held until the fd closes; start-up cleanup leaves locked files alone.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,9 +230,9 @@ class Cache:
         limiter: trio.CapacityLimiter | None = None,
         rescan: bool = True,
     ) -> None:
-        self.root = Path(root)
         self.config = config
-        self.directory = CacheDirectory(self.root, config)
+        self.directory = CacheDirectory(Path(root), config)
+        self.root = self.directory.root
         self._blobs = self.directory.blobs
         self._tmp = self.directory.tmp
         self._limiter = limiter
@@ -303,7 +305,10 @@ class Cache:
         """True if the blob is cached (filled by this or any other process). No I/O if open."""
         if chunk.digest in self._open_blobs:
             return True
-        return os.path.exists(self.path_of(chunk))
+        try:
+            return stat.S_ISREG(os.lstat(self.path_of(chunk)).st_mode)
+        except OSError:
+            return False
 
     async def read(self, chunk: Chunk, offset: int, size: int) -> bytes | None:
         """Bytes ``[offset, offset+size)`` of a cached blob (clamped to its end), or ``None``
@@ -343,8 +348,12 @@ class Cache:
         path = self.path_of(chunk)
         with cache_errors(f"opening blob {chunk.hex}"):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_blob(path)
             except FileNotFoundError:
+                return None
+            except NotABlob as exc:
+                log.warning("cache: %s; dropping it", exc)
+                self.discard(chunk)
                 return None
             try:
                 st = self._pin(fd)
