@@ -37,7 +37,9 @@ from ocixfs.build.layers import (
     ContentSink,
     FileContent,
     PendingContent,
+    PendingFile,
     apply_tar_layer,
+    open_pending,
     read_rootfs_dir,
 )
 from ocixfs.errors import BuildError, UsageError
@@ -175,7 +177,7 @@ def _fill_tree(tree: BuildTree, source: LayeredSource | DirSource, pipeline: Con
     if isinstance(source, DirSource):
         total = 0
         for item in read_rootfs_dir(tree, source.path):
-            item.node.content = pipeline.from_path(item.path, item.size)
+            item.node.content = pipeline.from_file(item)
             total += item.size
         progress.set_total(total)
         return
@@ -207,7 +209,7 @@ def _write_output(output: Path, data: bytes) -> None:
 class ContentPipeline(ContentSink):
     """Hashes and stores file contents on a thread pool, with bounded memory.
 
-    ``from_stream``/``from_path`` return at once with a ``PendingContent``; ``wait()``
+    ``from_stream``/``from_file`` return at once with a ``PendingContent``; ``wait()``
     blocks until every job is done and raises the first error any job had. A job's error
     is also raised by the next ``from_*`` call, so a failing build stops early.
     """
@@ -245,14 +247,15 @@ class ContentPipeline(ContentSink):
             remaining -= len(data)
         return _Chunked(size, whole.digest(), chunks)
 
-    def from_path(self, path: str, size: int) -> PendingContent:
-        """Content of the file at ``path``; ``size`` (from ``lstat``) only sizes the job."""
+    def from_file(self, file: PendingFile) -> PendingContent:
+        """Content of the file the walk found; ``file.size`` (from ``lstat``) only sizes
+        the job."""
         self._raise_error()
-        if size == 0:
+        if file.size == 0:
             return _EMPTY
-        if size <= self.chunk_size:
-            return self._batched(_PATHS, path, size)
-        return self._submit(self.chunk_size, self._store_file, path)
+        if file.size <= self.chunk_size:
+            return self._batched(_PATHS, file, file.size)
+        return self._submit(self.chunk_size, self._store_file, file)
 
     def wait(self) -> None:
         for kind in (_DATA, _PATHS):
@@ -293,11 +296,8 @@ class ContentPipeline(ContentSink):
         self._advance(len(data))
         return chunk
 
-    def _store_file(self, path: str) -> FileContent:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise BuildError(f"{path}: {exc.strerror}") from exc
+    def _store_file(self, file: PendingFile) -> FileContent:
+        fd = open_pending(file)
         try:
             # Read what fstat says is there, in exact-size pieces: a 1 MiB read buffer
             # per small file costs an mmap/munmap pair and dominated small-file builds.
@@ -309,7 +309,7 @@ class ContentPipeline(ContentSink):
                 return self._copy_to_writer(pieces)
             return self._store_chunks(pieces)
         except OSError as exc:
-            raise BuildError(f"{path}: {exc.strerror}") from exc
+            raise BuildError(f"{file.path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
 

@@ -184,7 +184,12 @@ class CacheFill:
         try:
             os.link(tmp, self._final)
         except FileExistsError:
-            added = False  # another daemon published it first: keep its (identical) file
+            if _is_regular(self._final):
+                added = False  # another daemon published it first: keep its (identical) file
+            else:  # not a blob (a planted symlink?): the verified file takes the name
+                os.replace(tmp, self._final)
+                self._tmp = None
+                return True
         except OSError as exc:
             if exc.errno not in _NO_HARDLINKS:
                 raise
@@ -305,10 +310,7 @@ class Cache:
         """True if the blob is cached (filled by this or any other process). No I/O if open."""
         if chunk.digest in self._open_blobs:
             return True
-        try:
-            return stat.S_ISREG(os.lstat(self.path_of(chunk)).st_mode)
-        except OSError:
-            return False
+        return _is_regular(self.path_of(chunk))
 
     async def read(self, chunk: Chunk, offset: int, size: int) -> bytes | None:
         """Bytes ``[offset, offset+size)`` of a cached blob (clamped to its end), or ``None``
@@ -491,3 +493,11 @@ def _pread_exact(fd: int, size: int, offset: int, hexdigest: str) -> bytes:
             size -= len(data)
             offset += len(data)
     return b"".join(parts)
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file, not followed (a symlink is never a blob)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
