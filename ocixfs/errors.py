@@ -8,6 +8,7 @@
     ├── StoreError               a blob store could not be written or read locally
     ├── CacheError               the local cache could not store or serve a blob
     │   └── CacheFullError       ... because the disk or the quota is full
+    ├── UnsafePathError          a path another user could change under us was refused
     ├── FetchError               no source delivered a verified blob (HTTP, file://)
     │   ├── BlobNotFound         every source answered "not there"
     │   ├── BlobCorrupt          a source delivered bytes whose hash did not match
@@ -33,6 +34,7 @@ __all__ = [
     "FormatError",
     "OcixError",
     "StoreError",
+    "UnsafePathError",
     "UsageError",
 ]
 
@@ -59,6 +61,11 @@ class CacheError(OcixError):
 
 class CacheFullError(CacheError):
     """No space (disk or quota) to store a blob."""
+
+
+class UnsafePathError(OcixError):
+    """A directory or file that another user on the host could change while ocixfs, maybe
+    as root, works in it (owned by someone else, writable by others, a planted symlink)."""
 
 
 class FetchError(OcixError):

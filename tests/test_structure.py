@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ocixfs"
 
 # Lower layers first; a module may import its own layer and the ones before it.
 LAYERS = [
-    {"errors", "log", "progress", "config", "http"},
+    {"errors", "log", "progress", "config", "http", "safefs"},
     {"image"},
     {"store"},
     {"cache"},

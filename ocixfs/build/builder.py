@@ -18,10 +18,8 @@ their content, so they are correct and the next build reuses them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +37,9 @@ from ocixfs.build.layers import (
     ContentSink,
     FileContent,
     PendingContent,
+    PendingFile,
     apply_tar_layer,
+    open_pending,
     read_rootfs_dir,
 )
 from ocixfs.errors import BuildError, UsageError
@@ -53,6 +53,7 @@ from ocixfs.image.format import (
     manifest_digest,
 )
 from ocixfs.progress import Progress
+from ocixfs.safefs import write_atomically
 from ocixfs.store.writer import DEFAULT_ZSTD_LEVEL, BlobStore
 
 __all__ = [
@@ -160,7 +161,7 @@ def build_image(source: str, *, store: Path, output: Path,
         log.warning("format version 0 has no xattrs: dropped those of %d entries", dropped)
     data = encode(Manifest(options.format_version, entries))
     blobs.finish()
-    _write_atomically(output, data)
+    _write_output(output, data)
     regular = [e for e in entries.values() if e.kind is Kind.REGULAR]
     stats = blobs.stats()
     return BuildSummary(
@@ -184,7 +185,7 @@ def _fill_tree(tree: BuildTree, source: LayeredSource | DirSource, pipeline: Con
     if isinstance(source, DirSource):
         total = 0
         for item in read_rootfs_dir(tree, source.path):
-            item.node.content = pipeline.from_path(item.path, item.size)
+            item.node.content = pipeline.from_file(item)
             total += item.size
         progress.set_total(total)
         return
@@ -203,25 +204,11 @@ def _check_output(output: Path) -> None:
         raise BuildError(f"cannot write {output}: it is a directory")
 
 
-def _write_atomically(output: Path, data: bytes) -> None:
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
+def _write_output(output: Path, data: bytes) -> None:
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-        directory = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise BuildError(f"cannot write {output}: {exc.strerror}") from exc
-        raise
+        write_atomically(output, data)
+    except OSError as exc:
+        raise BuildError(f"cannot write {output}: {exc.strerror}") from exc
 
 
 # -- the content pipeline -----------------------------------------------------------------
@@ -230,7 +217,7 @@ def _write_atomically(output: Path, data: bytes) -> None:
 class ContentPipeline(ContentSink):
     """Hashes and stores file contents on a thread pool, with bounded memory.
 
-    ``from_stream``/``from_path`` return at once with a ``PendingContent``; ``wait()``
+    ``from_stream``/``from_file`` return at once with a ``PendingContent``; ``wait()``
     blocks until every job is done and raises the first error any job had. A job's error
     is also raised by the next ``from_*`` call, so a failing build stops early.
     """
@@ -268,14 +255,15 @@ class ContentPipeline(ContentSink):
             remaining -= len(data)
         return _Chunked(size, whole.digest(), chunks)
 
-    def from_path(self, path: str, size: int) -> PendingContent:
-        """Content of the file at ``path``; ``size`` (from ``lstat``) only sizes the job."""
+    def from_file(self, file: PendingFile) -> PendingContent:
+        """Content of the file the walk found; ``file.size`` (from ``lstat``) only sizes
+        the job."""
         self._raise_error()
-        if size == 0:
+        if file.size == 0:
             return _EMPTY
-        if size <= self.chunk_size:
-            return self._batched(_PATHS, path, size)
-        return self._submit(self.chunk_size, self._store_file, path)
+        if file.size <= self.chunk_size:
+            return self._batched(_PATHS, file, file.size)
+        return self._submit(self.chunk_size, self._store_file, file)
 
     def wait(self) -> None:
         for kind in (_DATA, _PATHS):
@@ -316,11 +304,8 @@ class ContentPipeline(ContentSink):
         self._advance(len(data))
         return chunk
 
-    def _store_file(self, path: str) -> FileContent:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise BuildError(f"{path}: {exc.strerror}") from exc
+    def _store_file(self, file: PendingFile) -> FileContent:
+        fd = open_pending(file)
         try:
             # Read what fstat says is there, in exact-size pieces: a 1 MiB read buffer
             # per small file costs an mmap/munmap pair and dominated small-file builds.
@@ -332,7 +317,7 @@ class ContentPipeline(ContentSink):
                 return self._copy_to_writer(pieces)
             return self._store_chunks(pieces)
         except OSError as exc:
-            raise BuildError(f"{path}: {exc.strerror}") from exc
+            raise BuildError(f"{file.path}: {exc.strerror}") from exc
         finally:
             os.close(fd)
 

@@ -52,6 +52,7 @@ __all__ = [
     "Node",
     "PendingContent",
     "PendingFile",
+    "open_pending",
     "apply_tar_layer",
     "read_rootfs_dir",
 ]
@@ -91,8 +92,9 @@ class ContentSink(Protocol):
         """Consume exactly ``size`` bytes of ``stream`` before returning."""
         ...
 
-    def from_path(self, path: str, size: int) -> PendingContent:
-        """Read the file at ``path`` (``size`` is what ``lstat`` said: a hint)."""
+    def from_file(self, file: PendingFile) -> PendingContent:
+        """Read the file the walk found (``open_pending``; ``file.size`` is what ``lstat``
+        said: a hint)."""
         ...
 
 
@@ -507,37 +509,106 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
 
 @dataclass(frozen=True, slots=True)
 class PendingFile:
-    """A regular file found by ``read_rootfs_dir`` whose content is still to be read."""
+    """A regular file found by ``read_rootfs_dir`` whose content is still to be read:
+    ``path`` names it for opening (the last component never followed) and messages,
+    ``identity`` is the ``(st_dev, st_ino)`` the walk saw, which the opened file must
+    have (``open_pending``)."""
 
     node: Node
     path: str
     size: int
+    identity: tuple[int, int]
+
+
+def open_pending(file: PendingFile) -> int:
+    """A read-only descriptor of exactly the file the walk found. The path is resolved
+    again, so a parent directory swapped for a symlink since the walk would lead
+    elsewhere: anything but the same inode is refused. Raises ``BuildError``."""
+    try:
+        fd = os.open(file.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_NOCTTY)
+    except OSError as exc:
+        raise BuildError(f"{file.path}: {_changed_or(exc)}") from exc
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != file.identity or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise BuildError(f"{file.path}: {_CHANGED}")
+    return fd
+
+
+_CHANGED = "changed while the build read it (replaced, or a parent swapped for a symlink)"
+
+
+def _changed_or(exc: OSError) -> str:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return _CHANGED
+    return exc.strerror or str(exc)
 
 
 def read_rootfs_dir(tree: BuildTree, root: Path) -> Iterator[PendingFile]:
     """Fill ``tree`` from the directory ``root`` (metadata only, nothing followed),
     yielding each regular file as it is found so that its content can be read meanwhile.
-    The tree is complete once the iterator is exhausted."""
+    The tree is complete once the iterator is exhausted.
+
+    The walk never resolves a path twice: it holds a descriptor of each directory on the
+    way down and reaches children relative to it (``openat`` with ``O_NOFOLLOW``,
+    checked against the ``lstat`` of the listing; ``fstatat``, ``readlinkat``; xattrs
+    through ``/proc/self/fd``), so a directory that someone swaps for a symlink while
+    the build runs is refused (``BuildError``), never read through. Raises
+    ``BuildError``."""
     reader = _DirReader()
     try:
-        top = os.stat(root)
+        top_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise BuildError(f"{root}: not a directory") from None
     except OSError as exc:
         raise BuildError(f"{root}: {exc.strerror}") from exc
-    if not stat.S_ISDIR(top.st_mode):
-        raise BuildError(f"{root}: not a directory")
-    tree.root = Node.directory(reader.meta(str(root), top))
-    pending: list[tuple[str, Node]] = [(os.fspath(root), tree.root)]
-    while pending:
-        path, node = pending.pop()
-        for name, child_path, child in reader.children(path):
-            assert node.children is not None
-            node.children[name] = child
-            if not tree.grow():
-                raise BuildError(f"{root}: more than {tree.limits.max_entries} entries (the limit)")
-            if child.kind is Kind.DIRECTORY:
-                pending.append((child_path, child))
-        yield from reader.files
-        reader.files.clear()
+    pending: list[tuple[int, Iterator[tuple[str, str, os.stat_result, Node]]]] = []
+    try:
+        top = os.fstat(top_fd)
+        tree.root = Node.directory(reader.meta(f"/proc/self/fd/{top_fd}", top, follow=True,
+                                                shown=os.fspath(root)))
+        pending.append((top_fd, _list(tree, reader, top_fd, os.fspath(root), tree.root, root)))
+        while pending:
+            yield from reader.files
+            reader.files.clear()
+            fd, subdirectories = pending[-1]
+            found = next(subdirectories, None)
+            if found is None:
+                os.close(pending.pop()[0])
+                continue
+            name, path, st, node = found
+            child_fd = _open_subdirectory(fd, name, path, st)
+            pending.append((child_fd, _list(tree, reader, child_fd, path, node, root)))
+    finally:
+        for fd, _ in pending:
+            os.close(fd)
+
+
+def _list(
+    tree: BuildTree, reader: _DirReader, fd: int, path: str, node: Node, root: Path
+) -> Iterator[tuple[str, str, os.stat_result, Node]]:
+    """``reader.children``, counting what it added against the entry limit."""
+    subdirectories = reader.children(fd, path, node)
+    assert node.children is not None
+    if not tree.grow(len(node.children)):
+        raise BuildError(f"{root}: more than {tree.limits.max_entries} entries (the limit)")
+    return subdirectories
+
+
+def _open_subdirectory(parent_fd: int, name: str, path: str, listed: os.stat_result) -> int:
+    """The directory ``name`` under ``parent_fd``, refused unless it is still the one the
+    listing saw (not a symlink, same inode)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, dir_fd=parent_fd)
+    except OSError as exc:
+        raise BuildError(f"{path}: {_changed_or(exc)}") from exc
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (listed.st_dev, listed.st_ino):
+        os.close(fd)
+        raise BuildError(f"{path}: {_CHANGED}")
+    return fd
 
 
 class _DirReader:
@@ -546,40 +617,54 @@ class _DirReader:
         self.inodes: dict[tuple[int, int], Node] = {}
         self.skipped_sockets = 0
 
-    def children(self, directory: str) -> Iterator[tuple[str, str, Node]]:
+    def children(self, fd: int, directory: str, parent: Node
+                 ) -> Iterator[tuple[str, str, os.stat_result, Node]]:
+        """List the directory open at ``fd`` into ``parent`` (files go to ``files``) and
+        yield its subdirectories as ``(name, path, lstat, node)``, in name order."""
         try:
-            with os.scandir(directory) as it:
+            with os.scandir(fd) as it:
                 dirents = sorted(it, key=lambda d: d.name)
         except OSError as exc:
             raise BuildError(f"{directory}: {exc.strerror}") from exc
+        subdirectories = []
         for dirent in dirents:
+            path = os.path.join(directory, dirent.name)
             try:
-                name = _utf8(dirent.path, dirent.name)
-                node = self.node(dirent.path, dirent.stat(follow_symlinks=False))
+                name = _utf8(path, dirent.name)
+                st = dirent.stat(follow_symlinks=False)
+                node = self.node(fd, dirent.name, path, st)
             except OSError as exc:
-                raise BuildError(f"{dirent.path}: {exc.strerror}") from exc
-            if node is not None:
-                yield name, dirent.path, node
+                raise BuildError(f"{path}: {_changed_or(exc)}") from exc
+            if node is None:
+                continue
+            assert parent.children is not None
+            parent.children[name] = node
+            if node.kind is Kind.DIRECTORY:
+                subdirectories.append((dirent.name, path, st, node))
+        return iter(subdirectories)
 
-    def node(self, path: str, st: os.stat_result) -> Node | None:
+    def node(self, fd: int, name: str, path: str, st: os.stat_result) -> Node | None:
+        """The node for ``name`` in the directory open at ``fd``, as ``lstat`` saw it."""
         fmt = stat.S_IFMT(st.st_mode)
+        at = f"/proc/self/fd/{fd}/{name}"  # the open directory: nothing resolved again
         if fmt == stat.S_IFDIR:
-            return Node.directory(self.meta(path, st))
+            return Node.directory(self.meta(at, st, shown=path))
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self.inodes:
             return self.inodes[key]
         if fmt == stat.S_IFREG:
-            node = Node(Kind.REGULAR, self.meta(path, st))
-            self.files.append(PendingFile(node, path, st.st_size))
+            node = Node(Kind.REGULAR, self.meta(at, st, shown=path))
+            self.files.append(PendingFile(node, path, st.st_size, key))
         elif fmt == stat.S_IFLNK:
-            target = _utf8(path, os.readlink(path))
-            node = Node(Kind.SYMLINK, self.meta(path, st, mode=SYMLINK_MODE), target=target)
+            target = _utf8(path, os.readlink(name, dir_fd=fd))
+            meta = self.meta(at, st, mode=SYMLINK_MODE, shown=path)
+            node = Node(Kind.SYMLINK, meta, target=target)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             kind = Kind.CHARACTER if fmt == stat.S_IFCHR else Kind.BLOCK
             rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            node = Node(kind, self.meta(path, st), rdev=rdev)
+            node = Node(kind, self.meta(at, st, shown=path), rdev=rdev)
         elif fmt == stat.S_IFIFO:
-            node = Node(Kind.FIFO, self.meta(path, st))
+            node = Node(Kind.FIFO, self.meta(at, st, shown=path))
         else:
             if not self.skipped_sockets:
                 log.warning("%s: skipping sockets (OCIX has no socket type)", path)
@@ -589,8 +674,11 @@ class _DirReader:
             self.inodes[key] = node
         return node
 
-    def meta(self, path: str, st: os.stat_result, *, mode: int | None = None) -> Meta:
-        xattrs = _read_xattrs(path)
+    def meta(self, at: str, st: os.stat_result, *, mode: int | None = None,
+             follow: bool = False, shown: str = "") -> Meta:
+        """``at`` is where xattrs are read (a ``/proc/self/fd`` path), ``shown`` the path
+        an error names."""
+        xattrs = _read_xattrs(at, follow=follow, shown=shown or at)
         return Meta(
             mode=stat.S_IMODE(st.st_mode) if mode is None else mode,
             uid=st.st_uid,
@@ -600,9 +688,9 @@ class _DirReader:
         )
 
 
-def _read_xattrs(path: str) -> dict[str, bytes]:
+def _read_xattrs(path: str, *, follow: bool, shown: str) -> dict[str, bytes]:
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
@@ -611,7 +699,7 @@ def _read_xattrs(path: str) -> dict[str, bytes]:
     for name in names:
         if name in IGNORED_XATTRS:
             continue
-        xattrs[_utf8(path, name)] = os.getxattr(path, name, follow_symlinks=False)
+        xattrs[_utf8(shown, name)] = os.getxattr(path, name, follow_symlinks=follow)
     return xattrs
 
 

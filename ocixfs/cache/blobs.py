@@ -47,6 +47,7 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -59,7 +60,7 @@ import blake3
 import trio
 
 from ocixfs.cache.directory import CacheDirectory
-from ocixfs.cache.layout import blob_file, cache_errors, scan_blobs
+from ocixfs.cache.layout import NotABlob, blob_file, cache_errors, open_blob, scan_blobs
 from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, default_cache_dir
 from ocixfs.errors import BlobCorrupt, CacheError
 from ocixfs.image.format import HASH_SIZE, Chunk
@@ -165,7 +166,8 @@ class CacheFill:
     def _open(self) -> int:
         if self._fd < 0:
             tmp = self._tmpdir / f"{self.chunk.hex}.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
             self._fd, self._tmp = fd, tmp
             # Held until the fd closes; start-up cleanup leaves locked files alone.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,7 +198,12 @@ class CacheFill:
         try:
             os.link(tmp, self._final)
         except FileExistsError:
-            added = False  # another daemon published it first: keep its (identical) file
+            if _is_regular(self._final):
+                added = False  # another daemon published it first: keep its (identical) file
+            else:  # not a blob (a planted symlink?): the verified file takes the name
+                os.replace(tmp, self._final)
+                self._tmp = None
+                return True
         except OSError as exc:
             if exc.errno not in _NO_HARDLINKS:
                 raise
@@ -242,9 +249,9 @@ class Cache:
         limiter: trio.CapacityLimiter | None = None,
         rescan: bool = True,
     ) -> None:
-        self.root = Path(root)
         self.config = config
-        self.directory = CacheDirectory(self.root, config)
+        self.directory = CacheDirectory(Path(root), config)
+        self.root = self.directory.root
         self._blobs = self.directory.blobs
         self._tmp = self.directory.tmp
         self._limiter = limiter
@@ -318,7 +325,7 @@ class Cache:
         """True if the blob is cached (filled by this or any other process). No I/O if open."""
         if chunk.digest in self._open_blobs:
             return True
-        return os.path.exists(self.path_of(chunk))
+        return _is_regular(self.path_of(chunk))
 
     async def read(self, chunk: Chunk, offset: int, size: int) -> bytes | None:
         """Bytes ``[offset, offset+size)`` of a cached blob (clamped to its end), or ``None``
@@ -365,8 +372,13 @@ class Cache:
         path = self.path_of(chunk)
         with cache_errors(f"opening blob {chunk.hex}"):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_blob(path)
             except FileNotFoundError:
+                return None
+            except NotABlob as exc:  # not counted as a blob: unlinking it is all there is
+                log.warning("cache: %s; dropping it", exc)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
                 return None
             try:
                 st = self._pin(fd)
@@ -553,3 +565,11 @@ def _pread_exact(fd: int, size: int, offset: int, hexdigest: str) -> bytes:
             size -= len(data)
             offset += len(data)
     return b"".join(parts)
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file, not followed (a symlink is never a blob)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

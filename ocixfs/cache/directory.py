@@ -43,6 +43,7 @@ import fcntl
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -65,8 +66,9 @@ from ocixfs.cache.layout import (
 from ocixfs.cache.sizes import filesystem_size
 from ocixfs.cache.usage import Counted, SharedUsage
 from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig
-from ocixfs.errors import CacheError, CacheFullError
+from ocixfs.errors import CacheError, CacheFullError, UnsafePathError
 from ocixfs.progress import format_bytes
+from ocixfs.safefs import private_directory
 
 __all__ = ["CacheDirectory", "EvictResult", "TmpLeftovers"]
 
@@ -113,14 +115,23 @@ class CacheDirectory:
     """The shared parts of one cache directory, for daemons and tools alike.
 
     ``create=True`` makes the layout (mode 0700); otherwise a directory without
-    ``blobs/`` is refused. ``limit`` is the quota in bytes resolved on the filesystem
-    holding the cache (``None``: unlimited). Raises ``CacheError``.
+    ``blobs/`` is refused. Either way the cache must be a ``private_directory`` of the
+    caller (owned by this user, on a path nobody else can change, writable by nobody
+    else) and ``blobs/``, ``tmp/``, ``profiles/`` and the shards real directories of this
+    user, never symlinks: whoever can plant a file there could make this process delete,
+    overwrite or serve files elsewhere (``UnsafePathError``). ``root`` is the resolved
+    path. ``limit`` is the quota in bytes resolved on the filesystem holding the cache
+    (``None``: unlimited). Raises ``CacheError``.
     """
 
     def __init__(
         self, root: Path, config: CacheConfig = DEFAULT_CACHE_CONFIG, *, create: bool = True
     ) -> None:
         self.root = Path(root)
+        if not create and not os.path.lexists(self.root / BLOBS):
+            raise CacheError(f"{self.root}: not an ocixfs cache (no blobs/ directory)")
+        with cache_errors(f"preparing {self.root}"):
+            self.root = private_directory(self.root, what="cache directory")
         self.config = config
         self.blobs = self.root / BLOBS
         self.tmp = self.root / TMP
@@ -131,21 +142,18 @@ class CacheDirectory:
         self._over_quota_logged = -OVER_QUOTA_LOG_INTERVAL
         self.evictions = self.evicted_blobs = self.evicted_bytes = 0
         with cache_errors(f"preparing {self.root}"):
-            if create:
-                self._prepare()
-            elif not self.blobs.is_dir():
-                raise CacheError(f"{self.root}: not an ocixfs cache (no blobs/ directory)")
+            self._prepare(create=create)
             self.limit = config.quota.limit(filesystem_size(self.root))
             self.usage = SharedUsage(self.root / USAGE_FILE)
 
-    def _prepare(self) -> None:
-        for directory in (self.root, self.blobs, self.tmp):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for shard in range(256):
-            (self.blobs / f"{shard:02x}").mkdir(mode=0o700, exist_ok=True)
-        if self.root.stat().st_mode & 0o022:
-            log.warning("cache directory %s is writable by others: blobs there are trusted",
-                        self.root)
+    def _prepare(self, *, create: bool) -> None:
+        """Make (``create``) and check the layout's directories; see the class doc."""
+        shards = [self.blobs / f"{shard:02x}" for shard in range(256)]
+        for directory in (self.blobs, self.tmp, self.profiles, *shards):
+            if create and directory != self.profiles:
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir(mode=0o700)
+            _check_own_directory(directory)
 
     def close(self) -> None:
         """Stop a background eviction (it resumes at the next trigger) and close."""
@@ -173,7 +181,8 @@ class CacheDirectory:
     def exclusive(self, wait: float) -> Iterator[bool]:
         """Hold ``evict.lock`` (waiting at most ``wait`` seconds); yields whether it is held."""
         with cache_errors("locking the cache for eviction"):
-            fd = os.open(self.root / EVICT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.root / EVICT_LOCK,
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             deadline = time.monotonic() + wait
             while True:
@@ -456,6 +465,22 @@ class CacheDirectory:
                 files += 1
                 in_use += _locked_by_someone(entry.path)
         return TmpLeftovers(files=files, bytes=total, in_use=in_use)
+
+
+def _check_own_directory(path: Path) -> None:
+    """Refuse a layout directory that is not a real directory of this user, writable by
+    nobody else (a missing one is fine: it is made when needed, or absent from a cache
+    that was never used for it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"cache directory: {path} is not a directory (a symlink?)")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UnsafePathError(f"cache directory: {path} is owned by uid {st.st_uid} with "
+                              f"mode {stat.S_IMODE(st.st_mode):04o}; it must be yours and "
+                              "writable by you alone")
 
 
 def _locked_by_someone(path: str) -> bool:

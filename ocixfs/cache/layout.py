@@ -36,10 +36,12 @@ __all__ = [
     "TMP",
     "USAGE_FILE",
     "BlobFile",
+    "NotABlob",
     "Scan",
     "blob_file",
     "cache_errors",
     "entries",
+    "open_blob",
     "remove_unpinned",
     "scan_blobs",
     "Stopped",
@@ -71,6 +73,26 @@ def cache_errors(what: str) -> Iterator[None]:
         if exc.errno in _FULL_ERRNOS:
             raise CacheFullError(f"cache full while {what}: {reason}") from exc
         raise CacheError(f"cache: {what}: {reason}") from exc
+
+
+class NotABlob(CacheError):
+    """A name under ``blobs/`` is not a regular file (a planted symlink, say)."""
+
+
+def open_blob(path: str | Path) -> int:
+    """A read-only descriptor of the cached blob at ``path``. Never follows a symlink and
+    never opens anything but a regular file (a symlink would serve some other file's
+    content as a verified blob). Raises ``FileNotFoundError``, ``NotABlob``, ``OSError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotABlob(f"cache: {path} is a symlink, not a blob") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotABlob(f"cache: {path} is not a regular file")
+    return fd
 
 
 class BlobFile(NamedTuple):

@@ -23,9 +23,12 @@ time) into the local cache shared with mounts, verified, and copied out of it; t
 directories, files, hardlinks, symlinks, device nodes and fifos are created with their
 owners, modes, xattrs (file capabilities included) and times.
 
-DIR must be empty or absent. Owners and device nodes need root; as another user they are
-skipped and counted in the summary. A file appears under its real name only when it is
-complete; if anything fails, extract prints one line, exits 1 and DIR is incomplete.
+DIR must be empty or absent, and it and every directory above it owned by you or root
+and not writable by others (unless sticky, like /tmp): another user who could rename
+entries there could redirect what extract writes. Owners and device nodes need root; as
+another user they are skipped and counted in the summary. A file appears under its real
+name only when it is complete; if anything fails, extract prints one line, exits 1 and
+DIR is incomplete.
 
   ocixfs extract debian.ocix /srv/rootfs --store https://blobs.example.org/store/
 """

@@ -323,8 +323,7 @@ def _cache_quota(args: argparse.Namespace, values: dict[str, list[str]]) -> Cach
 def _default_log_file(mountpoint: Path) -> Path:
     from ocixfs.mount.control import mount_id, runtime_dir
 
-    runtime_dir().mkdir(mode=0o755, parents=True, exist_ok=True)
-    return runtime_dir() / f"{mount_id(mountpoint)}.log"
+    return runtime_dir(create=True) / f"{mount_id(mountpoint)}.log"
 
 
 def _fsname(image: str) -> str:

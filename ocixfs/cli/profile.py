@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
         answer = request(Path(os.path.abspath(args.mountpoint)), "profile")
         profile = Profile(tuple((str(p), int(ms)) for p, ms in answer["entries"]))
-        write_atomically(args.output, encode_profile(profile))
+        write_output(args.output, encode_profile(profile))
         print(f"{args.output}: {len(profile.entries)} files")
     elif args.action == "show":
         profile = load_profile_file(args.profile)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{len(profile.entries)} files")
     else:
         merged = merge(load_profile_file(path) for path in args.inputs)
-        write_atomically(args.output, encode_profile(merged))
+        write_output(args.output, encode_profile(merged))
         print(f"{args.output}: {len(merged.entries)} files from {len(args.inputs)} profiles")
     return 0
 
@@ -85,13 +85,12 @@ def load_profile_file(path: Path) -> Profile:
     return decode_profile(data, source=os.fspath(path))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_output(path: Path, data: bytes) -> None:
+    """``safefs.write_atomically``; an ``OSError`` becomes one ``UsageError`` line."""
     from ocixfs.errors import UsageError
+    from ocixfs.safefs import write_atomically
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomically(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"{path}: {exc.strerror}") from None

@@ -1,7 +1,10 @@
 """The control channel between ``ocixfs`` commands and a running mount daemon.
 
 Each daemon listens on a Unix socket named after its mountpoint, in the runtime directory
-(``/run/ocixfs`` as root, else ``$XDG_RUNTIME_DIR/ocixfs`` or ``/tmp/ocixfs-<uid>``).
+(``/run/ocixfs`` as root, else ``$XDG_RUNTIME_DIR/ocixfs`` or ``/tmp/ocixfs-<uid>``). That
+directory is private: owned by the user, mode 0700 (made so, or refused if another user
+owns it or may write to it), and every socket in it is mode 0600, whatever the umask. A
+daemon's answers name the files root opened (the profile), so only its user may ask.
 A client connects, sends one JSON object terminated by a newline (``{"cmd": "stats"}``),
 and reads one JSON object terminated by a newline. Commands are registered by the daemon
 as plain callables returning JSON-serialisable dicts; a failing handler answers
@@ -23,6 +26,7 @@ from typing import Any
 import trio
 
 from ocixfs.errors import UsageError
+from ocixfs.safefs import private_directory
 
 __all__ = [
     "ControlServer",
@@ -37,12 +41,23 @@ MAX_MESSAGE = 1 << 24
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-def runtime_dir() -> Path:
-    """Where control sockets and daemon logs live for this user."""
+SOCKET_MODE = 0o600
+
+
+def runtime_dir(*, create: bool = False) -> Path:
+    """Where control sockets and daemon logs live for this user, checked as a
+    ``private_directory`` (owned by this user, writable by nobody else, tightened to
+    0700) whenever it exists, and made so first with ``create``. Raises
+    ``UnsafePathError``: a directory another user controls could hold a fake daemon's
+    socket or a symlink where the daemon appends its log."""
     if os.geteuid() == 0:
-        return Path("/run/ocixfs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "ocixfs" if xdg else Path(f"/tmp/ocixfs-{os.geteuid()}")
+        path = Path("/run/ocixfs")
+    else:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        path = Path(xdg) / "ocixfs" if xdg else Path(f"/tmp/ocixfs-{os.geteuid()}")
+    if create or os.path.lexists(path):
+        return private_directory(path, what="runtime directory")
+    return path
 
 
 def mount_id(mountpoint: Path) -> str:
@@ -102,12 +117,18 @@ class ControlServer:
         self._handlers[cmd] = handler
 
     def bind(self) -> trio.socket.SocketType:
-        """Create the listening socket (replacing a stale one) before the mount goes live."""
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        """Create the listening socket (replacing a stale one), mode 0600 in the private
+        runtime directory, before the mount goes live."""
+        self.path = runtime_dir(create=True) / self.path.name
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.path.unlink(missing_ok=True)
-        sock.bind(os.fspath(self.path))
-        sock.listen(16)
+        try:
+            self.path.unlink(missing_ok=True)
+            sock.bind(os.fspath(self.path))
+            os.chmod(self.path, SOCKET_MODE)  # nobody else can reach it meanwhile: 0700
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
         return trio.socket.from_stdlib_socket(sock)
 
     async def serve(self, sock: trio.socket.SocketType) -> None:

@@ -16,6 +16,7 @@ Nothing touches the mountpoint from the trio thread between ``pyfuse3.init`` and
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from ocixfs.errors import OcixError, UsageError
 from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 
-__all__ = ["check_mountpoint", "run_background", "run_foreground"]
+__all__ = ["check_mountpoint", "open_log_file", "run_background", "run_foreground"]
 
 log = logging.getLogger(__name__)
 
@@ -108,30 +109,43 @@ def run_foreground(config: MountConfig, tree: Any, image_digest: str) -> int:
 
 
 def run_background(config: MountConfig, tree: Any, image_digest: str) -> int:
-    """Fork a daemon and return once it serves (0) or has failed (1, reason printed)."""
+    """Fork a daemon and return once it serves (0) or has failed (1, reason printed).
+    The log file is opened first, so a bad one is refused before anything is mounted."""
+    log_fd = None if config.log_file is None else open_log_file(config.log_file)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
         os.setsid()
         os.chdir("/")
-        status = _daemon_child(config, tree, image_digest, write_fd)
+        status = _daemon_child(config, tree, image_digest, write_fd, log_fd)
         os._exit(status)
     os.close(write_fd)
+    if log_fd is not None:
+        os.close(log_fd)
     return _wait_for_child(pid, read_fd, config.mountpoint)
 
 
-def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: int) -> int:
+def open_log_file(path: Path) -> int:
+    """The daemon's log, opened for appending (created 0600), never through a symlink:
+    a planted one would have root append to any file. Raises ``UsageError``."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                       | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        reason = "a symlink (refused)" if exc.errno == errno.ELOOP else exc.strerror
+        raise UsageError(f"log file {path}: {reason}") from None
+
+
+def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: int,
+                  log_fd: int | None) -> int:
     def ready() -> None:
         os.write(pipe_fd, b"ok\n")
         os.close(pipe_fd)
-        _detach_stdio(config.log_file)
+        _detach_stdio(log_fd)
 
     try:
-        status = _serve_and_close(config, tree, image_digest, ready)
-        if config.remove_routine_log and config.log_file and only_routine_lines(config.log_file):
-            config.log_file.unlink(missing_ok=True)
-        return status
+        return _serve_and_close(config, tree, image_digest, ready)
     except BaseException as exc:
         message = _one_line(exc)
         try:
@@ -139,6 +153,9 @@ def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: in
         except OSError:
             log.error("daemon failed: %s", message)
         return 1
+    finally:  # a failed start was reported to the caller: its log holds nothing more
+        if config.remove_routine_log and config.log_file and only_routine_lines(config.log_file):
+            config.log_file.unlink(missing_ok=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -175,12 +192,12 @@ def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
     return 1
 
 
-def _detach_stdio(log_file: Path | None) -> None:
+def _detach_stdio(log_fd: int | None) -> None:
+    """stdin and stdout to /dev/null, stderr to the log (``open_log_file``) or nowhere."""
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    if log_file is not None:
-        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    if log_fd is not None:
         os.dup2(log_fd, 2)
         os.close(log_fd)
         timestamp_lines()

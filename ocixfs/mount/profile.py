@@ -36,6 +36,7 @@ from ocixfs.cache.layout import PROFILES
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import FormatError, OcixError
 from ocixfs.image.format import CanonicalReader, Limits, reading
+from ocixfs.safefs import write_atomically
 
 __all__ = [
     "PROFILE_VERSION",
@@ -269,12 +270,12 @@ def _decode_or_warn(data: bytes, source: str, *, strict: bool) -> Profile | None
 
 
 def save_profile(path: Path, profile: Profile) -> None:
-    """Write atomically (temp + rename); a failure is logged, never raised."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write with ``write_atomically`` (a fresh random temp name, never a planted file or
+    symlink; then rename); a failure is logged, never raised. The caller made the
+    directory (the cache's ``profiles/`` is made here, inside the checked cache)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(encode_profile(profile))
-        os.replace(tmp, path)
+        if path.parent.name == PROFILES:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+        write_atomically(path, encode_profile(profile))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.warning("cannot save profile %s: %s", path, exc.strerror)

@@ -37,6 +37,7 @@ import zstandard
 
 from ocixfs.errors import StoreError
 from ocixfs.image.format import Chunk
+from ocixfs.safefs import write_atomically
 from ocixfs.store.layout import (
     BLOB_DIR,
     STORE_CONFIG,
@@ -192,14 +193,8 @@ class BlobStore:
         if "zstd" in methods:
             return
         config["compression"] = [*methods, "zstd"]
-        tmp = self.root / f"{_TMP_PREFIX}{secrets.token_hex(8)}.json"
-        try:
-            with _create(tmp) as f:
-                f.write(json.dumps(config).encode() + b"\n")
-            os.replace(tmp, self.root / STORE_CONFIG)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+        write_atomically(self.root / STORE_CONFIG, json.dumps(config).encode() + b"\n",
+                         mode=_BLOB_MODE)
 
 
 class BlobWriter:

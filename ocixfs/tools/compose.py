@@ -38,15 +38,14 @@ canonically (same parts, same bytes) and ``format.decode`` validates it like any
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ocixfs import safefs
 from ocixfs.errors import OcixError, UsageError
 from ocixfs.image.format import (
     Chunk,
@@ -477,32 +476,11 @@ def check_output(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a new temp file in the same directory (created
-    with ``O_EXCL``) and a rename: readers see the old file or the new one, and a failure
-    (or an interrupt) leaves no partial file behind."""
+    """Write the composed manifest to ``path`` (``check_output`` first) through
+    ``safefs.write_atomically``: readers see the old file or the new one, and a failure
+    leaves no partial file behind. Raises ``UsageError``."""
     check_output(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = -1
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.rename(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException as exc:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
+        safefs.write_atomically(path, data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None

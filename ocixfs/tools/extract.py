@@ -27,8 +27,10 @@ skipped. Each skip is counted in the summary and logged once per kind.
 Failure: the first error stops everything and is raised as one ``OcixError`` line
 (``FetchError`` family, ``CacheError``, or ``ExtractError`` for the destination); the
 temporary files are removed and ``dest`` is left incomplete (the message says so). The
-destination must be absent or an empty directory. ``OSError`` about the destination
-becomes ``ExtractError`` here and nowhere else.
+destination must be absent or an empty directory, on a path only the caller and root can
+change (``check_destination``): everything below it is then created by this process
+and nobody else can swap a component for a symlink while it works. ``OSError`` about the
+destination becomes ``ExtractError`` here and nowhere else.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from typing import Any
 import trio
 
 from ocixfs.cache.blobs import Cache
+from ocixfs.cache.layout import open_blob
 from ocixfs.config import FetchConfig, ReaderConfig
 from ocixfs.errors import CacheError, OcixError, UsageError
 from ocixfs.fetch.fetcher import Priority
@@ -60,6 +63,7 @@ from ocixfs.image.format import Chunk, Kind
 from ocixfs.image.loading import LoadedImage
 from ocixfs.image.tree import Node, Tree
 from ocixfs.progress import Progress
+from ocixfs.safefs import trusted_directory, trusted_path
 from ocixfs.store.spec import StoreSpec
 from ocixfs.tools.compare import iter_paths
 
@@ -158,18 +162,24 @@ class ExtractSummary:
         return data
 
 
-def check_destination(dest: Path) -> None:
-    """Raise ``UsageError`` unless ``dest`` is absent or an empty directory."""
+def check_destination(dest: Path) -> Path:
+    """``dest`` with its symlinks resolved; raises ``UsageError`` unless it is absent or
+    an empty directory, and ``UnsafePathError`` unless it is a ``trusted_path``: owned
+    by the caller or root, as is every directory on the way, none of them writable by
+    others unless sticky. Otherwise another user could swap the directories extract
+    creates for symlinks while it runs and have it write, chmod and chown elsewhere."""
+    resolved = trusted_path(dest, what="extract destination")
     try:
-        with os.scandir(dest) as entries:
+        with os.scandir(resolved) as entries:
             if next(entries, None) is not None:
                 raise UsageError(f"{dest}: not empty (extract needs an empty or new directory)")
     except FileNotFoundError:
-        return
+        pass
     except NotADirectoryError:
         raise UsageError(f"{dest}: not a directory") from None
     except OSError as exc:
         raise UsageError(f"{dest}: {exc.strerror}") from None
+    return resolved
 
 
 def extract_image(
@@ -187,9 +197,9 @@ def extract_image(
     tree = Tree.from_manifest(image.manifest)
     started = time.monotonic()
     with _destination_errors(f"creating {dest}"):
-        dest.mkdir(parents=True, exist_ok=True)
+        resolved = trusted_directory(dest, what="extract destination", mode=0o700)
     same_owner = os.geteuid() == 0 if options.same_owner is None else options.same_owner
-    plan = _Plan(tree, Path(os.path.abspath(dest)), same_owner=same_owner)
+    plan = _Plan(tree, resolved, same_owner=same_owner)
     total = tree.totals.bytes
     with Progress("extracting", total=total, enabled=None if options.progress else False) as bar:
         extraction = _Extraction(plan, bar, options)
@@ -363,7 +373,11 @@ class _Plan:
         for node in deepest_first:
             path = os.fspath(self.dest) if node.path == "/" else self.where(node.path)
             with _destination_errors(f"setting metadata of {path}"):
-                self._apply_metadata(node, path)
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    self._apply_metadata(node, fd)
+                finally:
+                    os.close(fd)
 
     # ---- metadata --------------------------------------------------------------------------
 
@@ -411,7 +425,7 @@ class _Plan:
 def _copy_blob(source: Path, chunk: Chunk, fd: int, progress: Progress) -> None:
     """Append the cached blob at ``source`` to ``fd``."""
     try:
-        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        src = open_blob(source)
     except FileNotFoundError:
         raise _BlobGone(chunk) from None
     except OSError as exc:
