@@ -32,6 +32,7 @@ COMMANDS = (
     "dedup",
     "compose",
     "lxc_config",
+    "incus",
 )
 
 

@@ -46,7 +46,7 @@ FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "defa
               "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty"}
 KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
-                 "store_auth", "ca_file", "timeout", "cache_max_size"}
+                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "noatime and the other generic flags; store=URL, cache=DIR (or "
                         "cache_dir=DIR), cache_max_size=SIZE, digest=b3:HEX, "
                         "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
-                        "log=FILE, store_auth=FILE, ca_file=FILE; x-* and comment=* are "
-                        "ignored (fstab)")
+                        "log=FILE, store_auth=FILE, ca_file=FILE, uidshift=N, gidshift=N (add "
+                        "N to every owner / group: an unprivileged container's id base); x-* "
+                        "and comment=* are ignored (fstab)")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
@@ -191,12 +192,23 @@ def _mount_config(
         debug_fuse=args.debug_fuse,
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,
+        uid_shift=_id_shift(values, "uidshift"),
+        gid_shift=_id_shift(values, "gidshift"),
     )
 
 
 # How long the look at the stores may hold up a mount whose manifest is already here
 # (each network step; a refused connection answers at once).
 STORE_PROBE_TIMEOUT = 2.0
+
+
+def _id_shift(values: dict[str, list[str]], name: str) -> int:
+    from ocixfs.errors import UsageError
+
+    text = values[name][-1] if name in values else "0"
+    if not text.isdigit() or int(text) > 2**32 - 2**16:
+        raise UsageError(f"{name}={text}: not an id base (0 to {2**32 - 2**16})")
+    return int(text)
 
 
 def _load(

@@ -24,6 +24,8 @@ class MountConfig:
     - ``profile``: what to prefetch, in order; ``fill_rest``: then fetch the rest of the
       image in the background.
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
+    - ``uid_shift``/``gid_shift``: added to every owner and group the mount reports (an
+      unprivileged container's id base).
     - ``log_file``: where a background daemon logs; ``remove_routine_log``: remove it at a
       clean unmount if it holds nothing but routine lines (the default log in the runtime
       directory; never a file the user named).
@@ -46,6 +48,8 @@ class MountConfig:
     fill_rest: bool = False
     record_profile: Path | None = None
     prefetch_concurrency: int = 16
+    uid_shift: int = 0
+    gid_shift: int = 0
 
     def fuse_options(self) -> set[str]:
         """The FUSE mount options: read-only, nodev/nosuid unless asked, permissions

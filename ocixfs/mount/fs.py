@@ -100,6 +100,9 @@ class FsOptions:
     entry_timeout: float = 86400.0
     attr_timeout: float = 86400.0
     negative_timeout: float = 86400.0
+    uid_shift: int = 0
+    """Added to every owner the tree reports (``-o uidshift``: an unprivileged container's base)."""
+    gid_shift: int = 0
 
 
 DEFAULT_FS_OPTIONS = FsOptions()
@@ -546,8 +549,8 @@ class Operations(pyfuse3.Operations):
         attributes.attr_timeout = self._options.attr_timeout
         attributes.st_mode = node.mode
         attributes.st_nlink = node.nlink
-        attributes.st_uid = node.uid
-        attributes.st_gid = node.gid
+        attributes.st_uid = node.uid + self._options.uid_shift
+        attributes.st_gid = node.gid + self._options.gid_shift
         attributes.st_rdev = node.rdev
         attributes.st_size = node.size
         attributes.st_blksize = ST_BLKSIZE

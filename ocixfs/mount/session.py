@@ -21,7 +21,7 @@ from ocixfs.errors import OcixError
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
 from ocixfs.mount.control import ControlServer
-from ocixfs.mount.fs import Operations
+from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
 
@@ -56,7 +56,9 @@ class MountSession:
                 open_reader(self.config.stores, self.config.cache_dir, self.config.reader)
             )
             self._prefetcher = self._make_prefetcher(reader)
-            ops = Operations(self.tree, reader, access_log=self._recorder)
+            ops = Operations(self.tree, reader, access_log=self._recorder,
+                             options=FsOptions(uid_shift=self.config.uid_shift,
+                                               gid_shift=self.config.gid_shift))
             self._ops, self._reader = ops, reader
             control = self._control_server()
             listening = control.bind()
