@@ -266,3 +266,23 @@ def test_a_blob_missing_from_the_cache_stops_a_batch_cleanly(tmp_path: Path) -> 
     assert caught.value.done == 1 and caught.value.chunk == batch[1][0].blobs[0]
     assert (tmp_path / "out" / "a").read_bytes() == b"a" * 10
     assert not (tmp_path / "out" / "b").exists() and os.listdir(plan.stage) == []
+
+
+def test_no_devices_and_no_setuid_leave_them_out(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root = rich_rootfs(tmp_path / "rootfs")
+    image = build(tmp_path, root)
+    tree = Tree.from_manifest(load_image(str(image)).manifest)
+    devices = [n.path for n in tree.iter_nodes() if n.kind in (Kind.CHARACTER, Kind.BLOCK)]
+    set_id = [n.path for n in tree.iter_nodes()
+              if n.kind is Kind.REGULAR and n.mode & (stat.S_ISUID | stat.S_ISGID)]
+    assert devices and set_id  # the sample tree has both
+    summary = extract(capsys, image, tmp_path / "out", str(tmp_path / "store"),
+                      tmp_path / "cache", "--no-devices", "--no-setuid")
+    for path in devices:
+        assert not os.path.lexists(tmp_path / "out" / path[1:])
+    for path in set_id:
+        mode = os.lstat(tmp_path / "out" / path[1:]).st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID)
+    assert summary["skipped"]["devices"] == len(devices)
+    assert summary["skipped"]["setuid"] == len(set_id)

@@ -26,7 +26,10 @@ owners, modes, xattrs (file capabilities included) and times.
 DIR must be empty or absent, and it and every directory above it owned by you or root
 and not writable by others (unless sticky, like /tmp): another user who could rename
 entries there could redirect what extract writes. Owners and device nodes need root; as
-another user they are skipped and counted in the summary. A file appears under its real
+another user they are skipped and counted in the summary. By default everything the
+image holds is recreated, device nodes and setuid/setgid programs included (as a
+container runtime unpacking it would); --no-devices and --no-setuid leave those out when
+the tree is for inspection rather than for running. A file appears under its real
 name only when it is complete; if anything fails, extract prints one line, exits 1 and
 DIR is incomplete.
 
@@ -48,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--digest", metavar="b3:HEX", help="refuse IMAGE unless it has this digest")
     parser.add_argument("--jobs", "-j", type=int, default=DEFAULT_JOBS, metavar="N",
                         help="blobs fetched at once (default: %(default)s)")
+    parser.add_argument("--no-devices", action="store_true",
+                        help="do not create the image's device nodes (skipped and counted)")
+    parser.add_argument("--no-setuid", action="store_true",
+                        help="clear setuid and setgid bits (cleared files are counted)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
 
@@ -62,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     check_destination(args.dest)
     stores = stores_or_default(args.store, args.image)
     image = load_image(args.image, expected_digest=digest)
-    options = ExtractOptions(jobs=args.jobs, progress=not args.no_progress)
+    options = ExtractOptions(jobs=args.jobs, progress=not args.no_progress,
+                             devices=not args.no_devices, setuid=not args.no_setuid)
     with _quiet_fetcher(unless=args.debug):
         summary = extract_image(image, args.dest, stores=stores,
                                 cache_dir=args.cache_dir or default_cache_dir(), options=options)

@@ -89,6 +89,7 @@ _SKIPPABLE_XATTR_ERRNOS = frozenset({errno.ENOTSUP, errno.EPERM, errno.EACCES})
 _SKIPPABLE_CHOWN_ERRNOS = frozenset({errno.EPERM, errno.EINVAL})
 _FALLBACK_COPY_ERRNOS = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _DEVICE_TYPES = {Kind.CHARACTER: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK}
+_SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class ExtractError(OcixError):
@@ -106,12 +107,17 @@ class ExtractOptions:
     - ``jobs``: blobs fetched at once.
     - ``writers``: files copied out of the cache at once (worker threads).
     - ``same_owner``: set owners from the image; ``None`` means "when running as root".
+    - ``devices``: create the image's device nodes (root only); off, they are skipped and
+      counted.
+    - ``setuid``: keep setuid and setgid bits; off, they are cleared (and counted).
     - ``progress``: draw a progress bar on stderr (only ever on a terminal).
     """
 
     jobs: int = DEFAULT_JOBS
     writers: int = field(default_factory=_default_writers)
     same_owner: bool | None = None
+    devices: bool = True
+    setuid: bool = True
     progress: bool = True
 
     def check(self) -> None:
@@ -199,7 +205,8 @@ def extract_image(
     with _destination_errors(f"creating {dest}"):
         resolved = trusted_directory(dest, what="extract destination", mode=0o700)
     same_owner = os.geteuid() == 0 if options.same_owner is None else options.same_owner
-    plan = _Plan(tree, resolved, same_owner=same_owner)
+    plan = _Plan(tree, resolved, same_owner=same_owner, devices=options.devices,
+                 setuid=options.setuid)
     total = tree.totals.bytes
     with Progress("extracting", total=total, enabled=None if options.progress else False) as bar:
         extraction = _Extraction(plan, bar, options)
@@ -264,10 +271,13 @@ class _Plan:
 
     Every method runs in a worker thread (or before trio starts)."""
 
-    def __init__(self, tree: Tree, dest: Path, *, same_owner: bool) -> None:
+    def __init__(self, tree: Tree, dest: Path, *, same_owner: bool, devices: bool = True,
+                 setuid: bool = True) -> None:
         self.tree = tree
         self.dest = dest
         self.same_owner = same_owner
+        self.devices = devices
+        self.setuid = setuid
         self.stage = dest / self._stage_name(tree)
         self.files: list[_File] = []
         self.directories: list[Node] = []
@@ -324,6 +334,9 @@ class _Plan:
             self._apply_metadata(node, path)
 
     def _make_device(self, node: Node, path: str) -> bool:
+        if not self.devices:
+            self._skip("devices", "device nodes are not created (--no-devices)")
+            return False
         try:
             os.mknod(path, 0o600 | _DEVICE_TYPES[node.kind], node.rdev)
         except PermissionError:
@@ -390,7 +403,11 @@ class _Plan:
         elif (node.uid, node.gid) != (os.geteuid(), os.getegid()):
             self._skip("owners", "owners are not set (not running as root)")
         if node.kind is not Kind.SYMLINK:
-            os.chmod(target, node.mode & 0o7777)
+            mode = node.mode & 0o7777
+            if not self.setuid and mode & _SET_ID_BITS:
+                self._skip("setuid", "setuid and setgid bits are cleared (--no-setuid)")
+                mode &= ~_SET_ID_BITS
+            os.chmod(target, mode)
         for name, value in node.xattrs.items():
             self._set_xattr(node, target, name, value, follow)
         os.utime(target, ns=(node.atime_ns, node.mtime_ns), follow_symlinks=follow)
