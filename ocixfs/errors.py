@@ -36,6 +36,7 @@ __all__ = [
     "StoreError",
     "UnsafePathError",
     "UsageError",
+    "leaf_exceptions",
 ]
 
 
@@ -86,3 +87,11 @@ class FetchTimeout(FetchError):
 
 class UsageError(OcixError):
     """The command line asked for something that cannot be done."""
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, exception groups (trio wraps what a nursery raises)
+    flattened, in order; ``[exc]`` for a plain exception."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+    return [exc]

@@ -43,6 +43,7 @@ import urllib.parse
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -338,15 +339,9 @@ def async_client(
     auth = auth if auth is not None else credentials_of(config)
     rescope = [auth.rescope_async] if isinstance(auth, Credentials) else []
     return httpx.AsyncClient(
-        verify=ssl_context(config.ca_file),
-        auth=auth,
-        trust_env=True,
-        timeout=_timeout(config),
+        **_client_settings(config, auth),
         limits=limits,
-        follow_redirects=True,
-        max_redirects=config.max_redirects,
         event_hooks={"request": rescope, "response": [_refuse_downgrade_async]},
-        headers={"User-Agent": "ocixfs"},
     )
 
 
@@ -355,15 +350,23 @@ def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
     auth = credentials_of(config)
     rescope = [auth.rescope] if isinstance(auth, Credentials) else []
     return httpx.Client(
-        verify=ssl_context(config.ca_file),
-        auth=auth,
-        trust_env=True,
-        timeout=_timeout(config),
-        follow_redirects=True,
-        max_redirects=config.max_redirects,
+        **_client_settings(config, auth),
         event_hooks={"request": rescope, "response": [_refuse_downgrade]},
-        headers={"User-Agent": "ocixfs"},
     )
+
+
+def _client_settings(config: FetchConfig, auth: httpx.Auth) -> dict[str, Any]:
+    """What every client shares: trust, credentials, proxies from the environment,
+    timeouts, redirects."""
+    return {
+        "verify": ssl_context(config.ca_file),
+        "auth": auth,
+        "trust_env": True,
+        "timeout": _timeout(config),
+        "follow_redirects": True,
+        "max_redirects": config.max_redirects,
+        "headers": {"User-Agent": "ocixfs"},
+    }
 
 
 def download(

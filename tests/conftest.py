@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultserver import FaultServer
+from tests.incushost import incus_pool  # noqa: F401 -- a fixture
 from tests.mounting import Mounts
 from tests.servers import FaultServers, Mirrors, Store, blob_store
 

@@ -323,15 +323,6 @@ def test_lxc_config_refuses_bad_input(args: list[str], message: str) -> None:
 # -- Incus --------------------------------------------------------------------------------------
 
 
-def _incus_unavailable() -> str | None:
-    if shutil.which("incus") is None:
-        return "incus is not installed (Debian: incus-base from bookworm-backports)"
-    probe = _run("incus", "info", timeout=30)
-    if probe.returncode != 0:
-        return f"no Incus daemon answers: {probe.stderr.strip()}"
-    return None
-
-
 def _incus_image(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """scripts/incus-import on a test image whose /sbin/init waits for ever."""
     root = make_rootfs(tmp_path / "rootfs")
@@ -382,10 +373,7 @@ def test_incus_image_tarball_layout(tmp_path: Path) -> None:
 
 @needs_fuse
 @pytest.mark.mount
-def test_incus_container_with_a_lazy_subtree(tmp_path: Path) -> None:
-    reason = _incus_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+def test_incus_container_with_a_lazy_subtree(tmp_path: Path, incus_pool: str) -> None:
     alias = name = f"ocixfs-test-{os.getpid()}"
     result = _incus_image(tmp_path, alias)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -397,7 +385,7 @@ def test_incus_container_with_a_lazy_subtree(tmp_path: Path) -> None:
     try:
         with mount:
             try:
-                _run_in_incus(alias, name, mnt, mount)
+                _run_in_incus(alias, name, mnt, mount, incus_pool)
             finally:  # before unmounting: the container holds the mount through its disk
                 _run("incus", "delete", "--force", name, timeout=60)
     finally:
@@ -405,9 +393,9 @@ def test_incus_container_with_a_lazy_subtree(tmp_path: Path) -> None:
         force_unmount(mnt)
 
 
-def _run_in_incus(alias: str, name: str, mnt: Path, mount: Mount) -> None:
+def _run_in_incus(alias: str, name: str, mnt: Path, mount: Mount, pool: str) -> None:
     for command in (
-        ["incus", "create", alias, name, "--quiet"],
+        ["incus", "create", alias, name, "--quiet", "--storage", pool],
         ["incus", "config", "device", "add", name, "lazy", "disk",
          f"source={mnt}/usr/share/data", "path=/usr/share/data", "readonly=true"],
         ["incus", "start", name],

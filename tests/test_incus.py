@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,9 +39,6 @@ from tests.nginx import Nginx
 from tests.test_mount import build, make_rootfs
 
 IMAGE_CACHE = Path(os.environ.get("OCIXFS_TEST_IMAGES", "/var/tmp/ocixfs-test-images"))
-BACKPORTS = Path("/etc/apt/sources.list.d/ocixfs-test-bookworm-backports.sources")
-NO_PROXY_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-                "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
 
 
 def _run(*command: str, timeout: float = 120,
@@ -134,64 +129,6 @@ def test_mount_uidshift_shifts_every_owner(tmp_path: Path) -> None:
 
 
 # -- real Incus ---------------------------------------------------------------------------------
-
-
-def _install_incus() -> str | None:
-    """None once ``incus`` and ``incusd`` are installed, else why they cannot be."""
-    if shutil.which("incus") and Path("/usr/libexec/incus/incusd").exists():
-        return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return "incus is not installed and this is not root on a Debian-like host"
-    release = Path("/etc/os-release").read_text()
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "incus-base"]
-    if "VERSION_CODENAME=bookworm" in release:
-        # Debian 12 has Incus in backports only; same mirror and keyring as the main archive.
-        BACKPORTS.write_text(
-            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n"
-            "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
-        install[2:2] = ["-t", "bookworm-backports"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    steps = (["apt-get", "update", "-q"], install)
-    for step in steps:
-        result = _run(*step, timeout=600, env=env)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            return f"cannot install incus ({' '.join(step[:2])}): {lines[-1] if lines else '?'}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def incus_pool() -> Iterator[str]:
-    """A running Incus daemon (started here if none answers) and the name of a dir pool."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (Incus, FUSE)")
-    reason = _install_incus()
-    if reason is not None:
-        pytest.skip(reason)
-    daemon: subprocess.Popen[bytes] | None = None
-    if _run("incus", "info", timeout=30).returncode != 0:
-        log = Path("/var/log/incus")
-        log.mkdir(parents=True, exist_ok=True)
-        daemon = subprocess.Popen(
-            ["/usr/libexec/incus/incusd", "--group", "incus-admin",
-             "--logfile", os.fspath(log / "incus.log")],
-            env={**os.environ, **NO_PROXY_ENV}, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ready = _run("incus", "admin", "waitready", "--timeout", "60", timeout=90)
-        assert ready.returncode == 0, f"incusd did not start: {ready.stderr}"
-    pools = json.loads(_run("incus", "storage", "list", "--format", "json").stdout)
-    pool = next((p["name"] for p in pools if p["driver"] == "dir"), None)
-    if pool is None:
-        pool = "ocixfs-test"
-        made = _run("incus", "storage", "create", pool, "dir")
-        assert made.returncode == 0, made.stderr
-    try:
-        yield pool
-    finally:
-        if daemon is not None:
-            _run("incus", "admin", "shutdown", timeout=120)
-            with contextlib.suppress(ProcessLookupError):
-                daemon.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,14 @@ import blake3
 import trio
 
 from ocixfs.cache.directory import CacheDirectory
-from ocixfs.cache.layout import NotABlob, blob_file, cache_errors, open_blob, scan_blobs
+from ocixfs.cache.layout import (
+    NotABlob,
+    blob_file,
+    cache_errors,
+    hash_file,
+    open_blob,
+    scan_blobs,
+)
 from ocixfs.config import DEFAULT_CACHE_CONFIG, CacheConfig, default_cache_dir
 from ocixfs.errors import BlobCorrupt, CacheError
 from ocixfs.image.format import HASH_SIZE, Chunk
@@ -76,7 +83,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SOUND_FILES_KEPT = 1024
-_HASH_READ = 1 << 20
 
 # link() errors meaning "this filesystem has no hard links": publish by rename instead.
 _NO_HARDLINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
@@ -543,14 +549,9 @@ class Cache:
 
 
 def _hash_file(fd: int, hexdigest: str) -> bytes:
-    """The BLAKE3 digest of the whole file behind ``fd`` (runs in a worker thread)."""
-    hasher = blake3.blake3()
-    offset = 0
+    """``layout.hash_file`` with the cache's error translation (runs in a worker thread)."""
     with cache_errors(f"reading blob {hexdigest}"):
-        while data := os.pread(fd, _HASH_READ, offset):
-            hasher.update(data)
-            offset += len(data)
-    return hasher.digest()
+        return hash_file(fd)
 
 
 def _pread_exact(fd: int, size: int, offset: int, hexdigest: str) -> bytes:

@@ -10,17 +10,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import blake3
-
 from ocixfs.cache.directory import CacheDirectory
-from ocixfs.cache.layout import BlobFile, cache_errors, scan_blobs
+from ocixfs.cache.layout import BlobFile, cache_errors, hash_file, scan_blobs
 from ocixfs.errors import CacheError
 
 __all__ = ["CheckReport", "check"]
 
 log = logging.getLogger(__name__)
 
-_HASH_READ = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,12 +45,7 @@ def _verify(blob: BlobFile, progress: Callable[[int], None] | None) -> bool:
     try:
         if os.fstat(fd).st_ino != blob.ino:
             return True  # replaced since the scan: a fresh, verified fill
-        hasher = blake3.blake3()
-        while data := os.read(fd, _HASH_READ):
-            hasher.update(data)
-            if progress is not None:
-                progress(len(data))
-        return bool(hasher.digest() == bytes.fromhex(blob.name))
+        return hash_file(fd, progress) == bytes.fromhex(blob.name)
     except OSError:
         return False
     finally:

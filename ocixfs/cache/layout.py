@@ -22,10 +22,12 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+import blake3
 
 from ocixfs.errors import CacheError, CacheFullError
 
@@ -40,6 +42,7 @@ __all__ = [
     "Scan",
     "blob_file",
     "cache_errors",
+    "hash_file",
     "entries",
     "open_blob",
     "remove_unpinned",
@@ -56,6 +59,21 @@ EVICT_LOCK = "evict.lock"
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 _SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+_HASH_READ = 1 << 20
+
+
+def hash_file(fd: int, progress: Callable[[int], None] | None = None) -> bytes:
+    """The BLAKE3 digest of the whole file open at ``fd``, read from its start (blocking:
+    call it from a worker thread); ``progress(n)`` is told each ``n`` bytes hashed. Raises
+    ``OSError``."""
+    hasher = blake3.blake3()
+    offset = 0
+    while data := os.pread(fd, _HASH_READ, offset):
+        hasher.update(data)
+        offset += len(data)
+        if progress is not None:
+            progress(len(data))
+    return hasher.digest()
 
 
 def blob_file(blobs_dir: Path, hexdigest: str) -> Path:

@@ -45,6 +45,9 @@ FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "defa
               "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
               "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty"}
 KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
+# How long the look at the stores may hold up a mount whose manifest is already here
+# (each network step; a refused connection answers at once).
+STORE_PROBE_TIMEOUT = 2.0
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
                  "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift"}
 
@@ -195,11 +198,6 @@ def _mount_config(
         uid_shift=_id_shift(values, "uidshift"),
         gid_shift=_id_shift(values, "gidshift"),
     )
-
-
-# How long the look at the stores may hold up a mount whose manifest is already here
-# (each network step; a refused connection answers at once).
-STORE_PROBE_TIMEOUT = 2.0
 
 
 def _id_shift(values: dict[str, list[str]], name: str) -> int:

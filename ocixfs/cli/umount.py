@@ -46,13 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_fuse_mount(mountpoint: Path) -> bool:
-    target = os.fsencode(mountpoint).replace(b" ", b"\\040")
-    with open("/proc/self/mounts", "rb") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[1] == target and fields[2].startswith(b"fuse"):
-                return True
-    return False
+    from ocixfs.mount.daemon import mount_type
+
+    return mount_type(mountpoint).startswith("fuse")
 
 
 def _unmount(mountpoint: Path, *, lazy: bool) -> None:

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ocixfs.errors import OcixError, UsageError
+from ocixfs.errors import OcixError, UsageError, leaf_exceptions
 from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 
-__all__ = ["check_mountpoint", "open_log_file", "run_background", "run_foreground"]
+__all__ = ["check_mountpoint", "mount_type", "open_log_file", "run_background", "run_foreground"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _mount_owner(mountpoint: Path) -> str:
     from ocixfs.mount.control import request, socket_path
 
     if not socket_path(mountpoint).exists():
-        if _mount_type(mountpoint) == "fuse.ocixfs":
+        if mount_type(mountpoint) == "fuse.ocixfs":
             return f" (a stale ocixfs mount; run 'ocixfs umount {mountpoint}' first)"
         return ""
     try:
@@ -80,7 +80,7 @@ def _mount_owner(mountpoint: Path) -> str:
     return f" (served by ocixfs daemon {pid})"
 
 
-def _mount_type(mountpoint: Path) -> str:
+def mount_type(mountpoint: Path) -> str:
     """The file system type of the topmost mount at ``mountpoint`` ("" if none)."""
     target = os.fsencode(mountpoint).replace(b" ", b"\\040")
     found = b""
@@ -164,15 +164,6 @@ def _one_line(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, OcixError) else f"{type(exc).__name__}: {exc}"
 
 
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception inside nested one-member groups (trio wraps what a nursery's
-    body raises), or the group itself when it holds more."""
-    found: BaseException = group
-    while isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
-        found = found.exceptions[0]
-    return found
-
-
 def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
     with os.fdopen(read_fd, "rb") as pipe:
         import select
@@ -234,8 +225,8 @@ def _serve_and_close(
     try:
         trio.run(session.serve, ready)
     except BaseExceptionGroup as group:
-        sole = _sole_exception(group)
-        if isinstance(sole, OcixError):
-            raise sole from None  # one line for the user, not a traceback of the group
+        leaves = leaf_exceptions(group)
+        if len(leaves) == 1 and isinstance(leaves[0], OcixError):
+            raise leaves[0] from None  # one line for the user, not a traceback of the group
         raise
     return 0

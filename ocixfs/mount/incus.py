@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ocixfs.errors import OcixError
+from ocixfs.mount.daemon import mount_type
 from ocixfs.safefs import trusted_directory
 
 __all__ = [
@@ -367,13 +368,7 @@ def _release_unused(run_dir: Path, ocixfs: Sequence[str], keep: Path | None = No
 
 def _mounted(path: Path) -> str | None:
     """The fstype mounted at ``path`` (host mount namespace), or None."""
-    target = os.fsencode(path)
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if fields[4] == target:
-                return fields[fields.index(b"-") + 1].decode()
-    return None
+    return mount_type(path) or None
 
 
 def _probe(path: Path) -> str | None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from ocixfs.errors import OcixError
+from ocixfs.errors import OcixError, leaf_exceptions
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
 from ocixfs.mount.control import ControlServer
@@ -93,7 +93,7 @@ class MountSession:
         except Exception as exc:
             self._background_failures[name] += 1
             log.error("%s: %s stopped by an internal error (%s); the mount keeps serving",
-                      self.config.mountpoint, name, _first_error(exc))
+                      self.config.mountpoint, name, _describe(exc))
             log.debug("%s failed", name, exc_info=exc)
 
     def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
@@ -179,13 +179,6 @@ class MountSession:
         }
 
 
-def _first_error(exc: BaseException) -> str:
-    """One line for an exception, or for the first of a group's (trio nests them)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
     """``pyfuse3.init``, with what libfuse prints on stderr while it mounts (``fuse: failed
     to open /dev/fuse: Permission denied``) caught and turned into the one-line
@@ -212,3 +205,10 @@ def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
     reason = said[-1] if said else str(failure) or type(failure).__name__
     hint = "; mount as root or get read-write access to it" if "/dev/fuse" in reason else ""
     raise OcixError(f"{mountpoint}: cannot mount: {reason}{hint}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for what a task raised: the first error, and how many came with it."""
+    leaves = leaf_exceptions(exc)
+    more = f" (and {len(leaves) - 1} more)" if len(leaves) > 1 else ""
+    return f"{type(leaves[0]).__name__}: {leaves[0]}{more}"

@@ -1,7 +1,8 @@
 """Reading blobs from stores: one ``Source`` per store, whatever its kind.
 
 ``open_sources(stores, config, limiter)`` (an async context manager) turns ``StoreSpec``
-values into ``Source`` objects, in mirror order; this is the one place that maps a store
+values into ``Source`` objects, in mirror order, and ``probe`` takes one blocking look at a
+store before a mount; these two ``match`` statements are the only places that map a store
 kind to the code that reads it. HTTP stores share ``HttpClients``, a pool of
 single-connection clients lent one request at a time. A ``Source`` knows where a blob
 lives in its store (``layout``), whether the store advertises ``.zst`` siblings
@@ -103,7 +104,6 @@ def attempt_errors() -> Iterator[None]:
         raise AttemptFailed(FailureKind.CORRUPT, f"bad zstd stream: {exc}") from exc
     except BlobCorrupt as exc:
         raise AttemptFailed(FailureKind.CORRUPT, str(exc)) from exc
-
 
 
 def check_rate(config: FetchConfig, received: int, started: float) -> None:
@@ -242,9 +242,17 @@ def probe(store: StoreSpec, config: FetchConfig, *, timeout: float) -> str | Non
     ``ocix-store.json`` (for a local store, that its directory exists), each network step
     bounded by ``timeout`` seconds. Returns None when the store answered (a 404 is an
     answer: the file is optional), else why not, in a few words (no credentials)."""
-    if isinstance(store, LocalStore):
-        return None if store.path.is_dir() else "no such directory"
-    quick = replace(config, connect_timeout=timeout, read_timeout=timeout)
+    match store:
+        case LocalStore():
+            return None if store.path.is_dir() else "no such directory"
+        case HttpStore():
+            return _probe_http(store, replace(config, connect_timeout=timeout,
+                                              read_timeout=timeout))
+        case _:
+            assert_never(store)
+
+
+def _probe_http(store: HttpStore, quick: FetchConfig) -> str | None:
     try:
         with (
             sync_client(quick) as client,
@@ -332,10 +340,8 @@ class _FileSource(Source):
             file.close()
 
 
-
-
 class HttpClients:
-    """The fetcher's HTTP clients (see ``transport``: system CAs plus ``ca_file``, proxies
+    """The fetcher's HTTP clients (see ``ocixfs.http``: system CAs plus ``ca_file``, proxies
     from the environment, scoped credentials, a few redirects but never https→http), each
     with a single keep-alive connection and lent for one request at a time: per store,
     last returned first out, so a warm connection is reused before a cold one.
