@@ -122,7 +122,8 @@ def main() -> int:
         work = Path(tmp)
         tree, small_bytes, small_files = make_tree(work, args.large_mib)
         store, image = work / "store", work / "image.ocix"
-        sh(*OCIXFS, "build", f"dir:{tree}", "--store", str(store), "--output", str(image))
+        sh(*OCIXFS, "build", f"dir:{tree}", "--store", str(store), "--output", str(image),
+           "--compress", "none")  # the rows read plain blobs, as recorded in the README
         entries = (
             subprocess.run(
                 [*OCIXFS, "inspect", str(image), "--summary"],

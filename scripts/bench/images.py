@@ -297,8 +297,7 @@ def build_ocix(
         out / "partial.ocix",
         "--no-progress",
     ]
-    if compress:
-        argv += ["--compress", compress]
+    argv += ["--compress", compress or "none"]
     _run(argv, log=image_dir / "build.log")
     (out / "partial.ocix").rename(image)
     _gzip_beside(image, compress)
