@@ -224,7 +224,7 @@ def _load(
 
     with (
         _held_warnings("ocixfs.mount.profile") as release,
-        ThreadPoolExecutor(max_workers=3, thread_name_prefix="ocixfs-load") as pool,
+        ThreadPoolExecutor(max_workers=2 + len(stores), thread_name_prefix="ocixfs-load") as pool,
     ):
         loading = pool.submit(_load_tree, source, digest, fetch)
         beside = (pool.submit(profile_beside, source, fetch)
