@@ -54,6 +54,7 @@ from pyfuse3 import (
 from ocixfs.errors import OcixError
 from ocixfs.image.format import Chunk, Kind
 from ocixfs.image.tree import ST_BLKSIZE, Node, Tree
+from ocixfs.mount import kernelcache
 
 __all__ = [
     "DEFAULT_FS_OPTIONS",
@@ -71,6 +72,10 @@ _NAME_MAX = 255
 # Flags that would need a writable file; the kernel's ``ro`` mount refuses most of these
 # already, this is the same answer when mounted without it.
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT
+# Answers that are part of normal operation, not counted as errors: a missing xattr, and
+# OPENDIR declined once the kernel keeps listings (see ``kernelcache``).
+_NOT_ERRORS = frozenset({pyfuse3.ENOATTR, errno.ENOSYS})
+
 _DOT_NEXT_ID = 1
 _DOTDOT_NEXT_ID = 2
 _FIRST_CHILD_NEXT_ID = 3  # offsets 1 and 2 belong to "." and ".." (NFS relies on that)
@@ -119,6 +124,10 @@ class FsStatistics:
     read_bytes: int
     xattr_misses: int
     """``getxattr`` of a name the inode lacks (``ls -l`` asks for ACLs on every file)."""
+    listings: int
+    """READDIR requests: the kernel asks again only for listings it has not cached."""
+    readlinks: int
+    """READLINK requests: the same for symlink targets."""
     open_files: int
     known_inodes: int
     """Inodes with a non-zero lookup count (the kernel holds a reference)."""
@@ -144,6 +153,8 @@ class _Counters:
         "reads",
         "read_bytes",
         "xattr_misses",
+        "listings",
+        "readlinks",
         "errors",
         "failures",
     )
@@ -155,6 +166,8 @@ class _Counters:
         self.reads = 0
         self.read_bytes = 0
         self.xattr_misses = 0
+        self.listings = 0
+        self.readlinks = 0
         self.errors: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
 
@@ -171,7 +184,7 @@ def _request(handler: _Handler) -> _Handler:
         try:
             return await handler(self, *args, **kwargs)
         except FUSEError as exc:
-            if exc.errno != pyfuse3.ENOATTR:
+            if exc.errno not in _NOT_ERRORS:
                 self._counters.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
             raise
         except Exception as exc:
@@ -276,6 +289,7 @@ class Operations(pyfuse3.Operations):
     @_request
     async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         """A symlink's target; ``EINVAL`` for anything else, ``ENOENT`` if unknown."""
+        self._counters.readlinks += 1
         node = self._node(inode)
         if node.kind is not Kind.SYMLINK:
             raise FUSEError(errno.EINVAL)
@@ -307,7 +321,13 @@ class Operations(pyfuse3.Operations):
 
     @_request
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        """The directory's inode is its handle. ``ENOENT`` if unknown, ``ENOTDIR``."""
+        """The directory's inode is its handle. ``ENOENT`` if unknown, ``ENOTDIR``.
+
+        ``ENOSYS`` once ``kernelcache`` passes the inode to ``readdir`` itself: the kernel
+        then stops asking and keeps every listing in its cache.
+        """
+        if kernelcache.listings_cached():
+            raise FUSEError(errno.ENOSYS)
         return self._directory(inode).ino
 
     @_request
@@ -318,6 +338,7 @@ class Operations(pyfuse3.Operations):
         listing resumes exactly where the kernel's buffer filled up. Each child that
         ``readdir_reply`` accepts gains one lookup; ``.`` and ``..`` do not.
         """
+        self._counters.listings += 1
         directory = self._directory(fh)
         reply = pyfuse3.readdir_reply
         if start_id < _DOT_NEXT_ID and not reply(
@@ -512,6 +533,8 @@ class Operations(pyfuse3.Operations):
             reads=counters.reads,
             read_bytes=counters.read_bytes,
             xattr_misses=counters.xattr_misses,
+            listings=counters.listings,
+            readlinks=counters.readlinks,
             open_files=sum(self._open_handles.values()),
             known_inodes=len(self._lookup_counts),
             errors=MappingProxyType(dict(counters.errors)),

@@ -20,6 +20,7 @@ import trio
 from ocixfs.errors import OcixError, leaf_exceptions
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
+from ocixfs.mount import kernelcache
 from ocixfs.mount.control import ControlServer
 from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.prefetch import Prefetcher, plan
@@ -156,6 +157,10 @@ class MountSession:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "fs": self._ops.statistics().as_dict(),
+            "kernel_caching": {
+                "listings": kernelcache.listings_cached(),
+                "symlinks": kernelcache.symlinks_cached(),
+            },
             "reader": self._reader.statistics().as_dict(),
             "image_files": present,
             "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
@@ -183,6 +188,7 @@ def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
     """``pyfuse3.init``, with what libfuse prints on stderr while it mounts (``fuse: failed
     to open /dev/fuse: Permission denied``) caught and turned into the one-line
     ``OcixError`` a failure raises; on success that text goes to the log."""
+    kernelcache.enable(pyfuse3.__file__)
     with tempfile.TemporaryFile() as captured:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
