@@ -58,7 +58,6 @@ __all__ = [
     "encode_artifact",
     "fetch_image",
     "load_blob_table",
-    "pin_stores",
     "probe_registry",
     "pull_scope",
     "registry_errors",
@@ -445,15 +444,6 @@ def fetch_image(store: RegistryStore, config: FetchConfig, max_manifest: int,
         if artifact.profile is not None:
             profile = client.blob(artifact.profile, max_profile)
     return RegistryImage(replace(store, reference=artifact.digest), manifest, profile)
-
-
-def pin_stores(
-    stores: Iterable[RegistryStore | Any], pinned: RegistryStore, unpinned: RegistryStore
-) -> list[Any]:
-    """``stores`` with ``unpinned`` (the image's own reference) replaced by ``pinned``,
-    so the daemon reads blobs through the very artifact the manifest came from."""
-    return [replace(pinned, login=unpinned.login, tls_verify=unpinned.tls_verify)
-            if s == unpinned else s for s in stores]
 
 
 def probe_registry(store: RegistryStore, config: FetchConfig) -> str | None:
