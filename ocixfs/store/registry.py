@@ -5,7 +5,7 @@ An image pushed by ``ocixfs push`` is one OCI image manifest (``MEDIA_MANIFEST``
 ``artifactType`` ``ARTIFACT_TYPE``)::
 
     config     the OCIX manifest bytes                      MEDIA_OCIX
-    layers[0]  the blob index: {"version": 1, "blake3": [HEX, …]}   MEDIA_INDEX
+    layers[0]  the blob index: {"version": 1, "b3": [HEX, …]}       MEDIA_INDEX
     layers     the profile (IMAGE.profile), if any           MEDIA_PROFILE
     layers     every blob, as the store holds it: its .zst   MEDIA_BLOB_ZSTD
                form if the store has one, else plain         MEDIA_BLOB
@@ -168,7 +168,7 @@ def encode_artifact(
 
 
 def encode_index(blobs: Iterable[StoredBlob]) -> bytes:
-    return json.dumps({"version": 1, "blake3": [b.blake3 for b in blobs]},
+    return json.dumps({"version": 1, "b3": [b.blake3 for b in blobs]},
                       separators=(",", ":")).encode()
 
 
@@ -209,7 +209,7 @@ def _descriptor(value: Any) -> Descriptor:
 def parse_index(raw: bytes, artifact: Artifact, label: str) -> dict[str, StoredBlob]:
     """The blob table: BLAKE3 hex → where the registry keeps that blob."""
     try:
-        hashes = json.loads(raw)["blake3"]
+        hashes = json.loads(raw)["b3"]
         if not isinstance(hashes, list) or len(hashes) != len(artifact.blobs):
             raise ValueError("length")
         table = {}
