@@ -179,31 +179,25 @@ class RegistryAuth(httpx.Auth):
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response,
                                                                   None]:
         flow = self._flow(request)
-        outgoing = next(flow)
-        while True:
+        outgoing: httpx.Request | None = next(flow)
+        while outgoing is not None:
             response = yield outgoing
             body = b""
             if _TOKEN in outgoing.extensions:
                 body = _keep(response, _read_token_body(response.iter_bytes()))
-            try:
-                outgoing = flow.send((response, body))
-            except StopIteration:
-                return
+            outgoing = _advance(flow, response, body)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request,
                                                                                httpx.Response]:
         flow = self._flow(request)
-        outgoing = next(flow)
-        while True:
+        outgoing: httpx.Request | None = next(flow)
+        while outgoing is not None:
             response = yield outgoing
             body = b""
             if _TOKEN in outgoing.extensions:
                 pieces = [piece async for piece in _limited(response.aiter_bytes())]
                 body = _keep(response, _read_token_body(iter(pieces)))
-            try:
-                outgoing = flow.send((response, body))
-            except StopIteration:
-                return
+            outgoing = _advance(flow, response, body)
 
     def _flow(
         self, request: httpx.Request
@@ -273,6 +267,17 @@ class RegistryAuth(httpx.Auth):
 
 def _loopback(host: str) -> bool:
     return RegistryStore(host, "", "").loopback
+
+
+def _advance(
+    flow: Generator[httpx.Request, tuple[httpx.Response, bytes], None],
+    response: httpx.Response, body: bytes,
+) -> httpx.Request | None:
+    """The flow's next request after ``response`` (and its token ``body``), or None."""
+    try:
+        return flow.send((response, body))
+    except StopIteration:
+        return None
 
 
 def _keep(response: httpx.Response, body: bytes) -> bytes:
