@@ -52,11 +52,13 @@ from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
 
 __all__ = [
     "Credentials",
+    "DownloadClock",
     "async_client",
     "credentials_of",
     "describe",
     "download",
     "load_credentials",
+    "read_document",
     "redact",
     "refuse_credentials",
     "ssl_context",
@@ -345,9 +347,12 @@ def async_client(
     )
 
 
-def sync_client(config: FetchConfig = DEFAULT_FETCH_CONFIG) -> httpx.Client:
-    """A blocking client with the same rules (for commands, before any trio run)."""
-    auth = credentials_of(config)
+def sync_client(
+    config: FetchConfig = DEFAULT_FETCH_CONFIG, *, auth: httpx.Auth | None = None
+) -> httpx.Client:
+    """A blocking client with the same rules (for commands, before any trio run);
+    ``auth`` defaults to ``credentials_of(config)``."""
+    auth = auth if auth is not None else credentials_of(config)
     rescope = [auth.rescope] if isinstance(auth, Credentials) else []
     return httpx.Client(
         **_client_settings(config, auth),
@@ -389,7 +394,7 @@ def download(
     slow or past the deadline, a corrupt or unknown encoding) or ``FormatError`` (too
     large), each one line naming the redacted URL."""
     label = redact(url)
-    clock = _DownloadClock(config, config.document_deadline if deadline is None else deadline)
+    clock = DownloadClock(config, config.document_deadline if deadline is None else deadline)
     try:
         with (
             sync_client(config) as client,
@@ -401,17 +406,26 @@ def download(
                 raise BlobNotFound(f"{label}: HTTP {status}")
             if status != 200:
                 raise FetchError(f"{label}: HTTP {status}")
-            raw = _read_body(response.iter_raw(), label, max_bytes, clock)
-            encoding = response.headers.get("content-encoding", "").strip().lower()
-            return _decode_body(raw, encoding, label, max_bytes)
+            return read_document(response, label, max_bytes=max_bytes, clock=clock)
     except httpx.TimeoutException as exc:
         raise FetchError(f"{label}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
         raise FetchError(f"{label}: {describe(exc)}") from None
 
 
+def read_document(
+    response: httpx.Response, label: str, *, max_bytes: int, clock: DownloadClock
+) -> bytes:
+    """The body of a streamed response under ``download``'s rules (size cap before and
+    after decoding, minimum rate, ``clock``'s deadline). Raises ``FetchError`` or
+    ``FormatError`` naming ``label``."""
+    raw = _read_body(response.iter_raw(), label, max_bytes, clock)
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    return _decode_body(raw, encoding, label, max_bytes)
+
+
 @dataclass(slots=True)
-class _DownloadClock:
+class DownloadClock:
     """The time rules of one download: the minimum rate and the overall deadline, both
     counted from the request (so slow headers count too)."""
 
@@ -427,7 +441,7 @@ class _DownloadClock:
             raise FetchError(f"{label}: {received / elapsed:.0f} B/s is below the minimum rate")
 
 
-def _read_body(pieces: Iterator[bytes], label: str, max_bytes: int, clock: _DownloadClock) -> bytes:
+def _read_body(pieces: Iterator[bytes], label: str, max_bytes: int, clock: DownloadClock) -> bytes:
     parts: list[bytes] = []
     received = 0
     for piece in pieces:

@@ -64,7 +64,8 @@ def test_labels_never_show_credentials() -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("ftp://h/s", "--store ftp://h/s: unsupported scheme 'ftp' (use http, https, file)"),
+        ("ftp://h/s",
+         "--store ftp://h/s: unsupported scheme 'ftp' (use http, https, file, docker)"),
         ("/no/such/dir", "--store /no/such/dir: no such directory"),
         ("no-such-dir", "--store no-such-dir: no such directory"),
         ("http:///x", "--store http:///x: not a valid URL"),

@@ -23,6 +23,7 @@ COMMANDS = (
     "build",
     "inspect",
     "mount",
+    "push",
     "umount",
     "stats",
     "profile",

@@ -53,13 +53,14 @@ VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "pr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="manifest file or http(s) URL")
+    parser.add_argument("image", metavar="IMAGE", help="manifest file, http(s) URL, or "
+                        "docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX] (pushed by ocixfs push)")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
                         help="an empty directory (-o nonempty: or one whose contents the "
                         "mount may hide)")
     parser.add_argument("--store", action="append", default=[], metavar="URL",
-                        help="blob store (http(s)://, file://, or a directory); repeat for "
-                        "mirrors, tried in order (default: the manifest's directory)")
+                        help="blob store (http(s)://, file://, docker://, or a directory); "
+                        "repeat for mirrors, tried in order (default: the manifest's directory)")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="local cache shared by all mounts (default /var/cache/ocixfs as "
                         "root, else $XDG_CACHE_HOME/ocixfs)")
@@ -80,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "under URL; netrc ($NETRC or ~/.netrc) is used too")
     parser.add_argument("--ca-file", metavar="FILE",
                         help="PEM CA certificates to trust in addition to the system's")
+    parser.add_argument("--tls-verify", choices=("true", "false"), default="true",
+                        help="for docker:// IMAGE and stores: false allows plain http to a "
+                        "registry that is not on this host (default true: https)")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground (for systemd Type=notify)")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -137,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
     fetch = _fetch_config(args, values)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, tree, profile = _load(args.image, digest, config.reader.fetch, prefetch,
-                                 config.cache_dir, config.stores)
-    config = replace(config, profile=profile, fill_rest=prefetch == "all")
+    image, tree, profile, stores = _load(args.image, digest, config.reader.fetch, prefetch,
+                                         config.cache_dir, config.stores,
+                                         tls_verify=args.tls_verify == "true")
+    config = replace(config, profile=profile, fill_rest=prefetch == "all", stores=stores)
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)
@@ -160,9 +165,11 @@ def _mount_config(
     from ocixfs.image.loading import is_url
     from ocixfs.mount.config import MountConfig
     from ocixfs.mount.daemon import check_mountpoint
-    from ocixfs.store.spec import stores_or_default
+    from ocixfs.mount.fromregistry import with_logins
+    from ocixfs.store.spec import is_registry_ref, stores_or_default
 
-    stores = stores_or_default([*args.store, *values.get("store", [])], args.image)
+    stores = with_logins(stores_or_default([*args.store, *values.get("store", [])], args.image),
+                         tls_verify=args.tls_verify == "true")
     cache_values = values.get("cache", []) + values.get("cache_dir", [])
     cache_dir = args.cache_dir or (Path(cache_values[-1]) if cache_values else default_cache_dir())
     deadline = float(values["deadline"][-1]) if "deadline" in values else args.deadline
@@ -180,7 +187,8 @@ def _mount_config(
     fetch = replace(fetch, deadline=deadline, background_slots=max(
         fetch.background_slots, args.prefetch_concurrency))
     return MountConfig(
-        image=args.image if is_url(args.image) else os.path.abspath(args.image),
+        image=(args.image if is_url(args.image) or is_registry_ref(args.image)
+               else os.path.abspath(args.image)),
         mountpoint=mountpoint,
         stores=tuple(stores),
         cache_dir=Path(os.path.abspath(cache_dir)),  # the daemon runs in /
@@ -211,32 +219,40 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
-    stores: Sequence[StoreSpec],
-) -> tuple[LoadedImage, Tree, Profile | None]:
+    stores: Sequence[StoreSpec], *, tls_verify: bool,
+) -> tuple[LoadedImage, Tree, Profile | None, tuple[StoreSpec, ...]]:
     """The image, its inode tree and the profile to play. Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
     stores are probed in a third, while this thread imports what the daemon will need.
 
     When the manifest cannot be loaded its one-line error is all that is said (what the
     profile lookup found is held back and dropped); otherwise a store that did not answer
-    is one warning line on stderr, and the mount goes on (what is cached still works)."""
+    is one warning line on stderr, and the mount goes on (what is cached still works).
+    An image in a registry brings its profile, and the stores that name it come back
+    pinned to the artifact's digest (``mount.fromregistry``)."""
     from ocixfs.mount.profile import locate_profile, profile_beside
+    from ocixfs.store.spec import is_registry_ref
 
     with (
         _held_warnings("ocixfs.mount.profile") as release,
         ThreadPoolExecutor(max_workers=2 + len(stores), thread_name_prefix="ocixfs-load") as pool,
     ):
-        loading = pool.submit(_load_tree, source, digest, fetch)
-        beside = (pool.submit(profile_beside, source, fetch)
-                  if prefetch in ("auto", "all") else None)
+        if is_registry_ref(source):
+            loading = pool.submit(_load_registry_tree, source, digest, fetch, stores,
+                                  tls_verify)
+            beside = None
+        else:
+            loading = pool.submit(_load_tree, source, digest, fetch, stores)
+            beside = (pool.submit(profile_beside, source, fetch)
+                      if prefetch in ("auto", "all") else None)
         probes = [pool.submit(_probe_store, store, fetch) for store in stores]
         _import_daemon_modules()
-        image, tree = loading.result()
+        image, tree, found, stores = loading.result()
         release()
         _warn_unreachable(stores, probes)
         profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
-                                 beside=beside.result if beside is not None else None)
-    return image, tree, profile
+                                 beside=beside.result if beside is not None else lambda: found)
+    return image, tree, profile, tuple(stores)
 
 
 def _probe_store(store: StoreSpec, fetch: FetchConfig) -> str | None:
@@ -279,12 +295,25 @@ def _held_warnings(logger_name: str) -> Iterator[Callable[[], None]]:
         logger.removeFilter(hold)
 
 
-def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[LoadedImage, Tree]:
+def _load_tree(
+    source: str, digest: str | None, fetch: FetchConfig, stores: Sequence[StoreSpec]
+) -> tuple[LoadedImage, Tree, Profile | None, Sequence[StoreSpec]]:
     from ocixfs.image.loading import load_image
     from ocixfs.image.tree import Tree
 
     image = load_image(source, expected_digest=digest, http=fetch)
-    return image, Tree.from_manifest(image.manifest)
+    return image, Tree.from_manifest(image.manifest), None, stores
+
+
+def _load_registry_tree(
+    source: str, digest: str | None, fetch: FetchConfig, stores: Sequence[StoreSpec],
+    tls_verify: bool,
+) -> tuple[LoadedImage, Tree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.image.tree import Tree
+    from ocixfs.mount.fromregistry import load_from_registry
+
+    loaded = load_from_registry(source, digest, fetch, stores, tls_verify=tls_verify)
+    return loaded.image, Tree.from_manifest(loaded.image.manifest), loaded.profile, loaded.stores
 
 
 def _import_daemon_modules() -> None:

@@ -21,6 +21,7 @@ from ocixfs.image.format import DEFAULT_LIMITS, Limits, Manifest, decode, manife
 __all__ = [
     "LoadedImage",
     "check_digest",
+    "image_from_bytes",
     "is_url",
     "load_image",
     "open_regular",
@@ -115,11 +116,20 @@ def load_image(
 ) -> LoadedImage:
     """Read, pin and decode an image; every failure is a one-line ``OcixError`` (a URL's
     credentials never appear in it)."""
+    if expected_digest is not None:
+        expected_digest = check_digest(expected_digest)  # before any download
+    return image_from_bytes(read_manifest_bytes(source, http=http), source,
+                            expected_digest=expected_digest)
+
+
+def image_from_bytes(
+    data: bytes, source: str, *, expected_digest: str | None = None
+) -> LoadedImage:
+    """Pin and decode manifest bytes read from ``source`` (as ``load_image`` does)."""
     from ocixfs.http import redact
 
     if expected_digest is not None:
         expected_digest = check_digest(expected_digest)
-    data = read_manifest_bytes(source, http=http)
     digest = manifest_digest(data)
     shown = redact(source)
     if expected_digest is not None and not hmac.compare_digest(digest, expected_digest):

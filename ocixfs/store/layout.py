@@ -32,6 +32,7 @@ __all__ = [
     "blob_name",
     "blob_path",
     "looks_like_store",
+    "parse_blob_name",
     "parse_store_config",
     "read_store_config",
 ]
@@ -56,6 +57,15 @@ def blob_name(digest: bytes | str, *, zstd: bool = False) -> str:
     """The blob's path relative to a store's root (or base URL): ``blobs/blake3/<hex>``,
     with ``.zst`` for its compressed sibling. ``digest``: 32 raw bytes or 64 lowercase hex."""
     return f"{BLOB_DIR}/{_hex(digest)}{ZSTD_SUFFIX if zstd else ''}"
+
+
+def parse_blob_name(name: str) -> tuple[str, bool]:
+    """``(hex, zstd)`` of a name ``blob_name`` made. Raises ``ValueError`` for another."""
+    rest = name.removeprefix(f"{BLOB_DIR}/")
+    digest = rest.removesuffix(ZSTD_SUFFIX)
+    if rest == name:
+        raise ValueError(f"not a blob name: {name!r}")
+    return _hex(digest), digest != rest
 
 
 def blob_path(root: Path, digest: bytes | str, *, zstd: bool = False) -> Path:

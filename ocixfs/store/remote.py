@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import enum
+import json
 import logging
 import math
 import time
@@ -39,9 +40,19 @@ from ocixfs.store.layout import (
     STORE_CONFIG,
     STORE_CONFIG_MAX,
     advertises_zstd,
+    parse_blob_name,
     parse_store_config,
 )
-from ocixfs.store.spec import HttpStore, LocalStore, StoreSpec
+from ocixfs.store.registry import (
+    DigestCheck,
+    StoredBlob,
+    blob_url,
+    load_blob_table,
+    probe_registry,
+    pull_scope,
+)
+from ocixfs.store.registryauth import RegistryAuth, RegistryError
+from ocixfs.store.spec import HttpStore, LocalStore, RegistryStore, StoreSpec
 
 __all__ = [
     "AttemptFailed",
@@ -239,7 +250,8 @@ class _HttpSource(Source):
 
 def probe(store: StoreSpec, config: FetchConfig, *, timeout: float) -> str | None:
     """One quick, blocking look at a store before a mount relies on it: a GET of its
-    ``ocix-store.json`` (for a local store, that its directory exists), each network step
+    ``ocix-store.json`` (for a local store, that its directory exists; for a registry,
+    that its artifact manifest can be read), each network step
     bounded by ``timeout`` seconds. Returns None when the store answered (a 404 is an
     answer: the file is optional), else why not, in a few words (no credentials)."""
     match store:
@@ -248,6 +260,9 @@ def probe(store: StoreSpec, config: FetchConfig, *, timeout: float) -> str | Non
         case HttpStore():
             return _probe_http(store, replace(config, connect_timeout=timeout,
                                               read_timeout=timeout))
+        case RegistryStore():
+            return probe_registry(store, replace(config, connect_timeout=timeout,
+                                                 read_timeout=timeout))
         case _:
             assert_never(store)
 
@@ -340,6 +355,111 @@ class _FileSource(Source):
             file.close()
 
 
+class _RegistrySource(Source):
+    """An artifact in an OCI registry (``store.registry``): the blob table is loaded once
+    (in a worker thread, by the blocking client; again after a failure), and a blob is
+    served only in the encoding the table gives, its sha256 checked before the last piece
+    is handed on (the fetcher then checks its BLAKE3 as for any store)."""
+
+    def __init__(
+        self, store: RegistryStore, config: FetchConfig, limiter: trio.CapacityLimiter
+    ) -> None:
+        super().__init__(store.label, config)
+        self._store = store
+        self._limiter = limiter
+        self._auth = RegistryAuth(store)
+        slots = config.on_demand_slots + config.background_slots
+        self._client = async_client(config, auth=self._auth, limits=httpx.Limits(
+            max_connections=slots, max_keepalive_connections=slots))
+        self._table: dict[str, StoredBlob] | None = None
+        self._table_lock = trio.Lock()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _blobs(self) -> dict[str, StoredBlob]:
+        async with self._table_lock:
+            if self._table is None:
+                with _registry_attempt():
+                    self._table = await trio.to_thread.run_sync(
+                        load_blob_table, self._store, self.config, self._auth,
+                        limiter=self._limiter, abandon_on_cancel=True)
+            return self._table
+
+    async def _read_config(self) -> bytes:
+        if not any(stored.zstd for stored in (await self._blobs()).values()):
+            raise AttemptFailed(FailureKind.NOT_FOUND, "no blob is stored compressed")
+        return json.dumps({"compression": ["zstd"]}).encode()
+
+    @contextlib.asynccontextmanager
+    async def body(self, name: str, *, no_cache: bool) -> AsyncIterator[Body]:
+        digest, zstd = parse_blob_name(name)
+        stored = (await self._blobs()).get(digest)
+        if stored is None or stored.zstd != zstd:
+            raise AttemptFailed(FailureKind.NOT_FOUND, "not in the artifact's blob index")
+        headers = {"Accept-Encoding": "identity", **({"Cache-Control": "no-cache"}
+                                                     if no_cache else {})}
+        with _registry_attempt():
+            async with self._client.stream("GET", blob_url(self._store, stored.digest),
+                                           headers=headers,
+                                           extensions=pull_scope(self._store)) as response:
+                if response.status_code in (404, 410):
+                    raise AttemptFailed(FailureKind.NOT_FOUND, f"HTTP {response.status_code}")
+                if response.status_code != 200:
+                    raise _status_failure(response)
+                yield _Sha256Checked(response.aiter_raw(), stored, self._limiter)
+
+
+@contextlib.contextmanager
+def _registry_attempt() -> Iterator[None]:
+    """A registry's refusal (token service, unknown tag, bad manifest) as an attempt's."""
+    try:
+        yield
+    except RegistryError as exc:
+        kind = FailureKind.NOT_FOUND if exc.not_found else FailureKind.HTTP_STATUS
+        raise AttemptFailed(kind, str(exc)) from exc
+
+
+class _Sha256Checked:
+    """The body of a registry blob, passed on piece by piece while its sha256 is computed
+    (in worker threads, ``_FILE_READ`` bytes at a time); at the end a body that is not
+    the indexed blob fails the attempt as ``CORRUPT`` before the fetcher commits it."""
+
+    def __init__(
+        self, pieces: AsyncIterator[bytes], stored: StoredBlob, limiter: trio.CapacityLimiter
+    ) -> None:
+        self._pieces = pieces
+        self._check = DigestCheck(stored.digest, stored.size)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._limiter = limiter
+
+    def __aiter__(self) -> _Sha256Checked:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            piece = await self._pieces.__anext__()
+        except StopAsyncIteration:
+            await self._hash_pending()
+            problem = self._check.problem()
+            if problem is not None:
+                raise AttemptFailed(FailureKind.CORRUPT, problem) from None
+            raise
+        too_many = self._check.count(len(piece))
+        if too_many is not None:
+            raise AttemptFailed(FailureKind.CORRUPT, too_many)
+        self._pending.append(piece)
+        self._pending_size += len(piece)
+        if self._pending_size >= _FILE_READ:
+            await self._hash_pending()
+        return piece
+
+    async def _hash_pending(self) -> None:
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        await trio.to_thread.run_sync(self._check.update, pending, limiter=self._limiter)
+
+
 class HttpClients:
     """The fetcher's HTTP clients (see ``ocixfs.http``: system CAs plus ``ca_file``, proxies
     from the environment, scoped credentials, a few redirects but never https→http), each
@@ -407,6 +527,10 @@ async def open_sources(
                     if clients is None:
                         clients = await stack.enter_async_context(HttpClients(config))
                     sources.append(_HttpSource(store, clients, config))
+                case RegistryStore():
+                    source = _RegistrySource(store, config, limiter)
+                    stack.push_async_callback(source.aclose)
+                    sources.append(source)
                 case _:
                     assert_never(store)
         yield sources
