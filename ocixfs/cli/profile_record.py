@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ocixfs.errors import OcixError, UsageError
-from ocixfs.tools.record import DEFAULT_TIMEOUT, RUN_ENVIRONMENT, RecordPlan, Recording
+from ocixfs.tools.record import DEFAULT_TIMEOUT, RUN_ENVIRONMENT, Recording, RecordPlan
 
 __all__ = ["add_record_parser", "record_after_build", "run_record"]
 
@@ -99,7 +99,8 @@ def add_record_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     record.add_argument("--strict", action="store_true",
                         help="a command that fails or times out: exit 1, write no profile")
     record.add_argument("--json", action="store_true",
-                        help="print a JSON summary (profile, files, runs) on stdout")
+                        help="print a JSON summary (profile, files, runs) on stdout; the "
+                        "commands' stdout then goes to stderr")
 
 
 def run_record(args: argparse.Namespace) -> int:
@@ -112,25 +113,37 @@ def run_record(args: argparse.Namespace) -> int:
         raise UsageError("--repeat must be at least 1")
     if not args.timeout > 0:
         raise UsageError("--timeout must be positive")
-    return record_command(args.image, stores=args.store, cache_dir=args.cache_dir,
-                          output=args.output, commands=commands, repeat=args.repeat,
-                          timeout=args.timeout, strict=args.strict, as_json=args.json)
+    destination, recording = record_command(
+        args.image, stores=args.store, cache_dir=args.cache_dir, output=args.output,
+        commands=commands, repeat=args.repeat, timeout=args.timeout, strict=args.strict,
+        output_to_stderr=args.json)
+    if args.json:
+        print(json.dumps(_summary(destination, recording), indent=1))
+    else:
+        print(f"{destination}: {len(recording.profile.entries)} files from "
+              f"{len(recording.runs)} runs")
+    return 0
 
 
-def record_after_build(image: Path, store: Path, lines: Sequence[str], timeout: float) -> int:
+def record_after_build(image: Path, store: Path, lines: Sequence[str], timeout: float, *,
+                       output_to_stderr: bool) -> dict[str, object]:
     """``build --profile-cmd``: record ``lines`` (shell command lines) on the image just
     written, from its fresh store, into ``IMAGE.profile``; strict, since a build that
-    publishes a broken start-up should fail."""
-    return record_command(os.fspath(image), stores=[os.fspath(store)], cache_dir=None,
-                          output=None, commands=[("/bin/sh", "-c", line) for line in lines],
-                          repeat=1, timeout=timeout, strict=True, as_json=False)
+    publishes a broken start-up should fail. Returns the JSON summary."""
+    destination, recording = record_command(
+        os.fspath(image), stores=[os.fspath(store)], cache_dir=None, output=None,
+        commands=[("/bin/sh", "-c", line) for line in lines], repeat=1, timeout=timeout,
+        strict=True, output_to_stderr=output_to_stderr)
+    return _summary(destination, recording)
 
 
 def record_command(image: str, *, stores: Sequence[str], cache_dir: Path | None,
                    output: Path | None, commands: Sequence[tuple[str, ...]], repeat: int,
-                   timeout: float, strict: bool, as_json: bool) -> int:
+                   timeout: float, strict: bool,
+                   output_to_stderr: bool) -> tuple[Path, Recording]:
     """Check the inputs, record, and write the profile (unless ``strict`` and a run
-    failed: then exit status 1 and nothing written)."""
+    failed: then an ``OcixError`` and nothing written). Returns where it went and what
+    was recorded."""
     from ocixfs.config import default_cache_dir
     from ocixfs.image.loading import is_url, load_image
     from ocixfs.image.tree import Tree
@@ -145,7 +158,8 @@ def record_command(image: str, *, stores: Sequence[str], cache_dir: Path | None,
         image=source,
         stores=tuple(stores_or_default(list(stores), image)),
         cache_dir=Path(os.path.abspath(cache_dir or default_cache_dir())),
-        commands=tuple(commands), repeat=repeat, timeout=timeout)
+        commands=tuple(commands), repeat=repeat, timeout=timeout,
+        output_to_stderr=output_to_stderr)
     loaded = load_image(source)
     _check_writable(destination)
     recording = record(plan, Tree.from_manifest(loaded.manifest), loaded.digest,
@@ -157,12 +171,7 @@ def record_command(image: str, *, stores: Sequence[str], cache_dir: Path | None,
         raise OcixError(f"{len(failed)} of {len(recording.runs)} runs failed (--strict): "
                         "no profile written")
     _write_profile(destination, recording)
-    if as_json:
-        print(json.dumps(_summary(destination, recording), indent=1))
-    else:
-        print(f"{destination}: {len(recording.profile.entries)} files from "
-              f"{len(recording.runs)} runs")
-    return 0
+    return destination, recording
 
 
 def _output_path(image: str, output: Path | None) -> Path:

@@ -83,7 +83,8 @@ _DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/pro
 class RecordPlan:
     """What to record: ``image`` (an absolute path or a URL) mounted from ``stores`` with
     ``cache_dir``; every command of ``commands`` (argv lists) run ``repeat`` times, each
-    run on its own mount, killed after ``timeout`` seconds."""
+    run on its own mount, killed after ``timeout`` seconds. ``output_to_stderr``: the
+    commands' stdout goes to stderr (the caller's stdout carries JSON)."""
 
     image: str
     stores: tuple[StoreSpec, ...]
@@ -92,6 +93,7 @@ class RecordPlan:
     repeat: int = 1
     timeout: float = DEFAULT_TIMEOUT
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    output_to_stderr: bool = False
 
     def runs(self) -> list[tuple[str, ...]]:
         """The commands in the order they run: all of them, ``repeat`` times over."""
@@ -132,7 +134,7 @@ def record(plan: RecordPlan, tree: Any, image_digest: str,
     results: list[RunResult] = []
     profiles: list[Profile] = []
     runs = plan.runs()
-    with _work_directory() as work, _sigterm_interrupts():
+    with _work_directory() as work, _signals_interrupt():
         for index, command in enumerate(runs):
             announce(f"run {index + 1}/{len(runs)}: {_shown(command)}")
             profile, status = _record_run(plan, tree, image_digest, work, index, command)
@@ -162,17 +164,20 @@ def _work_directory() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises ``KeyboardInterrupt`` too, so a killed recording cleans up."""
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt``, so a stopped recording cleans up
+    (also when SIGINT was inherited ignored, as a shell's background job has it)."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _record_run(plan: RecordPlan, tree: Any, image_digest: str, work: Path, index: int,
@@ -195,15 +200,17 @@ def _record_run(plan: RecordPlan, tree: Any, image_digest: str, work: Path, inde
 
 def _stop_runner(pid: int) -> None:
     """After an interrupt: SIGTERM the runner (it cleans up) and wait for it, bounded;
-    further SIGINTs are ignored meanwhile."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    further SIGINTs and SIGTERMs are ignored meanwhile."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         os.kill(pid, signal.SIGTERM)
         if _wait_exit(pid, RUNNER_EXIT_TIMEOUT) is None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _read_verdict(path: Path, wait_status: int) -> int | None:
@@ -304,13 +311,13 @@ def _runner(plan: RecordPlan, tree: Any, image_digest: str, paths: _RunPaths,
     verdict: dict[str, object] = {}
     try:
         _unshare(_CLONE_NEWNS)
-        _mount("none", "/", None, _MS_REC | _MS_PRIVATE)
+        _mount("none", Path("/"), None, _MS_REC | _MS_PRIVATE)
         for directory in (paths.lower, paths.root, paths.upper):
             directory.mkdir(exist_ok=True)
         _start_daemon(_mount_config(plan, paths), tree, image_digest, paths)
         _overlay(paths)
         _unshare(_CLONE_NEWPID)
-        init = _fork_child(lambda: _init(paths.root, command))
+        init = _fork_child(lambda: _init(paths.root, command, plan.output_to_stderr))
         status = _wait_exit(init, plan.timeout)
         if status is None:
             print(f"ocixfs: {_shown(command)}: still running after {plan.timeout:g} s; "
@@ -502,7 +509,7 @@ def _exit_status(wait_status: int) -> int:
 # The init: pid 1 of the command's PID namespace
 
 
-def _init(root: Path, command: tuple[str, ...]) -> int:
+def _init(root: Path, command: tuple[str, ...], output_to_stderr: bool) -> int:
     """Mount /proc (of this PID namespace) and /dev in ``root``, chroot there and run the
     command; its status is ours. When we exit, the kernel kills the rest of the namespace."""
     import subprocess
@@ -520,7 +527,8 @@ def _init(root: Path, command: tuple[str, ...]) -> int:
     if "TERM" in os.environ:
         environment["TERM"] = os.environ["TERM"]
     try:
-        child = subprocess.Popen(command, env=environment, close_fds=False)
+        child = subprocess.Popen(command, env=environment, close_fds=False,
+                                 stdout=2 if output_to_stderr else None)
     except OSError as exc:
         print(f"ocixfs: {command[0]}: {exc.strerror} (in the image)", file=sys.stderr)
         return 127
