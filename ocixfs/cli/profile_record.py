@@ -211,10 +211,14 @@ def _report_runs(recording: Recording) -> None:
 
 
 def _write_profile(path: Path, recording: Recording) -> None:
-    from ocixfs.cli.profile import write_output
+    """Atomically (``safefs.write_atomically``): the profile is whole or not there."""
     from ocixfs.mount.profile import encode_profile
+    from ocixfs.safefs import write_atomically
 
-    write_output(path, encode_profile(recording.profile))
+    try:
+        write_atomically(path, encode_profile(recording.profile))
+    except OSError as exc:
+        raise OcixError(f"{path}: cannot write the profile: {exc.strerror}") from None
 
 
 def _summary(path: Path, recording: Recording) -> dict[str, object]:
