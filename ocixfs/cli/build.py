@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ocixfs.build.inputs import DEFAULT_PLATFORM
     from ocixfs.image.format import LATEST_VERSION, SUPPORTED_VERSIONS
     from ocixfs.store.writer import DEFAULT_ZSTD_LEVEL
+    from ocixfs.tools.record import DEFAULT_TIMEOUT
 
     parser.add_argument("source", metavar="SOURCE", help="what to build (see above)")
     parser.add_argument("--store", metavar="DIR", required=True,
@@ -66,6 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker threads for hashing and writing (default: 2 x cores)")
     parser.add_argument("--platform", default=DEFAULT_PLATFORM, metavar="OS/ARCH",
                         help="which image of a multi-platform index (default: %(default)s)")
+    parser.add_argument("--profile-cmd", action="append", default=[], metavar="LINE",
+                        help="after the build, run LINE (with the image's /bin/sh -c) inside "
+                        "the new image and write what it opened to OUTPUT.profile, which "
+                        "mounts play (--prefetch auto); repeatable: the runs are merged. As "
+                        "'ocixfs profile record --strict': a failing LINE fails the build "
+                        "(the image stays, no profile is written). Needs root")
+    parser.add_argument("--profile-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="kill a --profile-cmd still running after SECONDS (default "
+                        "%(default)g)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
 
@@ -76,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ocixfs.build.builder import BuildOptions, build_image
     from ocixfs.progress import format_bytes
 
+    _check_profile_options(args)
     options = BuildOptions(
         format_version=args.format_version,
         chunk_size=args.chunk_size,
@@ -87,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = build_image(args.source, store=Path(args.store), output=Path(args.output),
                           options=options)
+    profile = _record_profile(args)
     if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
+        print(json.dumps(summary.to_json() | ({"profile": profile} if profile else {}),
+                         indent=2))
         return 0
     rate = summary.content_bytes / summary.seconds if summary.seconds > 0 else 0.0
     lines = [
@@ -103,5 +116,32 @@ def run(args: argparse.Namespace) -> int:
     if summary.compressed_bytes:
         lines.append(f"  zstd written    {format_bytes(summary.compressed_bytes)}")
     lines.append(f"  time            {summary.seconds:.2f} s  ({format_bytes(rate)}/s)")
+    if profile:
+        lines.append(f"wrote {profile['profile']} ({profile['files']} files)")
     print("\n".join(lines))
     return 0
+
+
+def _check_profile_options(args: argparse.Namespace) -> None:
+    """The ``--profile-cmd`` mistakes found before the build rather than after it."""
+    import os
+
+    from ocixfs.errors import UsageError
+
+    if args.profile_cmd and os.geteuid() != 0:
+        raise UsageError("--profile-cmd needs root (it mounts in a private namespace)")
+    if not args.profile_timeout > 0:
+        raise UsageError("--profile-timeout must be positive")
+
+
+def _record_profile(args: argparse.Namespace) -> dict[str, object] | None:
+    """``--profile-cmd``: record the new image's profile beside it (see
+    ``ocixfs profile record``); its summary, or None when no command was given."""
+    if not args.profile_cmd:
+        return None
+    from pathlib import Path
+
+    from ocixfs.cli.profile_record import record_after_build
+
+    return record_after_build(Path(args.output), Path(args.store), args.profile_cmd,
+                              args.profile_timeout, output_to_stderr=args.json)

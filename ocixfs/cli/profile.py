@@ -23,10 +23,14 @@ serves version N+1 too.
   ocixfs profile show FILE [--json]       list a profile
   ocixfs profile merge OUT IN [IN ...]    combine runs (e.g. from many hosts), keeping
                                           each path's earliest access
+  ocixfs profile record IMAGE -- CMD      run CMD inside IMAGE, privately, and write
+                                          IMAGE.profile (see 'profile record --help')
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ocixfs.cli.profile_record import add_record_parser
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     save = sub.add_parser(
         "save", help="write the running mount's profile to FILE",
@@ -47,11 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "into OUT: every path any of them opened, at its earliest access time.")
     merge.add_argument("output", type=Path, metavar="OUT", help="where to write the result")
     merge.add_argument("inputs", type=Path, nargs="+", metavar="IN", help="profile files")
+    add_record_parser(sub)
 
 
 def run(args: argparse.Namespace) -> int:
     from ocixfs.mount.profile import Profile, encode_profile, merge
 
+    if args.action == "record":
+        from ocixfs.cli.profile_record import run_record
+
+        return run_record(args)
     if args.action == "save":
         from ocixfs.mount.control import request
 

@@ -19,6 +19,11 @@ Contenders (names used on the command line):
 - ``ocixfs``         ``ocixfs mount`` with a fresh cache and no profile anywhere.
 - ``ocixfs-profile`` ``ocixfs mount --prefetch FILE``, FILE recorded on an earlier run
                      (``--record-profile``) in the same session.
+- ``ocixfs-recorded`` ``ocixfs mount`` (``--prefetch auto``, the default) with a fresh cache
+                     and ``IMAGE.profile`` beside the served manifest, made before the
+                     session by ``ocixfs profile record IMAGE -- WORKLOAD`` (no deployment:
+                     a private mount of the local image and store, its own cache); the file
+                     is removed when the session ends, so other contenders never see it.
 - ``ocixfs-warm``    ``ocixfs mount`` with a cache filled by an earlier run (page cache
                      still dropped).
 """
@@ -355,10 +360,13 @@ class Ocixfs:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.name = {"cold": "ocixfs", "profile": "ocixfs-profile", "warm": "ocixfs-warm"}[mode]
+        self.name = {"cold": "ocixfs", "profile": "ocixfs-profile",
+                     "recorded": "ocixfs-recorded", "warm": "ocixfs-warm"}[mode]
         self.description = {
             "cold": "ocixfs mount, fresh cache, no profile",
             "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run), fresh cache",
+            "recorded": "ocixfs mount --prefetch auto, IMAGE.profile made by 'ocixfs profile "
+                        "record', fresh cache",
             "warm": "ocixfs mount, cache filled by an earlier run",
         }[mode]
         self.needs_ocixfs = True
@@ -387,9 +395,42 @@ class Ocixfs:
                     raise RuntimeError("--record-profile wrote no profile at unmount")
             elif self.mode == "warm":
                 session.run_once()  # fills the cache; not counted
-            yield session
+            if self.mode == "recorded":
+                with recorded_beside(ctx):
+                    yield session
+            else:
+                yield session
+
+
+@contextlib.contextmanager
+def recorded_beside(ctx: SessionContext) -> Iterator[Path]:
+    """``IMAGE.profile`` beside the session's manifest, made by ``ocixfs profile record``
+    of the workload from the local image and store (own cache: the timed runs start
+    empty), and removed at the end so no other contender plays it."""
+    assert ctx.ocix_image is not None and ctx.ocix_store is not None
+    profile = ctx.ocix_image.with_name(ctx.ocix_image.name + ".profile")
+    if profile.exists():
+        raise RuntimeError(f"{profile} exists: left by an interrupted session? remove it")
+    try:
+        run_logged(record_argv(ctx, profile), ctx.log, timeout=WORKLOAD_TIMEOUT + MOUNT_TIMEOUT)
+        if not profile.is_file():
+            raise RuntimeError("ocixfs profile record wrote no profile")
+        yield profile
+    finally:
+        profile.unlink(missing_ok=True)
+
+
+def record_argv(ctx: SessionContext, profile: Path) -> list[str | Path]:
+    """The ``ocixfs profile record`` command of the session's workload (strict: a
+    workload that fails makes no profile)."""
+    assert ctx.ocix_image is not None and ctx.ocix_store is not None
+    return [ctx.ocixfs, "profile", "record", ctx.ocix_image, "--store", ctx.ocix_store,
+            "--cache-dir", ctx.scratch / "record-cache", "-o", profile, "--strict",
+            "--timeout", str(WORKLOAD_TIMEOUT), "--", *ctx.spec.workload.argv]
 
 
 CONTENDERS: dict[str, Contender] = {
-    c.name: c for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("profile"), Ocixfs("warm"))
+    c.name: c
+    for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("profile"), Ocixfs("recorded"),
+              Ocixfs("warm"))
 }
