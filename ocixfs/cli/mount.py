@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ocixfs.config import CacheQuota, FetchConfig
-    from ocixfs.image.loading import LoadedImage
+    from ocixfs.image.loading import PinnedBytes
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
     from ocixfs.mount.profile import Profile
@@ -212,7 +212,7 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
     stores: Sequence[StoreSpec],
-) -> tuple[LoadedImage, Tree, Profile | None]:
+) -> tuple[PinnedBytes, Tree, Profile | None]:
     """The image, its inode tree and the profile to play. Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
     stores are probed in a third, while this thread imports what the daemon will need.
@@ -226,7 +226,7 @@ def _load(
         _held_warnings("ocixfs.mount.profile") as release,
         ThreadPoolExecutor(max_workers=2 + len(stores), thread_name_prefix="ocixfs-load") as pool,
     ):
-        loading = pool.submit(_load_tree, source, digest, fetch)
+        loading = pool.submit(_load_tree, source, digest, fetch, cache_dir)
         beside = (pool.submit(profile_beside, source, fetch)
                   if prefetch in ("auto", "all") else None)
         probes = [pool.submit(_probe_store, store, fetch) for store in stores]
@@ -279,12 +279,14 @@ def _held_warnings(logger_name: str) -> Iterator[Callable[[], None]]:
         logger.removeFilter(hold)
 
 
-def _load_tree(source: str, digest: str | None, fetch: FetchConfig) -> tuple[LoadedImage, Tree]:
-    from ocixfs.image.loading import load_image
-    from ocixfs.image.tree import Tree
+def _load_tree(
+    source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path
+) -> tuple[PinnedBytes, Tree]:
+    from ocixfs.cache.index import load_tree
+    from ocixfs.image.loading import read_pinned
 
-    image = load_image(source, expected_digest=digest, http=fetch)
-    return image, Tree.from_manifest(image.manifest)
+    image = read_pinned(source, expected_digest=digest, http=fetch)
+    return image, load_tree(image.data, image.digest, cache_dir, source=image.name)
 
 
 def _import_daemon_modules() -> None:

@@ -20,12 +20,14 @@ from ocixfs.image.format import DEFAULT_LIMITS, Limits, Manifest, decode, manife
 
 __all__ = [
     "LoadedImage",
+    "PinnedBytes",
     "check_digest",
     "is_url",
     "load_image",
     "open_regular",
     "read_limited",
     "read_manifest_bytes",
+    "read_pinned",
 ]
 
 
@@ -115,6 +117,26 @@ def load_image(
 ) -> LoadedImage:
     """Read, pin and decode an image; every failure is a one-line ``OcixError`` (a URL's
     credentials never appear in it)."""
+    pinned = read_pinned(source, expected_digest=expected_digest, http=http)
+    return LoadedImage(source=source, digest=pinned.digest,
+                       manifest=decode(pinned.data, source=pinned.name))
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedBytes:
+    """A manifest's raw bytes, not decoded yet: ``name`` (for messages, no credentials),
+    ``digest`` (``b3:<hex>``, checked against the one expected) and ``data``."""
+
+    name: str
+    digest: str
+    data: bytes
+
+
+def read_pinned(
+    source: str, *, expected_digest: str | None = None, http: FetchConfig = DEFAULT_FETCH_CONFIG
+) -> PinnedBytes:
+    """Read a manifest's bytes and check their digest (``FormatError`` if another one was
+    expected); the first half of ``load_image``."""
     from ocixfs.http import redact
 
     if expected_digest is not None:
@@ -125,5 +147,4 @@ def load_image(
     if expected_digest is not None and not hmac.compare_digest(digest, expected_digest):
         raise FormatError(f"{shown}: digest is {digest}, expected {expected_digest}")
     name = shown if is_url(source) else os.path.basename(source) or source
-    return LoadedImage(source=source, digest=digest, manifest=decode(data, source=name))
-
+    return PinnedBytes(name=name, digest=digest, data=data)
