@@ -64,8 +64,10 @@ MAGIC = b"OCIXIDX\n"
 FORMAT_VERSION = 1
 KEEP_INDEXES = 32
 SUFFIX = ".index"
-# magic, format version, pack version, byte order, ocixfs version, digest, length, BLAKE3
-_HEADER = struct.Struct("<8sIIB7x16s32sQ32s")
+# magic, format version, pack version, byte order, zeros, ocixfs version, digest, payload
+# length, BLAKE3 of the payload
+_HEADER = struct.Struct("<8sIIB7s16s32sQ32s")
+_RESERVED = bytes(7)
 _BYTE_ORDER = 1 if sys.byteorder == "little" else 2
 _BUILD = __version__.encode()[:16]
 _MAX_INDEX_BYTES = 1 << 32
@@ -149,13 +151,13 @@ def _payload(data: bytes, digest: str) -> memoryview:
     """The payload of an index file's bytes, once the header matched (module doc)."""
     if len(data) < _HEADER.size:
         raise FormatError("index: truncated header")
-    magic, version, pack_version, order, build, raw_digest, length, checksum = (
+    magic, version, pack_version, order, reserved, build, raw_digest, length, checksum = (
         _HEADER.unpack_from(data))
     if magic != MAGIC:
         raise FormatError("index: not an index file")
     build = build.rstrip(b"\0")
-    if (version, pack_version, order, build) != (
-            FORMAT_VERSION, PACK_VERSION, _BYTE_ORDER, _BUILD):
+    if (version, pack_version, order, reserved, build) != (
+            FORMAT_VERSION, PACK_VERSION, _BYTE_ORDER, _RESERVED, _BUILD):
         shown = build.decode(errors="replace")
         raise FormatError(f"index: written by another version ({version}/{pack_version}/"
                           f"{shown})")
@@ -170,7 +172,7 @@ def _payload(data: bytes, digest: str) -> memoryview:
 
 
 def _index_file(digest: str, payload: bytes) -> bytes:
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, PACK_VERSION, _BYTE_ORDER, _BUILD,
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, PACK_VERSION, _BYTE_ORDER, _RESERVED, _BUILD,
                           bytes.fromhex(digest.removeprefix("b3:")), len(payload),
                           blake3.blake3(payload).digest())
     return header + payload

@@ -42,7 +42,7 @@ from ocixfs.image.format import (
 )
 from ocixfs.image.tree import ROOT_INO, Node, Tree, TreeTotals
 
-__all__ = ["PACK_VERSION", "pack", "unpack"]
+__all__ = ["PACK_VERSION", "pack", "read_columns", "serialize", "unpack"]
 
 PACK_VERSION = 1
 
@@ -178,7 +178,12 @@ def pack(tree: Tree) -> bytes:
     packer = _Packer(list(tree.iter_nodes()))
     totals = tree.totals
     packer.put("counts", [getattr(totals, name) for name in _COUNTS])
-    columns = [packer.columns[name] for name, _ in _FIELDS]
+    return serialize(packer.columns)
+
+
+def serialize(columns_by_name: dict[str, array[int]]) -> bytes:
+    """The payload of named columns (``pack``'s last step; ``unpack`` reads it back)."""
+    columns = [columns_by_name[name] for name, _ in _FIELDS]
     out = bytearray(_HEAD.pack(len(columns)))
     for column in columns:
         out += _SECTION.pack(ord(column.typecode), len(column))
@@ -200,12 +205,13 @@ def _pad(out: bytearray) -> None:
 def unpack(payload: bytes | memoryview) -> Tree:
     """A lazy ``Tree`` from ``pack``'s bytes; ``FormatError`` (one line) if they are not a
     consistent packed tree."""
-    columns = _read_columns(memoryview(payload))
+    columns = read_columns(memoryview(payload))
     _check(columns)
     return _Unpacked(columns).tree
 
 
-def _read_columns(view: memoryview) -> dict[str, array[int]]:
+def read_columns(view: memoryview) -> dict[str, array[int]]:
+    """The named columns of a payload, unchecked (``unpack`` checks them)."""
     if len(view) < _HEAD.size:
         raise FormatError("index: truncated")
     (count,) = _HEAD.unpack_from(view)
