@@ -5,6 +5,7 @@
     CACHE/blobs/<2 hex>/<64 hex>    verified blobs; atime = last use (set by ocixfs)
     CACHE/tmp/<hex>.<pid>.<random>  fills in progress, flock()ed by their writer
     CACHE/profiles/<hex>.profile    access profiles recorded on this host
+    CACHE/index/<hex>.index         inode tables of images loaded here (``cache.index``)
     CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
     CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
 
@@ -34,6 +35,7 @@ from ocixfs.errors import CacheError, CacheFullError
 __all__ = [
     "BLOBS",
     "EVICT_LOCK",
+    "INDEX",
     "PROFILES",
     "TMP",
     "USAGE_FILE",
@@ -53,6 +55,7 @@ __all__ = [
 BLOBS = "blobs"
 TMP = "tmp"
 PROFILES = "profiles"
+INDEX = "index"
 USAGE_FILE = "usage"
 EVICT_LOCK = "evict.lock"
 

@@ -298,20 +298,23 @@ def _same_directory(reported: str, root: Path) -> bool:
 
 def _fsck(directory: CacheDirectory, *, threads: int, dry_run: bool, as_json: bool) -> int:
     from ocixfs.cache.fsck import check
-    from ocixfs.cache.layout import scan_blobs
+    from ocixfs.cache.index import check_indexes
+    from ocixfs.cache.layout import cache_errors, scan_blobs
     from ocixfs.progress import Progress, format_bytes
 
     total = scan_blobs(directory.blobs).bytes
     with Progress("fsck", total=total) as progress:
         report = check(directory, threads=threads, progress=progress.advance, remove=not dry_run)
+    with cache_errors("checking image indexes"):
+        indexes = check_indexes(directory.root, remove=not dry_run)
     rate = report.bytes / report.seconds if report.seconds > 0 else 0.0
-    problems = len(report.bad) + len(report.strays)
+    problems = len(report.bad) + len(report.strays) + len(indexes.bad)
     if as_json:
         print(json.dumps({
             "blobs": report.blobs, "bytes": report.bytes, "bad": list(report.bad),
             "strays": list(report.strays), "removed": report.removed,
             "tmp_removed": report.tmp_removed, "seconds": round(report.seconds, 3),
-            "dry_run": dry_run,
+            "dry_run": dry_run, "indexes": indexes.good, "bad_indexes": list(indexes.bad),
         }, indent=2, sort_keys=True))
     else:
         for name in report.bad:
@@ -326,6 +329,8 @@ def _fsck(directory: CacheDirectory, *, threads: int, dry_run: bool, as_json: bo
         print(f"  stray files         {_count_or_none(len(report.strays), fate)}"
               f"{' (not named like a blob, or in the wrong directory)' if report.strays else ''}")
         print(f"  interrupted fills   {_count_or_none(report.tmp_removed, 'removed')}")
+        print(f"  bad image indexes   {_count_or_none(len(indexes.bad), fate)}"
+              f"{' (the next mount rebuilds them)' if indexes.bad else ''}")
     return 1 if problems else 0
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ocixfs.config import CacheQuota, FetchConfig
-    from ocixfs.image.loading import LoadedImage
+    from ocixfs.image.loading import PinnedBytes
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
     from ocixfs.mount.profile import Profile
@@ -220,7 +220,7 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
     stores: Sequence[StoreSpec], *, tls_verify: bool,
-) -> tuple[LoadedImage, Tree, Profile | None, tuple[StoreSpec, ...]]:
+) -> tuple[PinnedBytes, Tree, Profile | None, tuple[StoreSpec, ...]]:
     """The image, its inode tree and the profile to play. Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
     stores are probed in a third, while this thread imports what the daemon will need.
@@ -238,11 +238,11 @@ def _load(
         ThreadPoolExecutor(max_workers=2 + len(stores), thread_name_prefix="ocixfs-load") as pool,
     ):
         if is_registry_ref(source):
-            loading = pool.submit(_load_registry_tree, source, digest, fetch, stores,
-                                  tls_verify)
+            loading = pool.submit(_load_registry_tree, source, digest, fetch, cache_dir,
+                                  stores, tls_verify)
             beside = None
         else:
-            loading = pool.submit(_load_tree, source, digest, fetch, stores)
+            loading = pool.submit(_load_tree, source, digest, fetch, cache_dir, stores)
             beside = (pool.submit(profile_beside, source, fetch)
                       if prefetch in ("auto", "all") else None)
         probes = [pool.submit(_probe_store, store, fetch) for store in stores]
@@ -296,24 +296,27 @@ def _held_warnings(logger_name: str) -> Iterator[Callable[[], None]]:
 
 
 def _load_tree(
-    source: str, digest: str | None, fetch: FetchConfig, stores: Sequence[StoreSpec]
-) -> tuple[LoadedImage, Tree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.image.loading import load_image
-    from ocixfs.image.tree import Tree
+    source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
+    stores: Sequence[StoreSpec],
+) -> tuple[PinnedBytes, Tree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.cache.index import load_tree
+    from ocixfs.image.loading import read_pinned
 
-    image = load_image(source, expected_digest=digest, http=fetch)
-    return image, Tree.from_manifest(image.manifest), None, stores
+    image = read_pinned(source, expected_digest=digest, http=fetch)
+    return image, load_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
 
 
 def _load_registry_tree(
-    source: str, digest: str | None, fetch: FetchConfig, stores: Sequence[StoreSpec],
-    tls_verify: bool,
-) -> tuple[LoadedImage, Tree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.image.tree import Tree
+    source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
+    stores: Sequence[StoreSpec], tls_verify: bool,
+) -> tuple[PinnedBytes, Tree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.cache.index import load_tree
     from ocixfs.mount.fromregistry import load_from_registry
 
     loaded = load_from_registry(source, digest, fetch, stores, tls_verify=tls_verify)
-    return loaded.image, Tree.from_manifest(loaded.image.manifest), loaded.profile, loaded.stores
+    image = loaded.image
+    tree = load_tree(image.data, image.digest, cache_dir, source=image.name)
+    return image, tree, loaded.profile, loaded.stores
 
 
 def _import_daemon_modules() -> None:

@@ -20,13 +20,17 @@ from ocixfs.image.format import DEFAULT_LIMITS, Limits, Manifest, decode, manife
 
 __all__ = [
     "LoadedImage",
+    "PinnedBytes",
     "check_digest",
+    "decoded",
     "image_from_bytes",
     "is_url",
     "load_image",
     "open_regular",
+    "pin",
     "read_limited",
     "read_manifest_bytes",
+    "read_pinned",
 ]
 
 
@@ -116,16 +120,47 @@ def load_image(
 ) -> LoadedImage:
     """Read, pin and decode an image; every failure is a one-line ``OcixError`` (a URL's
     credentials never appear in it)."""
-    if expected_digest is not None:
-        expected_digest = check_digest(expected_digest)  # before any download
-    return image_from_bytes(read_manifest_bytes(source, http=http), source,
-                            expected_digest=expected_digest)
+    return decoded(read_pinned(source, expected_digest=expected_digest, http=http))
 
 
 def image_from_bytes(
     data: bytes, source: str, *, expected_digest: str | None = None
 ) -> LoadedImage:
     """Pin and decode manifest bytes read from ``source`` (as ``load_image`` does)."""
+    return decoded(pin(data, source, expected_digest=expected_digest))
+
+
+def decoded(pinned: PinnedBytes) -> LoadedImage:
+    """The manifest ``pinned`` holds, decoded and validated."""
+    return LoadedImage(source=pinned.source, digest=pinned.digest,
+                       manifest=decode(pinned.data, source=pinned.name))
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedBytes:
+    """A manifest's raw bytes, not decoded yet: ``source`` (as the user named it),
+    ``name`` (for messages, no credentials), ``digest`` (``b3:<hex>``, checked against
+    the one expected) and ``data``."""
+
+    source: str
+    name: str
+    digest: str
+    data: bytes
+
+
+def read_pinned(
+    source: str, *, expected_digest: str | None = None, http: FetchConfig = DEFAULT_FETCH_CONFIG
+) -> PinnedBytes:
+    """Read a manifest's bytes and check their digest (``FormatError`` if another one was
+    expected); the first half of ``load_image``."""
+    if expected_digest is not None:
+        expected_digest = check_digest(expected_digest)  # before any download
+    return pin(read_manifest_bytes(source, http=http), source, expected_digest=expected_digest)
+
+
+def pin(data: bytes, source: str, *, expected_digest: str | None = None) -> PinnedBytes:
+    """Manifest bytes read from ``source`` with their digest, checked against
+    ``expected_digest`` (``FormatError`` if it differs)."""
     from ocixfs.http import redact
 
     if expected_digest is not None:
@@ -135,5 +170,4 @@ def image_from_bytes(
     if expected_digest is not None and not hmac.compare_digest(digest, expected_digest):
         raise FormatError(f"{shown}: digest is {digest}, expected {expected_digest}")
     name = shown if is_url(source) else os.path.basename(source) or source
-    return LoadedImage(source=source, digest=digest, manifest=decode(data, source=name))
-
+    return PinnedBytes(source=source, name=name, digest=digest, data=data)

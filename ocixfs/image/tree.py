@@ -12,6 +12,10 @@ Names are the bytes FUSE speaks: a path's components are encoded as UTF-8 with
 ``surrogateescape`` (what ``os.fsencode`` does on Linux). A directory lists its children
 sorted bytewise, so a position in that list is a stable ``readdir`` offset.
 
+A tree can also be unpacked from the host's index of an image (``image.packed``): its
+nodes are then made on first use (``Tree.get``, a directory's ``children``), each exactly
+as ``from_manifest`` would have made it.
+
 The tree never does I/O and never changes after it is built. It re-checks only what it
 relies on (absolute paths with usable names, parents that are directories, hardlinks that
 name a regular file) and raises ``FormatError`` otherwise; full validation is ``decode``'s job.
@@ -21,11 +25,11 @@ from __future__ import annotations
 
 import gc
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from os import makedev
 from types import MappingProxyType
+from typing import cast
 
 from ocixfs.errors import FormatError
 from ocixfs.image.format import Chunk, Entry, Kind, Manifest
@@ -74,11 +78,13 @@ class Node:
     Attributes: ``ino``; ``kind`` (never ``Kind.HARDLINK``: a hardlink's name leads to the
     node of the file it names); ``entry`` (for an implicit directory, a synthetic one);
     ``path`` (the canonical path, for profiles and log lines); ``parent`` (the root is its
-    own parent); ``nlink``; ``children`` (name → node, ``None`` unless a directory).
+    own parent); ``nlink``; ``children`` (name → node, ``None`` unless a directory; a
+    node unpacked from an index fills it on first use through ``unfold``).
     The ``st_*``-like properties derive the stat data from the entry.
     """
 
-    __slots__ = ("ino", "kind", "entry", "path", "parent", "nlink", "children", "_listing")
+    __slots__ = ("ino", "kind", "entry", "path", "parent", "nlink", "_children", "_listing",
+                 "unfold")
 
     ino: int
     kind: Kind
@@ -86,8 +92,9 @@ class Node:
     path: str
     parent: Node
     nlink: int
-    children: dict[str, Node] | None
+    _children: dict[str, Node] | None
     _listing: tuple[tuple[bytes, Node], ...] | None
+    unfold: Callable[[Node], dict[str, Node]] | None
 
     def __init__(self, ino: int, entry: Entry, path: str, parent: Node | None) -> None:
         self.ino = ino
@@ -97,24 +104,34 @@ class Node:
         self.parent = self if parent is None else parent
         if entry.kind is _DIRECTORY:
             self.nlink = 2
-            self.children = {}
+            self._children = {}
         else:
             self.nlink = 1
-            self.children = None
+            self._children = None
         self._listing = None
+        self.unfold = None
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.kind.name} {self.path!r}>"
 
     @property
+    def children(self) -> dict[str, Node] | None:
+        """Name → node for a directory (hardlink names lead to their file's node)."""
+        if self.unfold is not None:
+            unfold, self.unfold = self.unfold, None
+            self._children = unfold(self)
+        return self._children
+
+    @property
     def is_dir(self) -> bool:
-        return self.children is not None
+        return self.kind is _DIRECTORY
 
     def child(self, name: bytes) -> Node | None:
         """The node called ``name`` in this directory (``.`` and ``..`` included), or None."""
-        if self.children is None:
+        children = self.children
+        if children is None:
             return None
-        found = self.children.get(_fsdecode(name))
+        found = children.get(_fsdecode(name))
         if found is None:
             if name == b".":
                 return self
@@ -231,11 +248,26 @@ class TreeTotals:
 
 
 class Tree:
-    """An image's inodes; build with ``Tree.from_manifest``. Immutable once built."""
+    """An image's inodes; build with ``Tree.from_manifest`` (or ``image.packed.unpack``).
+    Immutable once built.
 
-    def __init__(self, nodes: list[Node], by_path: dict[str, Node]) -> None:
+    ``nodes`` holds every inode in order; a lazily unpacked tree holds ``None`` for the
+    ones not made yet, and ``fill(ino)`` makes one (and files it in ``nodes``).
+    ``entry_count`` counts names (every hardlink name, each implicit directory).
+    """
+
+    def __init__(
+        self,
+        nodes: list[Node | None],
+        *,
+        entry_count: int,
+        fill: Callable[[int], Node] | None = None,
+        totals: TreeTotals | None = None,
+    ) -> None:
         self._nodes = nodes
-        self._by_path = by_path
+        self._entry_count = entry_count
+        self._fill = fill
+        self._totals = totals
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> Tree:
@@ -244,7 +276,9 @@ class Tree:
 
     @property
     def root(self) -> Node:
-        return self._nodes[0]
+        root = self.get(ROOT_INO)
+        assert root is not None  # a tree always has its root
+        return root
 
     @property
     def inode_count(self) -> int:
@@ -253,17 +287,32 @@ class Tree:
     @property
     def entry_count(self) -> int:
         """Names, counting every hardlink name and each implicit directory."""
-        return len(self._by_path)
+        return self._entry_count
 
     def get(self, ino: int) -> Node | None:
         """The node with inode number ``ino``, or None."""
         if ino < ROOT_INO or ino > len(self._nodes):
             return None
-        return self._nodes[ino - ROOT_INO]
+        node = self._nodes[ino - ROOT_INO]
+        if node is None and self._fill is not None:
+            node = self._fill(ino)
+        return node
 
     def node_by_path(self, path: str) -> Node | None:
-        """The node an absolute path names (a hardlink's path gives its target's node)."""
-        return self._by_path.get(path)
+        """The node an absolute path names (a hardlink's path gives its target's node);
+        None unless ``path`` is canonical and exists."""
+        node = self.root
+        if path == "/":
+            return node
+        if not path.startswith("/"):
+            return None
+        for name in path[1:].split("/"):
+            children = node.children
+            found = None if children is None else children.get(name)
+            if found is None:
+                return None
+            node = found
+        return node
 
     def path_of(self, ino: int) -> str:
         """The canonical path of inode ``ino``; ``KeyError`` when there is no such inode."""
@@ -273,18 +322,27 @@ class Tree:
         return node.path
 
     def iter_nodes(self) -> Iterator[Node]:
-        """Every inode once, in inode order."""
-        return iter(self._nodes)
+        """Every inode once, in inode order (an unpacked tree makes them all first)."""
+        if self._fill is not None:
+            for ino in range(ROOT_INO, len(self._nodes) + ROOT_INO):
+                self.get(ino)
+            self._fill = None
+        return iter(cast(list[Node], self._nodes))
 
     def iter_files(self) -> Iterator[Node]:
         """Every regular file once (hardlink groups once), in inode order."""
-        return (node for node in self._nodes if node.kind is _REGULAR)
+        return (node for node in self.iter_nodes() if node.kind is _REGULAR)
 
-    @cached_property
+    @property
     def totals(self) -> TreeTotals:
+        if self._totals is None:
+            self._totals = self._count()
+        return self._totals
+
+    def _count(self) -> TreeTotals:
         files = directories = size = 0
         blob_sizes: dict[bytes, int] = {}
-        for node in self._nodes:
+        for node in self.iter_nodes():
             kind = node.kind
             if kind is _REGULAR:
                 entry = node.entry
@@ -298,7 +356,7 @@ class Tree:
             elif kind is _DIRECTORY:
                 directories += 1
         return TreeTotals(
-            entries=len(self._by_path),
+            entries=self._entry_count,
             inodes=len(self._nodes),
             directories=directories,
             files=files,
@@ -346,9 +404,7 @@ class _Builder:
         finally:
             if collecting:
                 gc.enable()
-        root = self._by_path.pop("")
-        self._by_path["/"] = root
-        return Tree(self._nodes, self._by_path)
+        return Tree(cast(list[Node | None], self._nodes), entry_count=len(self._by_path))
 
     def _add_all(self) -> None:
         nodes, by_path = self._nodes, self._by_path
@@ -362,7 +418,7 @@ class _Builder:
             parent = by_path.get(parent_path)
             if (
                 parent is None
-                or parent.children is None
+                or parent._children is None
                 or not slash
                 or name in _BAD_NAMES
                 or path in by_path
@@ -371,7 +427,7 @@ class _Builder:
                 continue
             node = Node(len(nodes) + ROOT_INO, entry, path, parent)
             nodes.append(node)
-            parent.children[name] = node
+            parent._children[name] = node
             if kind is _DIRECTORY:
                 parent.nlink += 1
             by_path[path] = node
@@ -433,7 +489,7 @@ class _Builder:
 
     @staticmethod
     def _attach(parent: Node, name: str, node: Node) -> None:
-        assert parent.children is not None
-        parent.children[name] = node
+        assert parent._children is not None
+        parent._children[name] = node
         if node.kind is _DIRECTORY:
             parent.nlink += 1

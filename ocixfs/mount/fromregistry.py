@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from ocixfs.config import FetchConfig
 from ocixfs.errors import FormatError
 from ocixfs.image.format import DEFAULT_LIMITS
-from ocixfs.image.loading import LoadedImage, image_from_bytes
+from ocixfs.image.loading import PinnedBytes, pin
 from ocixfs.mount.profile import MAX_PROFILE_BYTES, Profile, decode_profile
 from ocixfs.store.registry import fetch_image
 from ocixfs.store.registryauth import with_login
@@ -38,7 +38,7 @@ class RegistryLoad:
     """An image read from a registry, its profile (None: none or unusable), and the
     stores to mount with (the image's own reference pinned)."""
 
-    image: LoadedImage
+    image: PinnedBytes
     profile: Profile | None
     stores: tuple[StoreSpec, ...]
 
@@ -51,7 +51,7 @@ def load_from_registry(
     ``UsageError`` (one line each)."""
     store = with_login(parse_registry_ref(source, "IMAGE"), tls_verify=tls_verify)
     fetched = fetch_image(store, fetch, DEFAULT_LIMITS.max_bytes, MAX_PROFILE_BYTES)
-    image = image_from_bytes(fetched.manifest, source, expected_digest=digest)
+    image = pin(fetched.manifest, source, expected_digest=digest)
     profile = None
     if fetched.profile is not None:
         try:

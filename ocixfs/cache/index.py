@@ -1,0 +1,256 @@
+"""The host's index of the images it has loaded: an image seen before loads in milliseconds.
+
+``load_tree(data, digest, cache_dir)`` is the one way a mount turns manifest bytes into
+its inode tree. The first time, the manifest is decoded and validated in full and the
+tree built (``image.format``, ``image.tree``); the tree is then packed
+(``image.packed``) and kept as ``CACHE/index/<hex of the manifest digest>.index``. The
+next load of the same bytes (the digest is their BLAKE3, computed anyway to pin them)
+unpacks that file instead: no decode, no validation, nodes made on first use.
+
+The file is trusted only as far as it is checked, and a file that fails a check is
+rebuilt from the manifest, never used: it must be a regular file (opened with
+``O_NOFOLLOW | O_NONBLOCK``: no symlink, FIFO or device) owned by this user, in the
+cache's private ``index/`` directory (``safefs.private_directory``); its header must
+carry the magic, this build's format and pack versions, the byte order, and the
+manifest digest asked for; its payload must have the length and BLAKE3 the header
+states, and ``image.packed.unpack`` checks every index in it. Writers go through
+``safefs.write_atomically`` (a random ``O_EXCL`` name, then ``rename``), so readers see
+a whole file or none, whoever wins a race.
+
+Bounded by count: after writing one, the least recently used files beyond
+``KEEP_INDEXES`` are removed (a load touches its file's mtime). ``ocixfs cache fsck``
+checks each file the same way and removes bad ones and strays (``check_indexes``).
+
+Nothing here fails a load: an unusable cache or index is logged and the manifest decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import logging
+import os
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from ocixfs import __version__
+from ocixfs.cache.layout import INDEX
+from ocixfs.errors import FormatError, UnsafePathError
+from ocixfs.image.format import decode
+from ocixfs.image.packed import PACK_VERSION, pack, unpack
+from ocixfs.image.tree import Tree
+from ocixfs.safefs import private_directory, write_atomically
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KEEP_INDEXES",
+    "LOADS",
+    "IndexCheck",
+    "check_indexes",
+    "index_path",
+    "load_tree",
+    "read_index",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"OCIXIDX\n"
+FORMAT_VERSION = 1
+KEEP_INDEXES = 32
+SUFFIX = ".index"
+# magic, format version, pack version, byte order, zeros, ocixfs version, digest, payload
+# length, BLAKE3 of the payload
+_HEADER = struct.Struct("<8sIIB7s16s32sQ32s")
+_RESERVED = bytes(7)
+_BYTE_ORDER = 1 if sys.byteorder == "little" else 2
+_BUILD = __version__.encode()[:16]
+_MAX_INDEX_BYTES = 1 << 32
+
+
+@dataclass(slots=True)
+class Loads:
+    """What ``load_tree`` did in this process: trees from an index, from the manifest,
+    and indexes refused (each then rebuilt)."""
+
+    from_index: int = 0
+    from_manifest: int = 0
+    refused: int = 0
+
+
+LOADS = Loads()
+
+
+def index_path(cache_dir: Path, digest: str) -> Path:
+    """Where the index of the manifest with ``digest`` (``b3:<hex>``) lives."""
+    return cache_dir / INDEX / f"{digest.removeprefix('b3:')}{SUFFIX}"
+
+
+def load_tree(data: bytes, digest: str, cache_dir: Path | None, *, source: str) -> Tree:
+    """The inode tree of the manifest ``data`` whose digest is ``digest`` (the caller
+    computed it from ``data``): from this host's index when it has a good one, else
+    decoded and validated (``FormatError`` names ``source``) and then indexed.
+    ``cache_dir`` None: no index."""
+    directory = _index_directory(cache_dir, create=False)
+    if directory is not None:
+        path = directory / index_path(Path(), digest).name
+        try:
+            tree = read_index(path, digest)
+        except FileNotFoundError:
+            tree = None
+        except (OSError, FormatError, UnsafePathError) as exc:
+            LOADS.refused += 1
+            log.info("index %s not used (%s); rebuilding it from the manifest", path, exc)
+            tree = None
+        if tree is not None:
+            LOADS.from_index += 1
+            with contextlib.suppress(OSError):
+                os.utime(path, follow_symlinks=False)
+            return tree
+    tree = Tree.from_manifest(decode(data, source=source))
+    LOADS.from_manifest += 1
+    if cache_dir is not None:
+        _write_index(cache_dir, digest, tree)
+    return tree
+
+
+def read_index(path: Path, digest: str) -> Tree:
+    """The tree in the index file ``path`` if every check passes (module doc); raises
+    ``FileNotFoundError``, ``OSError``, ``UnsafePathError`` or ``FormatError``."""
+    fd = _open_index(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > _MAX_INDEX_BYTES:
+            raise FormatError(f"index: {size} bytes")
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    return unpack(_payload(data, digest))
+
+
+def _open_index(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(f"{path} is a symlink") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UnsafePathError(f"{path}: not a regular file of uid {os.geteuid()}")
+    return fd
+
+
+def _payload(data: bytes, digest: str) -> memoryview:
+    """The payload of an index file's bytes, once the header matched (module doc)."""
+    if len(data) < _HEADER.size:
+        raise FormatError("index: truncated header")
+    magic, version, pack_version, order, reserved, build, raw_digest, length, checksum = (
+        _HEADER.unpack_from(data))
+    if magic != MAGIC:
+        raise FormatError("index: not an index file")
+    build = build.rstrip(b"\0")
+    if (version, pack_version, order, reserved, build) != (
+            FORMAT_VERSION, PACK_VERSION, _BYTE_ORDER, _RESERVED, _BUILD):
+        shown = build.decode(errors="replace")
+        raise FormatError(f"index: written by another version ({version}/{pack_version}/"
+                          f"{shown})")
+    if raw_digest.hex() != digest.removeprefix("b3:"):
+        raise FormatError(f"index: of another manifest (b3:{raw_digest.hex()})")
+    payload = memoryview(data)[_HEADER.size:]
+    if len(payload) != length:
+        raise FormatError(f"index: {len(payload)} bytes of payload, header says {length}")
+    if not hmac.compare_digest(blake3.blake3(payload).digest(), checksum):
+        raise FormatError("index: checksum mismatch")
+    return payload
+
+
+def _index_file(digest: str, payload: bytes) -> bytes:
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, PACK_VERSION, _BYTE_ORDER, _RESERVED, _BUILD,
+                          bytes.fromhex(digest.removeprefix("b3:")), len(payload),
+                          blake3.blake3(payload).digest())
+    return header + payload
+
+
+def _index_directory(cache_dir: Path | None, *, create: bool) -> Path | None:
+    """``CACHE/index`` once checked private (made if ``create``), or None when there is
+    none or it is unusable (logged)."""
+    if cache_dir is None:
+        return None
+    directory = cache_dir / INDEX
+    if not create and not os.path.isdir(directory):
+        return None
+    try:
+        if create:
+            private_directory(cache_dir, what="cache directory")
+        return private_directory(directory, what="cache index directory")
+    except (OSError, UnsafePathError) as exc:
+        log.warning("not using the image index in %s: %s", directory, exc)
+        return None
+
+
+def _write_index(cache_dir: Path, digest: str, tree: Tree) -> None:
+    """Pack and store ``tree`` (atomically), then trim the directory; failures are logged."""
+    directory = _index_directory(cache_dir, create=True)
+    if directory is None:
+        return
+    try:
+        write_atomically(directory / index_path(Path(), digest).name,
+                         _index_file(digest, pack(tree)), mode=0o600)
+        _trim(directory)
+    except OSError as exc:
+        log.warning("cannot write the image index in %s: %s", directory, exc.strerror)
+
+
+def _trim(directory: Path) -> None:
+    """Remove the least recently used indexes beyond ``KEEP_INDEXES``."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
+                found.append((entry.stat(follow_symlinks=False).st_mtime, entry.path))
+    found.sort(reverse=True)
+    for _, path in found[KEEP_INDEXES:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexCheck:
+    """``check_indexes``: index files that passed, and files that did not (bad indexes,
+    anything else in ``index/``; removed unless a dry run)."""
+
+    good: int
+    bad: tuple[str, ...]
+
+
+def check_indexes(cache_dir: Path, *, remove: bool = True) -> IndexCheck:
+    """Check every file in ``CACHE/index`` as a load would (its name gives the digest);
+    remove those that fail, and leftover temporary files. Raises ``OSError``."""
+    directory = cache_dir / INDEX
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        return IndexCheck(0, ())
+    good, bad = 0, []
+    with os.scandir(directory) as entries:
+        names = [entry.name for entry in entries]
+    for name in sorted(names):
+        path = directory / name
+        try:
+            if not name.endswith(SUFFIX):
+                raise FormatError("not an index")
+            read_index(path, "b3:" + name.removesuffix(SUFFIX))
+            good += 1
+        except (OSError, FormatError, UnsafePathError):
+            bad.append(str(path))
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        continue  # a directory there is only reported
+                    os.unlink(path)
+    return IndexCheck(good, tuple(bad))
