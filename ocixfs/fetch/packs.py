@@ -89,10 +89,12 @@ class _Stream:
         self._started = trio.current_time()
 
     async def take(self, limit: int) -> bytes:
-        """At most ``limit`` (> 0) bytes; raises ``AttemptFailed`` (``TRUNCATED``) at the end."""
+        """At most ``limit`` (> 0) bytes. Raises ``AttemptFailed``: ``TRUNCATED`` at the
+        end, or whatever reading the body failed with."""
         if not self._buffer:
             try:
-                self._buffer = await anext(self._pieces)
+                with attempt_errors():
+                    self._buffer = await anext(self._pieces)
             except StopAsyncIteration:
                 raise AttemptFailed(FailureKind.TRUNCATED, "pack ends early") from None
             self._received += len(self._buffer)
@@ -241,26 +243,41 @@ class PackPlayer:
         published by tasks of their own (at most ``_COMMITS_AHEAD`` at once), so the
         stream keeps flowing while the cache hashes and syncs."""
         slots = trio.Semaphore(_COMMITS_AHEAD)
+        failure: AttemptFailed | None = None
         async with trio.open_nursery() as committing:
-            while entries:
-                entry = entries[0]
-                chunk = planned[entry.digest]
-                if not self._fetcher.carries(chunk, carrier):
-                    await stream.exactly(entry.stored)
-                    entries.popleft()
-                    continue
-                await slots.acquire()
-                try:
-                    received = await self._receive(stream, entry, chunk)
-                except BaseException:
-                    slots.release()
-                    raise
-                entries.popleft()
-                if isinstance(received, str):
-                    slots.release()
-                    self._refuse(chunk, carrier, received)
-                else:
-                    committing.start_soon(self._commit, received, carrier, source, slots)
+            try:
+                while entries:
+                    await self._next_entry(stream, entries, planned, carrier, slots,
+                                           lambda received: committing.start_soon(
+                                               self._commit, received, carrier, source, slots))
+            except AttemptFailed as exc:  # raised here, not as a group from the nursery
+                failure = exc
+        if failure is not None:
+            raise failure
+
+    async def _next_entry(self, stream: _Stream, entries: deque[PackEntry],
+                          planned: dict[bytes, Chunk], carrier: Carrier,
+                          slots: trio.Semaphore, commit: Callable[[_Received], None]) -> None:
+        """Receive (or skip) the first of ``entries`` and take it off; ``commit`` it when
+        its bytes are in, holding one of ``slots`` until the commit ends."""
+        entry = entries[0]
+        chunk = planned[entry.digest]
+        if not self._fetcher.carries(chunk, carrier):
+            await stream.exactly(entry.stored)
+            entries.popleft()
+            return
+        await slots.acquire()
+        try:
+            received = await self._receive(stream, entry, chunk)
+        except BaseException:
+            slots.release()
+            raise
+        entries.popleft()
+        if isinstance(received, str):
+            slots.release()
+            self._refuse(chunk, carrier, received)
+        else:
+            commit(received)
 
     async def _receive(self, stream: _Stream, entry: PackEntry, chunk: Chunk) -> _Received | str:
         """One entry's bytes into a cache fill (big ones written as they come, in worker

@@ -176,9 +176,7 @@ class BlobStore:
         try:
             fd = _create_fd(tmp)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
@@ -294,23 +292,29 @@ def store_file(root: Path, name: str, pieces: Iterable[bytes]) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _create_fd(tmp)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
         try:
             for piece in pieces:
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, piece)
                 written += len(piece)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         _unlink_quietly(tmp)
-        raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
-    except BaseException:
-        _unlink_quietly(tmp)
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
         raise
     return written
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _exists(path: str) -> bool:
