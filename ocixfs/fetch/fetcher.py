@@ -285,6 +285,11 @@ class Fetcher:
         flight = self._flights.get(chunk.digest)
         return flight is not None and flight.carrier is carrier
 
+    def hand_over(self, chunk: Chunk, carrier: Carrier, to: Carrier) -> None:
+        """Let ``to`` carry ``chunk`` instead of ``carrier`` (if ``carrier`` holds it)."""
+        if self.carries(chunk, carrier):
+            self._flights[chunk.digest].carrier = to
+
     def delivered(self, chunk: Chunk, carrier: Carrier, source: str) -> None:
         """``carrier`` put ``chunk`` in the cache, verified, from ``source``: count it and
         wake the flight's waiters (if ``carrier`` still holds it)."""

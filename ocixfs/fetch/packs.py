@@ -2,15 +2,18 @@
 (``store.pack``), one plain GET per part, each entry verified and cached on its own as it
 arrives.
 
-``PackPlayer.play(chunks)`` (run with ``nursery.start``) asks the stores, in mirror
-order, for part 0 of the set named by ``chunks``; once its header is in, every blob it
-lists that is not cached or already in flight is registered with the fetcher as a
-*carried* flight (``Fetcher.carry``), the other parts are requested from the same store,
-and ``play`` reports started: whoever then asks for one of those blobs joins its flight
-instead of starting a second download. Each entry's bytes stream into a ``CacheFill``
-(through a zstd decoder when so stored) and are published only once its length and BLAKE3
-hash match; the flight's waiters wake at once (``Fetcher.delivered``), so the first files
-of the start-up are usable while the rest are still arriving.
+``PackPlayer.play(chunks)`` (run with ``nursery.start``) registers every blob of
+``chunks`` that is not cached or in flight as a *carried* flight (``Fetcher.carry``) and
+asks the stores, in mirror order, for part 0 of the set named by ``chunks``: whoever asks
+for one of those blobs meanwhile joins its flight instead of starting a second download
+(the start-up's first reads come before the pack's header does, and the pack brings
+those files first). Once the header is in, blobs the set does not hold are released, the
+other parts are requested from the same store, and ``play`` reports started. A store
+without packs costs the reads that come before its 404 one round trip. Each entry's
+bytes stream into a ``CacheFill`` (through a zstd decoder when so stored) and are
+published only once its length and BLAKE3 hash match; the flight's waiters wake at once
+(``Fetcher.delivered``), so the first files of the start-up are usable while the rest are
+still arriving.
 
 Failure never costs more than the packs did: an entry that does not verify is refused
 (nothing of it is cached) and fetched on its own; a part that is missing, malformed,
@@ -179,13 +182,21 @@ class PackPlayer:
         name = pack_name(set_id, 0)
         reported = False
         own_carrier = Carrier()
+        for chunk in planned.values():  # until the header says which parts bring what
+            self._fetcher.carry(chunk, own_carrier)
 
         async def claim(header: PackHeader) -> Sequence[PackEntry]:
             nonlocal reported
             check_first_header(header, set_id, planned, f"{source.label}: {name}")
             carriers = [own_carrier, *(Carrier() for _ in range(1, header.parts))]
+            listed = set()
             for entry in header.entries:
-                self._fetcher.carry(planned[entry.digest], carriers[entry.part])
+                listed.add(entry.digest)
+                self._fetcher.hand_over(planned[entry.digest], own_carrier,
+                                        carriers[entry.part])
+            for digest, chunk in planned.items():
+                if digest not in listed:
+                    self._release(chunk, own_carrier)
             task_status.started((header, carriers))
             reported = True
             return _own(header, 0)
@@ -196,7 +207,7 @@ class PackPlayer:
 
     async def _other_part(self, source: Source, first: PackHeader, part: int,
                           carrier: Carrier, planned: dict[bytes, Chunk]) -> None:
-        """Part ``part`` > 0, whose entries ``carrier`` has carried since part 0's header."""
+        """Part ``part`` > 0, whose blobs ``carrier`` has carried since part 0's header."""
         name = pack_name(first.set_id, part)
         own = _own(first, part)
 
@@ -205,16 +216,14 @@ class PackPlayer:
             await trio.lowlevel.checkpoint()
             return own
 
-        await self._part(source, name, planned, carrier, claim, carried=own)
+        await self._part(source, name, planned, carrier, claim)
 
     async def _part(self, source: Source, name: str, planned: dict[bytes, Chunk],
-                    carrier: Carrier, claim: _Claim, *, carried: Sequence[PackEntry] = ()
-                    ) -> None:
+                    carrier: Carrier, claim: _Claim) -> None:
         """Fetch one part: read its header, ``claim`` it (check it, get the entries whose
-        bodies follow), deliver those; however it ends, release what it did not deliver
-        (``carried``: entries carried before the header came)."""
+        bodies follow), deliver those; however it ends, release every blob ``carrier``
+        still holds."""
         self._stats.parts_requested += 1
-        entries: deque[PackEntry] = deque(carried)
         try:
             with trio.move_on_after(self._config.deadline) as scope, attempt_errors():
                 async with source.body(name, no_cache=False) as body:
@@ -233,8 +242,8 @@ class PackPlayer:
         except FormatError as exc:
             log.warning("%s; not using it", exc)
         finally:
-            for entry in entries:
-                self._release(planned[entry.digest], carrier)
+            for chunk in planned.values():
+                self._release(chunk, carrier)
 
     async def _deliver(self, stream: _Stream, entries: deque[PackEntry],
                        planned: dict[bytes, Chunk], carrier: Carrier, source: Source) -> None:
