@@ -121,6 +121,9 @@ class FetchConfig:
     - ``credentials``: those credentials once read (``http.load_credentials``); when
       set, no client reads the files again.
     - ``threads``: worker threads for hashing, decompression, fsync and file:// reads.
+    - ``pack_patience``: an on-demand read of a blob that a profile pack is bringing waits
+      while the pack keeps receiving bytes; after this long without any (or a quarter of
+      ``deadline`` in all) it fetches the blob on its own (``fetch.packs``).
     """
 
     deadline: float = 30.0
@@ -142,6 +145,7 @@ class FetchConfig:
     auth_file: str | None = None
     credentials: httpx.Auth | None = field(default=None, compare=False, repr=False)
     threads: int = field(default_factory=_default_threads)
+    pack_patience: float = 1.0
 
     def too_slow(self, received: int, elapsed: float) -> bool:
         """The minimum-rate rule every transfer follows: after ``rate_window`` seconds,

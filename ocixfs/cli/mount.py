@@ -43,7 +43,8 @@ examples:
 
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
               "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
-              "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty"}
+              "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty",
+              "nopacks"}
 KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 # How long the look at the stores may hold up a mount whose manifest is already here
 # (each network step; a refused connection answers at once).
@@ -94,11 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
                         "log=FILE, store_auth=FILE, ca_file=FILE, uidshift=N, gidshift=N (add "
                         "N to every owner / group: an unprivileged container's id base); x-* "
-                        "and comment=* are ignored (fstab)")
+                        "and comment=* are ignored (fstab); nopacks: see --no-packs")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
                         "that, then fetches the rest of the image; FILE plays that profile")
+    parser.add_argument("--no-packs", action="store_true",
+                        help="fetch the profile's files one by one even when the store has "
+                        "profile packs for it (made by 'ocixfs profile pack'; by default a "
+                        "profiled mount fetches them, one request per pack)")
     parser.add_argument("--prefetch-concurrency", type=int, default=16, metavar="N",
                         help="blobs fetched at once in the background (default 16)")
     parser.add_argument("--record-profile", type=Path, metavar="FILE",
@@ -203,6 +208,7 @@ def _mount_config(
         debug_fuse=args.debug_fuse,
         record_profile=Path(os.path.abspath(args.record_profile)) if args.record_profile else None,
         prefetch_concurrency=args.prefetch_concurrency,
+        packs=not args.no_packs and "nopacks" not in flags,
         uid_shift=_id_shift(values, "uidshift"),
         gid_shift=_id_shift(values, "gidshift"),
     )

@@ -31,6 +31,12 @@ Contract:
   more, is cut and counted as corrupt; nothing unverified reaches the cache.
 - What sources raise is translated by ``store.remote.attempt_errors`` into
   ``AttemptFailed``; what leaves this module is ``FetchError`` or ``CacheError``.
+- A flight may be *carried* by something other than its own task (a profile pack,
+  ``fetch.packs``): ``carry`` registers it, waiters join it as usual, and the carrier ends
+  it with ``delivered`` or ``release`` (then the blob is fetched on its own, at the
+  priority its waiters asked for, and they keep waiting on the same flight). An on-demand
+  waiter does not wait on a carrier that stalls: after ``pack_patience`` seconds without
+  bytes, or a quarter of the deadline, it releases the blob and it is fetched on its own.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from ocixfs.store.remote import (
     check_rate,
 )
 
-__all__ = ["FetchStatistics", "Fetcher", "Priority"]
+__all__ = ["Carrier", "FetchStatistics", "Fetcher", "Priority", "Sink", "cache_sink"]
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +109,30 @@ class FetchStatistics:
         return out
 
 
+class Carrier:
+    """Something other than a flight's own task bringing blobs into the cache (one part of
+    a profile pack); ``progress`` is when it last received bytes (trio time)."""
+
+    __slots__ = ("progress",)
+
+    def __init__(self) -> None:
+        self.progress = trio.current_time()
+
+
 @dataclass(slots=True)
 class _Flight:
     """One blob's fetch. ``progress``: when it last received body bytes (or started);
-    ``abandoned_at``: when a waiter last gave up on it."""
+    ``abandoned_at``: when a waiter last gave up on it. A carried flight has a ``carrier``
+    and no ticket; ``wanted`` is the priority its waiters asked for."""
 
     chunk: Chunk
-    ticket: Ticket
+    ticket: Ticket | None
     done: trio.Event = field(default_factory=trio.Event)
     error: OcixError | None = None
     progress: float = field(default_factory=trio.current_time)
     abandoned_at: float = -math.inf
+    carrier: Carrier | None = None
+    wanted: Priority = Priority.BACKGROUND
 
 
 class _Sink(Protocol):
@@ -154,6 +173,15 @@ class _ZstdSink:
     def write(self, pieces: list[bytes]) -> None:
         for piece in pieces:
             self._stream.write(piece)
+
+
+Sink = _Sink
+
+
+def cache_sink(writer: CacheFill, *, zstd: bool, max_window: int) -> Sink:
+    """Where the stored bytes of one blob go: straight into ``writer``, or through a zstd
+    decoder that stops at the blob's size."""
+    return _ZstdSink(writer, max_window) if zstd else _PlainSink(writer)
 
 
 def _compressed_bound(size: int) -> int:
@@ -231,6 +259,8 @@ class Fetcher:
             self._fast_failures += 1
             await trio.lowlevel.checkpoint()
             raise FetchTimeout(f"blob {chunk.hex}: still no progress since the last deadline")
+        if flight.carrier is not None and priority is Priority.ON_DEMAND:
+            await self._wait_for_carrier(flight, deadline)
         with trio.move_on_at(deadline):
             await flight.done.wait()
         if not flight.done.is_set():
@@ -239,6 +269,44 @@ class Fetcher:
             raise FetchTimeout(f"blob {chunk.hex}: not delivered within the deadline")
         if flight.error is not None:
             raise _copy(flight.error)
+
+    def carry(self, chunk: Chunk, carrier: Carrier) -> bool:
+        """Register ``chunk`` as in flight, brought by ``carrier``, which must end it with
+        ``delivered`` or ``release``. False (nothing registered) when it is cached, in
+        flight or failed recently."""
+        if (chunk.digest in self._flights or self._cache.contains(chunk)
+                or self._recent_failure(chunk) is not None):
+            return False
+        self._flights[chunk.digest] = _Flight(chunk, None, carrier=carrier)
+        return True
+
+    def carries(self, chunk: Chunk, carrier: Carrier) -> bool:
+        """Whether ``carrier`` still holds ``chunk``'s flight (no waiter took it back)."""
+        flight = self._flights.get(chunk.digest)
+        return flight is not None and flight.carrier is carrier
+
+    def hand_over(self, chunk: Chunk, carrier: Carrier, to: Carrier) -> None:
+        """Let ``to`` carry ``chunk`` instead of ``carrier`` (if ``carrier`` holds it)."""
+        if self.carries(chunk, carrier):
+            self._flights[chunk.digest].carrier = to
+
+    def delivered(self, chunk: Chunk, carrier: Carrier, source: str) -> None:
+        """``carrier`` put ``chunk`` in the cache, verified, from ``source``: count it and
+        wake the flight's waiters (if ``carrier`` still holds it)."""
+        self._count_fetched(chunk, source)
+        if self.carries(chunk, carrier):
+            flight = self._flights.pop(chunk.digest)
+            flight.done.set()
+
+    def release(self, chunk: Chunk, carrier: Carrier) -> None:
+        """``carrier`` will not bring ``chunk``: fetch it on its own (if ``carrier`` still
+        holds it), at the priority its waiters asked for; they keep waiting on it."""
+        flight = self._flights.get(chunk.digest)
+        if flight is not None and flight.carrier is carrier:
+            flight.carrier = None
+            flight.progress = trio.current_time()
+            flight.ticket = self._scheduler.submit(flight.wanted)
+            self._nursery.start_soon(self._run, flight)
 
     def statistics(self) -> FetchStatistics:
         return FetchStatistics(
@@ -262,9 +330,27 @@ class Fetcher:
             flight = _Flight(chunk, self._scheduler.submit(priority))
             self._flights[chunk.digest] = flight
             self._nursery.start_soon(self._run, flight)
+        elif flight.ticket is None:
+            flight.wanted = min(flight.wanted, priority)
         else:
             self._scheduler.promote(flight.ticket, priority)
         return flight
+
+    async def _wait_for_carrier(self, flight: _Flight, deadline: float) -> None:
+        """Wait while ``flight``'s carrier keeps receiving bytes; when it has received none
+        for ``pack_patience`` seconds, or a quarter of the deadline has passed, take the
+        blob back (``release``) so it is fetched on its own."""
+        give_up = min(deadline, trio.current_time() + self._config.deadline / 4)
+        while (carrier := flight.carrier) is not None and not flight.done.is_set():
+            with trio.move_on_at(min(give_up, carrier.progress + self._config.pack_patience)):
+                await flight.done.wait()
+            now = trio.current_time()
+            stalled = now >= carrier.progress + self._config.pack_patience
+            if flight.carrier is carrier and not flight.done.is_set() and (
+                    stalled or now >= give_up):
+                log.info("blob %s: its pack is too slow; fetching it on its own",
+                         flight.chunk.hex)
+                self.release(flight.chunk, carrier)
 
     def _recent_failure(self, chunk: Chunk) -> OcixError | None:
         entry = self._failures.get(chunk.digest)
@@ -300,6 +386,7 @@ class Fetcher:
         chunk = flight.chunk
         try:
             self._cache.refuse_oversized(chunk)  # before a slot or a byte is spent on it
+            assert flight.ticket is not None, "a carried flight has no task"
             await self._scheduler.acquire(flight.ticket)
             try:
                 budget = self._config.deadline + chunk.size / self._config.min_rate
@@ -433,9 +520,12 @@ class Fetcher:
                 await self._cache.commit(writer, first=last_bytes)
         finally:
             writer.abort()
+        self._count_fetched(chunk, source.label)
+
+    def _count_fetched(self, chunk: Chunk, source: str) -> None:
         self._blobs_fetched += 1
         self._bytes_fetched += chunk.size
-        self._blobs_by_source[source.label] += 1
+        self._blobs_by_source[source] += 1
 
     async def _pump(
         self, body: Body, sink: _Sink, limit: int, source: Source, flight: _Flight

@@ -15,6 +15,8 @@ the cache, the stores' sources and the fetch tasks, and yields a ``Reader``:
   prefetching: ``ensure`` puts a blob in the cache without reading it (on-demand priority
   waits at most the deadline; lower priorities wait for their turn, never ahead of an
   on-demand fetch).
+- ``reader.packs`` plays profile packs (``fetch.packs.PackPlayer``) into the same cache
+  and flights; None for a reader built without one.
 - ``reader.statistics()`` is a frozen snapshot (the fetcher's counters nested as ``fetch``)
   with ``as_dict()``, one flat JSON-able level.
 """
@@ -36,6 +38,7 @@ from ocixfs.cache.blobs import Cache
 from ocixfs.config import DEFAULT_READER_CONFIG, ReaderConfig
 from ocixfs.errors import CacheError, UsageError
 from ocixfs.fetch.fetcher import Fetcher, FetchStatistics, Priority
+from ocixfs.fetch.packs import PackPlayer
 from ocixfs.image.format import Chunk
 from ocixfs.store.remote import open_sources
 from ocixfs.store.spec import StoreSpec
@@ -115,11 +118,13 @@ class Reader:
     ``open_reader`` to get one; the constructor only wires parts (tests build it directly)."""
 
     def __init__(
-        self, cache: Cache, fetcher: Fetcher, config: ReaderConfig = DEFAULT_READER_CONFIG
+        self, cache: Cache, fetcher: Fetcher, config: ReaderConfig = DEFAULT_READER_CONFIG,
+        *, packs: PackPlayer | None = None,
     ) -> None:
         self._cache = cache
         self._fetcher = fetcher
         self._config = config
+        self.packs = packs
         self._layouts: OrderedDict[int, _Layout] = OrderedDict()
         self._reads = 0
         self._bytes_read = 0
@@ -241,4 +246,5 @@ async def open_reader(
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             fetcher = Fetcher(sources, cache, config.fetch, nursery=nursery, limiter=limiter)
-            yield Reader(cache, fetcher, config)
+            packs = PackPlayer(fetcher, sources, cache, config.fetch, limiter)
+            yield Reader(cache, fetcher, config, packs=packs)

@@ -22,7 +22,8 @@ class MountConfig:
 
     - ``kernel_flags``: generic mount flags passed through to the kernel (``noexec``, …).
     - ``profile``: what to prefetch, in order; ``fill_rest``: then fetch the rest of the
-      image in the background.
+      image in the background; ``packs``: fetch the profile's blobs as the store's
+      profile packs for it, when it has them (``fetch.packs``).
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
     - ``uid_shift``/``gid_shift``: added to every owner and group the mount reports (an
       unprivileged container's id base).
@@ -46,6 +47,7 @@ class MountConfig:
     kernel_flags: frozenset[str] = frozenset()
     profile: Profile | None = None
     fill_rest: bool = False
+    packs: bool = True
     record_profile: Path | None = None
     prefetch_concurrency: int = 16
     uid_shift: int = 0

@@ -8,6 +8,11 @@ plan with a bounded number of concurrent fetches at background priority: the rea
 fetcher always serves on-demand reads first, and a blob already being fetched (by a read
 or an earlier prefetch) is shared, never fetched twice. Failures are counted and logged,
 never raised: a prefetch that fails simply leaves the read to fetch on demand.
+
+Given a ``PackPlayer`` and the profile's part of the plan (``packed``), the prefetcher
+first plays the store's pack set for it (``fetch.packs``): the workers start once the
+set's blobs are registered as in flight, so they wait for the packs to bring those
+instead of asking for them one by one, and fetch singly only what no pack brings.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import trio
 
 from ocixfs.errors import OcixError
 from ocixfs.fetch.fetcher import Priority
+from ocixfs.fetch.packs import PackPlayer
 from ocixfs.image.format import Chunk
 from ocixfs.image.tree import Node, Tree
 from ocixfs.mount.profile import Profile
@@ -53,6 +59,7 @@ class PrefetchStats:
     failed_blobs: int
     finished: bool
     seconds: float
+    packs: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -93,9 +100,13 @@ class Prefetcher:
         chunks: Sequence[Chunk],
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
+        packs: PackPlayer | None = None,
+        packed: Sequence[Chunk] = (),
     ) -> None:
         self._fetcher = fetcher
         self._planned = chunks
+        self._packs = packs if packed else None
+        self._packed = packed
         self._concurrency = max(1, concurrency)
         self._done_blobs = self._done_bytes = self._failed = 0
         self._started = self._finished_at = 0.0
@@ -106,6 +117,8 @@ class Prefetcher:
         self._started = time.monotonic()
         queue = iter(self._planned)
         async with trio.open_nursery() as nursery:
+            if self._packs is not None:
+                await nursery.start(self._packs.play, self._packed)
             for _ in range(self._concurrency):
                 nursery.start_soon(self._worker, queue)
         self._finished = True
@@ -145,5 +158,6 @@ class Prefetcher:
             failed_blobs=self._failed,
             finished=self._finished,
             seconds=round(end - self._started, 3) if self._started else 0.0,
+            packs=self._packs.statistics().as_dict() if self._packs is not None else None,
         )
 

@@ -29,6 +29,7 @@ from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profi
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ocixfs.image.format import Chunk
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
 
@@ -102,7 +103,11 @@ class MountSession:
         chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
         if not chunks:
             return None
-        return Prefetcher(reader, chunks, concurrency=self.config.prefetch_concurrency)
+        packed: list[Chunk] = []
+        if self.config.packs and self.config.profile is not None:
+            packed = plan(self.tree, self.config.profile, fill_rest=False)
+        return Prefetcher(reader, chunks, concurrency=self.config.prefetch_concurrency,
+                          packs=reader.packs, packed=packed)
 
     def _save_profiles(self) -> None:
         """Keep what this mount saw: for the next mount on this host, and where asked."""

@@ -5,6 +5,7 @@
     STORE/blobs/blake3/<64 hex>        a blob: a whole file's content, or one chunk of it
     STORE/blobs/blake3/<64 hex>.zst    optional: one zstd frame of the same bytes
     STORE/ocix-store.json              optional: {"compression": ["zstd"]}
+    STORE/packs/<64 hex>.<k>.pack      optional: part k of a profile pack set (``store.pack``)
 
 The same relative names are used under a local directory and under an http(s) base URL;
 the layout mirrors the OCI image layout's ``blobs/<alg>/<hex>``. A blob's name is the
@@ -25,6 +26,7 @@ from ocixfs.image.loading import open_regular
 
 __all__ = [
     "BLOB_DIR",
+    "PACK_DIR",
     "STORE_CONFIG",
     "STORE_CONFIG_MAX",
     "ZSTD_SUFFIX",
@@ -32,6 +34,8 @@ __all__ = [
     "blob_name",
     "blob_path",
     "looks_like_store",
+    "pack_name",
+    "pack_path",
     "parse_blob_name",
     "parse_store_config",
     "read_store_config",
@@ -41,6 +45,8 @@ BLOB_DIR = "blobs/blake3"
 STORE_CONFIG = "ocix-store.json"
 STORE_CONFIG_MAX = 64 * 1024
 ZSTD_SUFFIX = ".zst"
+PACK_DIR = "packs"
+PACK_SUFFIX = ".pack"
 
 
 def _hex(digest: bytes | str) -> str:
@@ -71,6 +77,19 @@ def parse_blob_name(name: str) -> tuple[str, bool]:
 def blob_path(root: Path, digest: bytes | str, *, zstd: bool = False) -> Path:
     """The blob's path in the local store directory ``root``."""
     return root / blob_name(digest, zstd=zstd)
+
+
+def pack_name(set_id: bytes, part: int) -> str:
+    """Part ``part`` of the pack set ``set_id`` (``store.pack.pack_set_id``: 32 bytes),
+    relative to a store's root: ``packs/<hex>.<part>.pack``."""
+    if part < 0:
+        raise ValueError(f"a pack part is numbered from 0, not {part}")
+    return f"{PACK_DIR}/{_hex(set_id)}.{part}{PACK_SUFFIX}"
+
+
+def pack_path(root: Path, set_id: bytes, part: int) -> Path:
+    """Part ``part`` of the pack set ``set_id`` in the local store directory ``root``."""
+    return root / pack_name(set_id, part)
 
 
 def looks_like_store(root: Path) -> bool:

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,7 @@ __all__ = [
     "BlobStore",
     "BlobWriter",
     "StoreStats",
+    "store_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,9 +176,7 @@ class BlobStore:
         try:
             fd = _create_fd(tmp)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
@@ -279,6 +279,42 @@ class BlobWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.abort()
+
+
+def store_file(root: Path, name: str, pieces: Iterable[bytes]) -> int:
+    """Write ``pieces`` to ``root/name`` (a layout name, such as a pack part) atomically:
+    into a temporary file beside it, renamed only once complete, so a server never sends a
+    partial file under the real name; the directory is made if missing, and on failure
+    nothing is left. Returns the bytes written. Raises ``StoreError``."""
+    path = root / name
+    tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+    written = 0
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _create_fd(tmp)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        try:
+            for piece in pieces:
+                _write_all(fd, piece)
+                written += len(piece)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException as exc:
+        _unlink_quietly(tmp)
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+        raise
+    return written
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _exists(path: str) -> bool:
