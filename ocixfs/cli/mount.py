@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ocixfs.image.loading import PinnedBytes
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
-    from ocixfs.mount.profile import Profile
+    from ocixfs.mount.profile import ChosenProfile, Profile
     from ocixfs.store.spec import StoreSpec
 
 NAME = "mount"
@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and comment=* are ignored (fstab); nopacks: see --no-packs")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
-                        "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
+                        "the manifest (IMAGE.profile), else the one this host recorded, else "
+                        "the one it recorded for the most similar image; 'all' does "
                         "that, then fetches the rest of the image; FILE plays that profile")
     parser.add_argument("--no-packs", action="store_true",
                         help="fetch the profile's files one by one even when the store has "
@@ -146,10 +147,11 @@ def run(args: argparse.Namespace) -> int:
     fetch = _fetch_config(args, values)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, tree, profile, stores = _load(args.image, digest, config.reader.fetch, prefetch,
-                                         config.cache_dir, config.stores,
-                                         tls_verify=args.tls_verify == "true")
-    config = replace(config, profile=profile, fill_rest=prefetch == "all", stores=stores)
+    image, tree, chosen, stores = _load(args.image, digest, config.reader.fetch, prefetch,
+                                        config.cache_dir, config.stores,
+                                        tls_verify=args.tls_verify == "true")
+    config = replace(config, profile=chosen.profile if chosen else None, profile_origin=chosen,
+                     fill_rest=prefetch == "all", stores=stores)
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)
@@ -226,8 +228,9 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
     stores: Sequence[StoreSpec], *, tls_verify: bool,
-) -> tuple[PinnedBytes, Tree, Profile | None, tuple[StoreSpec, ...]]:
-    """The image, its inode tree and the profile to play. Start-up time is the user's wait:
+) -> tuple[PinnedBytes, Tree, ChosenProfile | None, tuple[StoreSpec, ...]]:
+    """The image, its inode tree and the profile to play (borrowed from a related image
+    this host ran when there is no other: ``locate_profile``). Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
     stores are probed in a third, while this thread imports what the daemon will need.
 
@@ -257,7 +260,8 @@ def _load(
         release()
         _warn_unreachable(stores, probes)
         profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
-                                 beside=beside.result if beside is not None else lambda: found)
+                                 beside=beside.result if beside is not None else lambda: found,
+                                 tree=tree)
     return image, tree, profile, tuple(stores)
 
 
