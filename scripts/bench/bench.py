@@ -236,12 +236,28 @@ def prepare_image(
                 "store_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
                 "build_or_check_seconds": round(time.monotonic() - t1, 1),
             }
+    if "ocixfs-borrowed" in wanted and name in images.NEXT_VERSIONS and "ocix" in info:
+        info["ocix_next"] = prepare_next_version(name, args, scratch)
     log(
         f"[{name}] ready in {time.monotonic() - t0:.0f} s: "
         f"{int(str(info['unpacked_bytes'])) / 1e6:.0f} MB unpacked, "
         f"lower bound {bound.files} files {bound.bytes / 1e6:.1f} MB"
     )
     return info
+
+
+def prepare_next_version(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, str]:
+    """Version N+1 of image ``name`` (``images.NEXT_VERSIONS``): OCI layout and OCIX
+    image, cached like the others."""
+    spec = images.NEXT_VERSIONS[name]
+    image_dir = args.work_dir / "images" / spec.name
+    log(f"[{name}] version N+1 ({spec.name}: + {spec.include[-1]}; cached)...")
+    images.build_oci(spec, image_dir, scratch, rebuild=args.rebuild_images)
+    image, store = images.build_ocix(
+        spec, image_dir, args.ocixfs, REPO,
+        compress=None if args.compress == "none" else args.compress,
+    )
+    return {"image": str(image), "store": str(store)}
 
 
 # -- the runs --------------------------------------------------------------------------------
@@ -281,6 +297,7 @@ def run_row(
         ocix_image=Path(str(ocix["image"])) if isinstance(ocix, dict) else None,
         ocix_store=Path(str(ocix["store"])) if isinstance(ocix, dict) else None,
         manifest_over_link=args.manifest == "link",
+        next_version=_next_version(info),
     )
     ctx.log.parent.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []
@@ -307,6 +324,14 @@ def run_row(
     finally:
         shutil.rmtree(session_dir, ignore_errors=True)
         summarize(row, runs)
+
+
+def _next_version(info: dict[str, object]) -> tuple[Path, Path] | None:
+    """(image, store) of the image's version N+1, when one was prepared."""
+    found = info.get("ocix_next")
+    if not isinstance(found, dict):
+        return None
+    return Path(str(found["image"])), Path(str(found["store"]))
 
 
 def summarize(row: dict[str, object], runs: list[RunResult]) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 __all__ = [
     "IMAGES",
+    "NEXT_VERSIONS",
     "ImageSpec",
     "LowerBound",
     "Workload",
@@ -104,6 +105,15 @@ IMAGES: dict[str, ImageSpec] = {
             min_bytes=450 * 10**6,
         ),
     )
+}
+
+
+# Version N+1 of an image, for a host that ran only version N (the ``ocixfs-borrowed``
+# contender): the same root file system rebuilt by mmdebstrap with one small package added.
+NEXT_VERSIONS: dict[str, ImageSpec] = {
+    name: dataclasses.replace(spec, name=f"{name}-next", include=(*spec.include, "python3-six"))
+    for name, spec in IMAGES.items()
+    if name != "minbase"
 }
 
 
