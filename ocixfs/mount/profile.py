@@ -268,7 +268,7 @@ def borrow_profile(cache_dir: Path, tree: Tree, image_digest: str) -> ChosenProf
             best = (present, profile, "b3:" + path.name.removesuffix(".profile"))
     if best is None:
         return None
-    log.info("no profile for %s: borrowing the one of %s (%d of its %d paths are here)",
+    log.debug("no profile for %s: borrowing the one of %s (%d of its %d paths are here)",
              image_digest, best[2], best[0], len(best[1].entries))
     return ChosenProfile(best[1], "borrowed", best[2])
 

@@ -109,6 +109,9 @@ class MountSession:
         chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
         if not chunks:
             return None
+        if self.config.profile_origin is not None:
+            log.info("%s: playing the profile %s", self.config.mountpoint,
+                     self.config.profile_origin.describe())
         packed: list[Chunk] = []
         if self.config.packs and self.config.profile is not None:
             packed = plan(self.tree, self.config.profile, fill_rest=False)

@@ -236,7 +236,8 @@ def prepare_image(
                 "store_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
                 "build_or_check_seconds": round(time.monotonic() - t1, 1),
             }
-    if "ocixfs-borrowed" in wanted and name in images.NEXT_VERSIONS and "ocix" in info:
+    next_version = {"ocixfs-borrowed", "ocixfs-next-ondemand"} & wanted
+    if next_version and name in images.NEXT_VERSIONS and "ocix" in info:
         info["ocix_next"] = prepare_next_version(name, args, scratch)
     log(
         f"[{name}] ready in {time.monotonic() - t0:.0f} s: "

@@ -28,7 +28,8 @@ Contenders (names used on the command line):
                      package added) mounted with ``--prefetch auto`` on a host that only
                      ran version N: every run starts from a copy of the cache one untimed
                      run of N left (its blobs and its host profile), so the mount borrows
-                     N's profile.
+                     N's profile. ``ocixfs-next-ondemand``: the same with ``--prefetch none``
+                     (no borrowing), to show what borrowing adds to version N's cache.
 - ``ocixfs-predict`` ``ocixfs mount --prefetch FILE`` with a fresh cache, FILE what the ELF
                      predictors name for the workload's program (``predictors.elf_closure``:
                      the program, PT_INTERP, DT_NEEDED transitively), played from the mount:
@@ -370,7 +371,8 @@ class Ocixfs:
     """An ocixfs contender; `mode` picks cold, profile-played, borrowed, predicted or warm."""
 
     NAMES = {"cold": "ocixfs", "profile": "ocixfs-profile", "recorded": "ocixfs-recorded",
-             "borrowed": "ocixfs-borrowed", "predict": "ocixfs-predict", "warm": "ocixfs-warm"}
+             "borrowed": "ocixfs-borrowed", "next-ondemand": "ocixfs-next-ondemand",
+             "predict": "ocixfs-predict", "warm": "ocixfs-warm"}
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -382,6 +384,8 @@ class Ocixfs:
                         "record', fresh cache",
             "borrowed": "version N+1 (one package added), ocixfs mount --prefetch auto on a "
                         "host that ran version N (its cache and host profile)",
+            "next-ondemand": "version N+1 (one package added), ocixfs mount --prefetch none on "
+                             "a host that ran version N (no borrowing)",
             "predict": "ocixfs mount --prefetch FILE, FILE the ELF closure of the workload's "
                        "program (PT_INTERP + DT_NEEDED), fresh cache",
             "warm": "ocixfs mount, cache filled by an earlier run",
@@ -391,8 +395,8 @@ class Ocixfs:
     @contextlib.contextmanager
     def session(self, ctx: SessionContext) -> Iterator[Session]:
         assert ctx.ocix_image is not None
-        if self.mode == "borrowed":
-            with self._borrowed_session(ctx) as session:
+        if self.mode in ("borrowed", "next-ondemand"):
+            with self._next_version_session(ctx) as session:
                 yield session
             return
         with (
@@ -427,9 +431,10 @@ class Ocixfs:
                 yield session
 
     @contextlib.contextmanager
-    def _borrowed_session(self, ctx: SessionContext) -> Iterator[Session]:
+    def _next_version_session(self, ctx: SessionContext) -> Iterator[Session]:
         """Version N runs once from the local image and store into a seed cache (untimed);
-        every timed run mounts version N+1 over the link with a copy of that cache."""
+        every timed run mounts version N+1 over the link with a copy of that cache,
+        borrowing N's profile (``--prefetch auto``) or not (``none``)."""
         if ctx.next_version is None:
             raise RuntimeError(f"no version N+1 of {ctx.spec.name} (images.NEXT_VERSIONS)")
         seed = fresh_dir(ctx.scratch / "cache-version-n")
@@ -443,7 +448,8 @@ class Ocixfs:
             Relay(target=("127.0.0.1", server.port), link=ctx.link) as relay,
         ):
             yield _OcixfsSession(next_ctx, relay, server.requests, warm_cache=False,
-                                 prefetch=None, seed_cache=seed)
+                                 prefetch=None if self.mode == "borrowed" else "none",
+                                 seed_cache=seed)
 
 
 @contextlib.contextmanager
@@ -499,5 +505,5 @@ def run_locally(ctx: SessionContext, cache: Path) -> None:
 CONTENDERS: dict[str, Contender] = {
     c.name: c
     for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("profile"), Ocixfs("recorded"),
-              Ocixfs("borrowed"), Ocixfs("predict"), Ocixfs("warm"))
+              Ocixfs("borrowed"), Ocixfs("next-ondemand"), Ocixfs("predict"), Ocixfs("warm"))
 }
