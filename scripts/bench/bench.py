@@ -1,7 +1,9 @@
 """Container start-up over an emulated link: ocixfs side by side with what users run today.
 
 usage: scripts/bench/run [--quick] [--images minbase,python,large] [--links 100mbit,20mbit]
-                         [--contenders skopeo-umoci,casync,ocixfs,ocixfs-profile,ocixfs-warm]
+                         [--contenders skopeo-umoci,casync,ocixfs,ocixfs-profile,ocixfs-recorded,
+                                       ocixfs-borrowed,ocixfs-next-ondemand,ocixfs-predict,
+                                       ocixfs-warm]
                          [--runs N] [--work-dir DIR] [--json FILE] [--compress zstd|none]
                          [--manifest local|link] [--slow-run-seconds S] [--rebuild-images]
                          [--no-verify-link]
