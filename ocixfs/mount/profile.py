@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import cbor2
 
@@ -50,6 +50,7 @@ __all__ = [
     "AccessRecorder",
     "ChosenProfile",
     "Profile",
+    "ProfileSource",
     "borrow_profile",
     "cached_profile_path",
     "count_in_tree",
@@ -84,25 +85,35 @@ class Profile:
         return [path for path, _ in self.entries]
 
 
+ProfileSource = Literal["file", "beside", "host", "borrowed"]
+
+
 @dataclass(frozen=True, slots=True)
 class ChosenProfile:
     """The profile a mount plays and where it came from: ``source`` is ``file`` (named
     by ``--prefetch FILE``), ``beside`` (shipped with the image), ``host`` (this host's
     recording of this image) or ``borrowed`` (this host's recording of a related image);
-    ``name`` is the file, the image, or the ``b3:`` digest of the image recorded."""
+    ``name`` is the file, the image, or the ``b3:`` digest of the image recorded;
+    ``in_tree`` how many of its paths are regular files of the mounted tree."""
 
     profile: Profile
-    source: str
+    source: ProfileSource
     name: str
+    in_tree: int
 
     def describe(self) -> str:
-        """One line for ``ocixfs stats``."""
+        """What was played, in a few words (``ocixfs stats``, the daemon's log)."""
         return {
             "file": f"file {self.name}",
             "beside": f"beside the image ({self.name})",
             "host": f"recorded on this host for {self.name}",
             "borrowed": f"borrowed from {self.name}",
-        }.get(self.source, f"{self.source} {self.name}")
+        }[self.source]
+
+    def as_dict(self) -> dict[str, object]:
+        """``played_profile`` of ``ocixfs stats --json``."""
+        return {"source": self.source, "name": self.name, "description": self.describe(),
+                "paths": len(self.profile.entries), "in_tree": self.in_tree}
 
 
 def encode_profile(profile: Profile) -> bytes:
@@ -225,29 +236,35 @@ def locate_profile(
     http: FetchConfig | None = None,
     *,
     beside: Callable[[], Profile | None] | None = None,
-    tree: Tree | None = None,
+    tree: Tree,
 ) -> ChosenProfile | None:
     """The profile a mount plays back for ``--prefetch MODE``, and where it came from.
 
     ``none``: no profile. A file name: that file (an unreadable or invalid one is an
     error). ``auto``/``all``: ``IMAGE.profile`` beside the manifest (also for URLs), else
-    the one this host recorded for the image, else, given the ``tree``, the one
-    ``borrow_profile`` picks, else none; a broken one is logged and ignored.
+    the one this host recorded for the image, else the one ``borrow_profile`` picks for
+    ``tree`` (the image's), else none; a broken one is logged and ignored.
     ``beside``, when given, returns the result of ``profile_beside`` (looked up earlier,
     e.g. while the manifest downloaded) instead of looking again.
     """
     if mode == "none":
         return None
+    from ocixfs.http import redact
+
     if mode not in ("auto", "all"):
         named = _read_profile(Path(mode), strict=True)
-        return None if named is None else ChosenProfile(named, "file", os.path.abspath(mode))
+        return None if named is None else _chosen(named, "file", os.path.abspath(mode), tree)
     found = beside() if beside is not None else profile_beside(image, http)
     if found is not None:
-        return ChosenProfile(found, "beside", image)
+        return _chosen(found, "beside", redact(image), tree)
     own = _read_profile(cached_profile_path(cache_dir, image_digest), strict=False)
     if own is not None:
-        return ChosenProfile(own, "host", image_digest)
-    return None if tree is None else borrow_profile(cache_dir, tree, image_digest)
+        return _chosen(own, "host", image_digest, tree)
+    return borrow_profile(cache_dir, tree, image_digest)
+
+
+def _chosen(profile: Profile, source: ProfileSource, name: str, tree: Tree) -> ChosenProfile:
+    return ChosenProfile(profile, source, name, count_in_tree(profile, tree))
 
 
 def borrow_profile(cache_dir: Path, tree: Tree, image_digest: str) -> ChosenProfile | None:
@@ -270,12 +287,12 @@ def borrow_profile(cache_dir: Path, tree: Tree, image_digest: str) -> ChosenProf
         return None
     log.debug("no profile for %s: borrowing the one of %s (%d of its %d paths are here)",
              image_digest, best[2], best[0], len(best[1].entries))
-    return ChosenProfile(best[1], "borrowed", best[2])
+    return ChosenProfile(best[1], "borrowed", best[2], best[0])
 
 
 def count_in_tree(profile: Profile, tree: Tree) -> int:
     """How many of the profile's paths are regular files of ``tree`` (what playing it
-    can fetch)."""
+    can fetch). Not thread-safe: directories of the tree unfold on first use."""
     from ocixfs.image.format import Kind
 
     count = 0

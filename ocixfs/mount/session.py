@@ -24,12 +24,7 @@ from ocixfs.mount import kernelcache
 from ocixfs.mount.control import ControlServer
 from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.prefetch import Prefetcher, plan
-from ocixfs.mount.profile import (
-    AccessRecorder,
-    cached_profile_path,
-    count_in_tree,
-    save_profile,
-)
+from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -55,7 +50,6 @@ class MountSession:
         self._reader: Reader | None = None
         self._recorder = AccessRecorder()
         self._prefetcher: Prefetcher | None = None
-        self._profile_in_tree: int | None = None
         self._background_failures: Counter[str] = Counter()
 
     async def serve(self, ready: Callable[[], None]) -> None:
@@ -161,7 +155,7 @@ class MountSession:
     async def _stats(self, _message: dict[str, Any]) -> dict[str, Any]:
         assert self._ops is not None and self._reader is not None
         present = await trio.to_thread.run_sync(self._local_presence)
-        played = await trio.to_thread.run_sync(self._played_profile)
+        played = self.config.profile_origin
         return {
             "mountpoint": os.fspath(self.config.mountpoint),
             "image": redact(self.config.image),
@@ -180,21 +174,9 @@ class MountSession:
             "image_files": present,
             "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
             "profile_files": len(self._recorder),
-            "played_profile": played,
+            "played_profile": played.as_dict() if played is not None else None,
             "background_failures": dict(self._background_failures),
         }
-
-    def _played_profile(self) -> dict[str, Any] | None:
-        """Which profile this mount plays and how many of its paths are regular files of
-        this tree (runs in a thread; counted once)."""
-        chosen = self.config.profile_origin
-        if chosen is None:
-            return None
-        if self._profile_in_tree is None:
-            self._profile_in_tree = count_in_tree(chosen.profile, self.tree)
-        return {"source": chosen.source, "name": chosen.name,
-                "description": chosen.describe(), "paths": len(chosen.profile.entries),
-                "in_tree": self._profile_in_tree}
 
     def _local_presence(self) -> dict[str, int]:
         """How much of the image's content is already in the local cache (runs in a thread)."""
