@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import blake3
 import pytest
@@ -108,11 +110,18 @@ def _mounted_nothing_under(path: Path) -> bool:
                        if len(line.split()) > 1)
 
 
-@needs_fuse
-@pytest.mark.mount
-def test_a_new_version_borrows_the_old_versions_profile_and_records_its_own(
-    tmp_path: Path, mounts: Mounts
-) -> None:
+class Versions(NamedTuple):
+    """Version N of an image, N+1 (one file upgraded, one added, one removed) and an
+    unrelated image, all in one store."""
+
+    store: Path
+    n: Path
+    next: Path
+    other: Path
+
+
+@pytest.fixture
+def versions(tmp_path: Path) -> Versions:
     root_n = make_rootfs(tmp_path / "rootfs-n")
     root_next = tmp_path / "rootfs-next"
     subprocess.run(["cp", "-a", os.fspath(root_n), os.fspath(root_next)], check=True)
@@ -126,24 +135,40 @@ def test_a_new_version_borrows_the_old_versions_profile_and_records_its_own(
     (unrelated / "etc").mkdir()
     (unrelated / "etc/hostname").write_text("unrelated\n")
     store = tmp_path / "store"
-    image_n = build(root_n, store, tmp_path / "n.ocix")
-    image_next = build(root_next, store, tmp_path / "next.ocix")
-    image_other = build(unrelated, store, tmp_path / "other.ocix")
-    digest_n = manifest_digest(image_n.read_bytes())
-    digest_next = manifest_digest(image_next.read_bytes())
-    cache = tmp_path / "cache"
-    opened = ["etc/hostname", "usr/share/data/small-03.txt", "usr/share/data/small-19.txt",
-              "usr/bin/tool"]
-    with Nginx(store, tmp_path / "nginx") as server:
-        args = store_args([server.url], cache)
-        with mounts(image_n, tmp_path / "mnt", *args) as mount:  # version N runs here
-            for name in opened:
-                (mount.mountpoint / name).read_bytes()
-            assert mount.stats()["played_profile"] is None  # nothing to play, nothing to borrow
-        assert cached_profile_path(cache, digest_n).is_file()
+    return Versions(store, build(root_n, store, tmp_path / "n.ocix"),
+                    build(root_next, store, tmp_path / "next.ocix"),
+                    build(unrelated, store, tmp_path / "other.ocix"))
 
+
+OPENED = ["etc/hostname", "usr/share/data/small-03.txt", "usr/share/data/small-19.txt",
+          "usr/bin/tool"]
+
+
+def _run_version_n(versions: Versions, mounts: Mounts, mnt: Path, args: list[str]) -> Path:
+    """Mount version N, open ``OPENED``, unmount; the host profile it left."""
+    with mounts(versions.n, mnt, *args) as mount:
+        for name in OPENED:
+            (mount.mountpoint / name).read_bytes()
+        assert mount.stats()["played_profile"] is None  # nothing to play, nothing to borrow
+    cache = Path(args[args.index("--cache-dir") + 1])
+    profile = cached_profile_path(cache, manifest_digest(versions.n.read_bytes()))
+    assert profile.is_file()
+    return profile
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_new_version_borrows_the_old_versions_profile_and_records_its_own(
+    tmp_path: Path, versions: Versions, mounts: Mounts
+) -> None:
+    digest_n = manifest_digest(versions.n.read_bytes())
+    digest_next = manifest_digest(versions.next.read_bytes())
+    cache = tmp_path / "cache"
+    with Nginx(versions.store, tmp_path / "nginx") as server:
+        args = store_args([server.url], cache)
+        _run_version_n(versions, mounts, tmp_path / "mnt", args)
         before = len(blob_requests(server))
-        with mounts(image_next, tmp_path / "mnt", *args) as mount:
+        with mounts(versions.next, tmp_path / "mnt", *args) as mount:
             wait_for(lambda: (mount.stats()["prefetch"] or {}).get("finished") is True,
                      what="prefetch")
             played = mount.stats()["played_profile"]
@@ -164,18 +189,50 @@ def test_a_new_version_borrows_the_old_versions_profile_and_records_its_own(
         assert [path for path, _ in shown["entries"]] == [
             "/etc/hostname", "/usr/share/data/added.txt"]
 
-        with mounts(image_next, tmp_path / "mnt", *args) as mount:  # now it has its own
+        with mounts(versions.next, tmp_path / "mnt", *args) as mount:  # now it has its own
             played = mount.stats()["played_profile"]
             assert isinstance(played, dict)
             assert (played["source"], played["name"]) == ("host", digest_next)
 
-        with mounts(image_other, tmp_path / "mnt", *args) as mount:
+        with mounts(versions.other, tmp_path / "mnt", *args) as mount:
             stats = mount.stats()
             assert stats["played_profile"] is None and stats["prefetch"] is None
             assert "played       no profile" in run_ocixfs(
                 "stats", os.fspath(mount.mountpoint)).stdout
 
         other = store_args([server.url], cache, "--prefetch", "none")
-        with mounts(image_next, tmp_path / "mnt2", *other) as mount:
+        with mounts(versions.next, tmp_path / "mnt2", *other) as mount:
             assert mount.stats()["played_profile"] is None
     assert not is_mounted(tmp_path / "mnt") and _mounted_nothing_under(tmp_path)
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_a_borrowed_profile_uses_packs_only_made_for_its_plan_on_this_image(
+    tmp_path: Path, versions: Versions, mounts: Mounts
+) -> None:
+    """Version N's packs carry N's plan and are never asked for; packs of the borrowed
+    profile played on N+1 are (a pack set is named by the blobs it carries)."""
+    with Nginx(versions.store, tmp_path / "nginx") as server:
+        profile_n = _run_version_n(versions, mounts, tmp_path / "mnt",
+                                   store_args([server.url], tmp_path / "cache-n"))
+        run_ocixfs("profile", "pack", os.fspath(profile_n), "--image", os.fspath(versions.n),
+                   "--store", os.fspath(versions.store))
+        for attempt, pack_next in enumerate((False, True)):
+            if pack_next:
+                run_ocixfs("profile", "pack", os.fspath(profile_n), "--image",
+                           os.fspath(versions.next), "--store", os.fspath(versions.store))
+            cache = tmp_path / f"cache-{attempt}"  # N's profile, none of its blobs
+            (cache / "profiles").mkdir(parents=True)
+            shutil.copy(profile_n, cache / "profiles" / profile_n.name)
+            with mounts(versions.next, tmp_path / "mnt",
+                        *store_args([server.url], cache)) as mount:
+                wait_for(lambda: (mount.stats()["prefetch"] or {}).get("finished") is True,
+                         what="prefetch")
+                stats = mount.stats()
+                assert (stats["played_profile"] or {}).get("source") == "borrowed"
+                packs = (stats["prefetch"] or {})["packs"]
+                assert packs["parts_found"] == (1 if pack_next else 0)
+                assert packs["blobs_delivered"] == (3 if pack_next else 0)
+                assert (mount.mountpoint / "etc/hostname").read_text() == "version N+1\n"
+    assert _mounted_nothing_under(tmp_path)

@@ -25,11 +25,12 @@ Contenders (names used on the command line):
                      a private mount of the local image and store, its own cache); the file
                      is removed when the session ends, so other contenders never see it.
 - ``ocixfs-borrowed`` version N+1 of the image (``images.NEXT_VERSIONS``: rebuilt with one
-                     package added) mounted with ``--prefetch auto`` on a host that only
-                     ran version N: every run starts from a copy of the cache one untimed
-                     run of N left (its blobs and its host profile), so the mount borrows
-                     N's profile. ``ocixfs-next-ondemand``: the same with ``--prefetch none``
-                     (no borrowing), to show what borrowing adds to version N's cache.
+                     package added and python3.11's bytecode rebuilt) mounted with
+                     ``--prefetch auto`` on a host that only ran version N: every run
+                     starts from a copy of the cache one untimed run of N left (its blobs
+                     and its host profile), so the mount borrows N's profile.
+- ``ocixfs-next-ondemand`` the same with ``--prefetch none`` (no borrowing): what version
+                     N's cache alone does for N+1.
 - ``ocixfs-predict`` ``ocixfs mount --prefetch FILE`` with a fresh cache, FILE what the ELF
                      predictors name for the workload's program (``predictors.elf_closure``:
                      the program, PT_INTERP, DT_NEEDED transitively), played from the mount:
@@ -382,10 +383,12 @@ class Ocixfs:
             "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run), fresh cache",
             "recorded": "ocixfs mount --prefetch auto, IMAGE.profile made by 'ocixfs profile "
                         "record', fresh cache",
-            "borrowed": "version N+1 (one package added), ocixfs mount --prefetch auto on a "
-                        "host that ran version N (its cache and host profile)",
-            "next-ondemand": "version N+1 (one package added), ocixfs mount --prefetch none on "
-                             "a host that ran version N (no borrowing)",
+            "borrowed": "version N+1 (a package added, python3.11's .pyc rebuilt), ocixfs mount "
+                        "--prefetch auto on a host that ran version N (its cache and host "
+                        "profile)",
+            "next-ondemand": "version N+1 (a package added, python3.11's .pyc rebuilt), ocixfs "
+                             "mount --prefetch none on a host that ran version N (no "
+                             "borrowing)",
             "predict": "ocixfs mount --prefetch FILE, FILE the ELF closure of the workload's "
                        "program (PT_INTERP + DT_NEEDED), fresh cache",
             "warm": "ocixfs mount, cache filled by an earlier run",
