@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile), else the one this host recorded, else "
-                        "the one it recorded for the most similar image; 'all' does "
+                        "the one it recorded for the most similar image, else the ELF "
+                        "libraries of each program as it starts; 'all' does "
                         "that, then fetches the rest of the image; FILE plays that profile")
     parser.add_argument("--no-packs", action="store_true",
                         help="fetch the profile's files one by one even when the store has "
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
                                         config.cache_dir, config.stores,
                                         tls_verify=args.tls_verify == "true")
     config = replace(config, profile=chosen.profile if chosen else None, profile_origin=chosen,
-                     fill_rest=prefetch == "all", stores=stores)
+                     fill_rest=prefetch == "all", stores=stores,
+                     predict=chosen is None and prefetch in ("auto", "all"))
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)

@@ -101,7 +101,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines.append("played       " + (
         f"{played['description']}: {played['in_tree']} of its {played['paths']} paths are "
         "files of this image" if played else "no profile"))
-    for group in ("prefetch", "reader", "fs"):
+    for group in ("prefetch", "predict", "reader", "fs"):
         body = _flatten(stats.get(group) or {}, "  ")
         if body:
             lines.append(f"{group}:")

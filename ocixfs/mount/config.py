@@ -25,6 +25,8 @@ class MountConfig:
       from (``ocixfs stats`` says; its ``profile`` is ``profile``); ``fill_rest``: then
       fetch the rest of the image in the background; ``packs``: fetch the profile's
       blobs as the store's profile packs for it, when it has them (``fetch.packs``).
+    - ``predict``: with no profile to play, prefetch the ELF closure of each executable
+      as it is opened (``mount.predict``).
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
     - ``uid_shift``/``gid_shift``: added to every owner and group the mount reports (an
       unprivileged container's id base).
@@ -49,6 +51,7 @@ class MountConfig:
     profile: Profile | None = None
     profile_origin: ChosenProfile | None = None
     fill_rest: bool = False
+    predict: bool = False
     packs: bool = True
     record_profile: Path | None = None
     prefetch_concurrency: int = 16

@@ -16,7 +16,9 @@ Contenders (names used on the command line):
                      the workload. Incus then also re-tars and gzips the rootfs into its image
                      store and unpacks it again; that is left out, so this row flatters it.
 - ``casync``         ``casync mount`` of a chunk store over HTTP: a lazy FUSE peer.
-- ``ocixfs``         ``ocixfs mount`` with a fresh cache and no profile anywhere.
+- ``ocixfs``         ``ocixfs mount`` with a fresh cache and no profile anywhere (so
+                     ``--prefetch auto`` follows executables: ``mount.predict``).
+- ``ocixfs-ondemand`` the same with ``--prefetch none``: reads fetch what they touch.
 - ``ocixfs-profile`` ``ocixfs mount --prefetch FILE``, FILE recorded on an earlier run
                      (``--record-profile``) in the same session.
 - ``ocixfs-recorded`` ``ocixfs mount`` (``--prefetch auto``, the default) with a fresh cache
@@ -371,7 +373,8 @@ class _OcixfsSession:
 class Ocixfs:
     """An ocixfs contender; `mode` picks cold, profile-played, borrowed, predicted or warm."""
 
-    NAMES = {"cold": "ocixfs", "profile": "ocixfs-profile", "recorded": "ocixfs-recorded",
+    NAMES = {"cold": "ocixfs", "ondemand": "ocixfs-ondemand", "profile": "ocixfs-profile",
+             "recorded": "ocixfs-recorded",
              "borrowed": "ocixfs-borrowed", "next-ondemand": "ocixfs-next-ondemand",
              "predict": "ocixfs-predict", "warm": "ocixfs-warm"}
 
@@ -379,7 +382,8 @@ class Ocixfs:
         self.mode = mode
         self.name = self.NAMES[mode]
         self.description = {
-            "cold": "ocixfs mount, fresh cache, no profile",
+            "cold": "ocixfs mount, fresh cache, no profile (auto: the ELF predictor)",
+            "ondemand": "ocixfs mount --prefetch none, fresh cache",
             "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run), fresh cache",
             "recorded": "ocixfs mount --prefetch auto, IMAGE.profile made by 'ocixfs profile "
                         "record', fresh cache",
@@ -416,7 +420,8 @@ class Ocixfs:
                 relay,
                 server.requests,
                 warm_cache=self.mode == "warm",
-                prefetch=str(profile) if self.mode in ("profile", "predict") else None,
+                prefetch=(str(profile) if self.mode in ("profile", "predict")
+                          else "none" if self.mode == "ondemand" else None),
             )
             if self.mode == "profile":
                 recorder = _OcixfsSession(
@@ -507,6 +512,7 @@ def run_locally(ctx: SessionContext, cache: Path) -> None:
 
 CONTENDERS: dict[str, Contender] = {
     c.name: c
-    for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("profile"), Ocixfs("recorded"),
+    for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("ondemand"), Ocixfs("profile"),
+              Ocixfs("recorded"),
               Ocixfs("borrowed"), Ocixfs("next-ondemand"), Ocixfs("predict"), Ocixfs("warm"))
 }
