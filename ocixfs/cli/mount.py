@@ -50,7 +50,8 @@ KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 # (each network step; a refused connection answers at once).
 STORE_PROBE_TIMEOUT = 2.0
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
-                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift"}
+                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift",
+                 "proxy"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "under URL; netrc ($NETRC or ~/.netrc) is used too")
     parser.add_argument("--ca-file", metavar="FILE",
                         help="PEM CA certificates to trust in addition to the system's")
+    parser.add_argument("--proxy", action="append", default=[], metavar="URL",
+                        help="HTTP proxy (site cache) for stores and http(s) IMAGE: "
+                        "http://HOST:PORT, or DIRECT for none; repeat for an ordered group, "
+                        "a failed proxy is skipped for a minute (default: HTTP_PROXY, "
+                        "HTTPS_PROXY, NO_PROXY from the environment; also -o proxy=URL)")
     parser.add_argument("--tls-verify", choices=("true", "false"), default="true",
                         help="for docker:// IMAGE and stores: false allows plain http to a "
                         "registry that is not on this host (default true: https)")
@@ -93,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "noatime and the other generic flags; store=URL, cache=DIR (or "
                         "cache_dir=DIR), cache_max_size=SIZE, digest=b3:HEX, "
                         "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
-                        "log=FILE, store_auth=FILE, ca_file=FILE, uidshift=N, gidshift=N (add "
-                        "N to every owner / group: an unprivileged container's id base); x-* "
+                        "log=FILE, store_auth=FILE, ca_file=FILE, proxy=URL, uidshift=N, "
+                        "gidshift=N (add N to every owner / group: an unprivileged container's id base); x-* "
                         "and comment=* are ignored (fstab); nopacks: see --no-packs")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
@@ -339,11 +345,12 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
     mount, before and after the fork, uses what was read."""
     from ocixfs.config import FetchConfig
     from ocixfs.errors import UsageError
-    from ocixfs.http import load_credentials, ssl_context
+    from ocixfs.http import load_credentials, proxy_group, ssl_context
 
     fetch = FetchConfig(
         ca_file=_last(values, "ca_file", args.ca_file),
         auth_file=_last(values, "store_auth", args.store_auth),
+        proxies=proxy_group([*args.proxy, *values.get("proxy", [])]),
     )
     ssl_context(fetch.ca_file)
     fetch = replace(fetch, credentials=load_credentials(fetch.auth_file))
