@@ -100,8 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "cache_dir=DIR), cache_max_size=SIZE, digest=b3:HEX, "
                         "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
                         "log=FILE, store_auth=FILE, ca_file=FILE, proxy=URL, uidshift=N, "
-                        "gidshift=N (add N to every owner / group: an unprivileged container's id base); x-* "
-                        "and comment=* are ignored (fstab); nopacks: see --no-packs")
+                        "gidshift=N (add N to every owner / group: an unprivileged "
+                        "container's id base); x-* and comment=* are ignored (fstab); "
+                        "nopacks: see --no-packs")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
