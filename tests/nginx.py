@@ -48,9 +48,11 @@ def _free_port() -> int:
 
 
 class Nginx:
-    """``with Nginx(root, work) as server: server.url`` — stopped on exit, always."""
+    """``with Nginx(root, work) as server: server.url`` — stopped on exit, always.
+    ``config`` is a template with ``{work}``, ``{port}``, ``{root}`` and the ``fields``."""
 
-    def __init__(self, root: Path, work: Path) -> None:
+    def __init__(self, root: Path, work: Path, *, config: str = CONFIG,
+                 **fields: object) -> None:
         if not os.path.exists(NGINX):
             pytest.skip("nginx is not installed (scripts/install installs nginx-light)")
         self.root = root
@@ -58,11 +60,14 @@ class Nginx:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process: subprocess.Popen[bytes] | None = None
+        self.template = config
+        self.fields = fields
 
     def __enter__(self) -> Nginx:
         (self.work / "tmp").mkdir(parents=True, exist_ok=True)
         config = self.work / "nginx.conf"
-        config.write_text(CONFIG.format(work=self.work, port=self.port, root=self.root))
+        config.write_text(self.template.format(work=self.work, port=self.port, root=self.root,
+                                               **self.fields))
         self.process = subprocess.Popen(
             [NGINX, "-c", os.fspath(config), "-e", os.fspath(self.work / "error.log")]
         )
@@ -96,6 +101,13 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies as a crashed host would (with ``master_process off``,
+        nothing is left serving)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
