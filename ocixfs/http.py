@@ -358,13 +358,13 @@ class ProxyGroup:
             was_up = self._down_until.get(route, -float("inf")) <= now
             self._down_until[route] = now + config.proxy_down
         if was_up:
-            log.warning("proxy %s failed (%s); trying the next route first for %g s",
-                        redact(route), describe(why), config.proxy_down)
+            log.warning("%s failed (%s); trying the next route first for %g s",
+                        _route_name(route), describe(why), config.proxy_down)
 
     def worked(self, route: str) -> None:
         with self._lock:
             if self._down_until.pop(route, None) is not None:
-                log.info("proxy %s works again", redact(route))
+                log.info("%s works again", _route_name(route))
 
     @contextlib.contextmanager
     def watching(self, route: str, config: FetchConfig) -> Iterator[None]:
@@ -379,6 +379,10 @@ class ProxyGroup:
 
 
 PROXIES = ProxyGroup()
+
+
+def _route_name(route: str) -> str:
+    return "the direct connection" if route == DIRECT else f"proxy {redact(route)}"
 
 
 def proxy_group(entries: Iterable[str]) -> tuple[str, ...]:

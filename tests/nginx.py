@@ -14,20 +14,27 @@ import pytest
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
-CONFIG = """\
+# What every test nginx shares (templates: ``{work}`` is its directory).
+PREAMBLE = """\
 daemon off;
 user root root;
-worker_processes 1;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {work}/access.log;
+events {{ worker_connections 1024; }}
+"""
+TEMP_PATHS = """\
     client_body_temp_path {work}/tmp;
     proxy_temp_path {work}/tmp;
     fastcgi_temp_path {work}/tmp;
     uwsgi_temp_path {work}/tmp;
     scgi_temp_path {work}/tmp;
+"""
+
+CONFIG = PREAMBLE + """\
+worker_processes 1;
+http {{
+    access_log {work}/access.log;
+""" + TEMP_PATHS + """\
     types {{ application/json json; }}
     default_type application/octet-stream;
     sendfile on;
@@ -45,6 +52,21 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    """Until ``port`` on 127.0.0.1 accepts connections (10 s); raises with the end of
+    ``log`` if ``process`` died or the time is up."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                text = log.read_text() if log.exists() else ""
+                raise AssertionError(f"{what} did not start: {text[-2000:]}") from None
+            time.sleep(0.02)
 
 
 class Nginx:
@@ -71,17 +93,8 @@ class Nginx:
         self.process = subprocess.Popen(
             [NGINX, "-c", os.fspath(config), "-e", os.fspath(self.work / "error.log")]
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        "nginx did not start: " + (self.work / "error.log").read_text()
-                    ) from None
-                time.sleep(0.02)
+        wait_for_port(self.port, self.process, "nginx", self.work / "error.log")
+        return self
 
     def requests(self) -> list[str]:
         """The request paths logged so far."""

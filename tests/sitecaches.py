@@ -19,35 +19,25 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
 import pytest
 
-from tests.nginx import Nginx, _free_port
+from tests.nginx import PREAMBLE, TEMP_PATHS, Nginx, _free_port, wait_for_port
 
-__all__ = ["NginxCache", "Origin", "Squid", "wait_for_port"]
+__all__ = ["NginxCache", "Origin", "Squid"]
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 
 # The origin: immutable, year-long blobs and packs (their names are their content);
 # everything else (manifests, profiles, ocix-store.json) fresh for a minute.
-ORIGIN_CONFIG = """\
-daemon off;
+ORIGIN_CONFIG = PREAMBLE + """\
 master_process off;
-user root root;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
 http {{
     log_format counted '$request_uri $status $body_bytes_sent "$http_via"';
     access_log {work}/access.log counted;
-    client_body_temp_path {work}/tmp;
-    proxy_temp_path {work}/tmp;
-    fastcgi_temp_path {work}/tmp;
-    uwsgi_temp_path {work}/tmp;
-    scgi_temp_path {work}/tmp;
+""" + TEMP_PATHS + """\
     default_type application/octet-stream;
     sendfile on;
     server {{
@@ -66,20 +56,11 @@ http {{
 
 # nginx as a site mirror: a caching reverse proxy of the origin; one request per blob
 # reaches the origin (proxy_cache_lock), later ones are hits.
-NGINX_CACHE_CONFIG = """\
-daemon off;
+NGINX_CACHE_CONFIG = PREAMBLE + """\
 master_process off;
-user root root;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
 http {{
     access_log {work}/access.log;
-    client_body_temp_path {work}/tmp;
-    proxy_temp_path {work}/tmp;
-    fastcgi_temp_path {work}/tmp;
-    uwsgi_temp_path {work}/tmp;
-    scgi_temp_path {work}/tmp;
+""" + TEMP_PATHS + """\
     proxy_cache_path {work}/cache levels=1:2 keys_zone=ocixfs:10m max_size=10g
                      inactive=30d use_temp_path=off;
     server {{
@@ -121,22 +102,6 @@ pinger_enable off
 visible_hostname ocixfs-site-cache
 shutdown_lifetime 0 seconds
 """
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    """Until ``port`` on 127.0.0.1 accepts connections (10 s), or ``process`` died."""
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text() if log.exists() else ""
-                raise AssertionError(f"{what} did not start: {text[-2000:]}") from None
-            time.sleep(0.02)
 
 
 class Origin(Nginx):

@@ -25,32 +25,18 @@ from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import Mounts, needs_fuse, wait_for
 from tests.reliabilitykit import Image, write_image
-from tests.servers import FaultServers, Store, blob_store, cached, fetching_with
+from tests.servers import FaultServers, Store, cached, fetching_with
 from tests.sitecaches import NginxCache, Origin, Squid
 
 FAST = FetchConfig(deadline=10.0, connect_timeout=2.0, read_timeout=3.0, backoff=0.05,
                    failure_memory=0.5, proxy_down=60.0)
 fetching = fetching_with(FAST)
 CONTENTS = [bytes([n]) * (50_000 + n) for n in range(4)]
-PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
 
 
 @pytest.fixture
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-    return monkeypatch
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return blob_store(tmp_path / "store", CONTENTS)
-
-
-@pytest.fixture
-def origin(store: Store, serve: FaultServers) -> FaultServer:
-    return serve(store.root)
+def blob_contents() -> list[bytes]:
+    return CONTENTS
 
 
 def dead_url(serve: FaultServers, root: Path) -> str:
@@ -60,9 +46,9 @@ def dead_url(serve: FaultServers, root: Path) -> str:
     return server.url
 
 
-def via_proxy(origin: FaultServer, hexdigest: str) -> list[bool]:
+def via_proxy(server: FaultServer, hexdigest: str) -> list[bool]:
     """For each request of the blob the origin saw: did it come through a proxy?"""
-    return ["Via" in headers for headers in origin.headers(hexdigest)]
+    return ["Via" in headers for headers in server.headers(hexdigest)]
 
 
 # --- the group -----------------------------------------------------------------------------
@@ -80,78 +66,78 @@ def test_proxy_options_are_checked() -> None:
 
 
 async def test_a_dead_proxy_is_skipped_within_the_attempt_and_then_tried_last(
-    tmp_path: Path, store: Store, origin: FaultServer, serve: FaultServers,
+    tmp_path: Path, store: Store, server: FaultServer, serve: FaultServers,
     no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     dead = dead_url(serve, tmp_path)
     with ForwardProxy() as second:
         config = replace(FAST, proxies=(dead, second.url, DIRECT), rounds=1)
-        async with fetching([origin.url], tmp_path / "c", config=config) as (fetcher, cache):
+        async with fetching([server.url], tmp_path / "c", config=config) as (fetcher, cache):
             await fetcher.ensure(store.chunks[0])
             assert await cached(cache, store.chunks[0]) == CONTENTS[0]
-            assert PROXIES.routes(config, origin.url) == [second.url, DIRECT, dead]
+            assert PROXIES.routes(config, server.url) == [second.url, DIRECT, dead]
             await fetcher.ensure(store.chunks[1])
         assert [url.rsplit("/", 1)[-1] for url in second.requests if "/blobs/" in url] == [
             store.chunks[0].hex, store.chunks[1].hex]
-    assert via_proxy(origin, store.chunks[0].hex) == [True]
+    assert via_proxy(server, store.chunks[0].hex) == [True]
 
 
 async def test_direct_is_the_last_resort_and_a_proxy_that_works_again_is_first(
-    tmp_path: Path, store: Store, origin: FaultServer, serve: FaultServers,
+    tmp_path: Path, store: Store, server: FaultServer, serve: FaultServers,
     no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     proxy = serve(tmp_path / "nothing")  # a FaultServer answers absolute URLs like a proxy
     proxy.stop()
     config = replace(FAST, proxies=(proxy.url, DIRECT), proxy_down=0.0, rounds=1)
-    async with fetching([origin.url], tmp_path / "c", config=config) as (fetcher, _):
+    async with fetching([server.url], tmp_path / "c", config=config) as (fetcher, _):
         await fetcher.ensure(store.chunks[0])
-        assert via_proxy(origin, store.chunks[0].hex) == [False]
+        assert via_proxy(server, store.chunks[0].hex) == [False]
         proxy.root = store.root
         proxy.start()  # back (proxy_down 0: asked first again at once)
         await fetcher.ensure(store.chunks[1])
     assert proxy.count(store.chunks[1].hex) == 1
-    assert origin.count(store.chunks[1].hex) == 0
+    assert server.count(store.chunks[1].hex) == 0
 
 
 async def test_a_proxy_dying_mid_body_is_marked_down_and_the_blob_comes_direct(
-    tmp_path: Path, store: Store, origin: FaultServer, serve: FaultServers,
+    tmp_path: Path, store: Store, server: FaultServer, serve: FaultServers,
     no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     proxy = serve(store.root)  # serves the store to absolute URLs: a caching proxy's answer
     proxy.fault("*", Fault(reset=10_000))
     config = replace(FAST, proxies=(proxy.url, DIRECT))
-    async with fetching([origin.url], tmp_path / "c", config=config) as (fetcher, cache):
+    async with fetching([server.url], tmp_path / "c", config=config) as (fetcher, cache):
         await fetcher.ensure(store.chunks[2])
         assert await cached(cache, store.chunks[2]) == CONTENTS[2]
-        assert PROXIES.routes(config, origin.url) == [DIRECT, proxy.url]
+        assert PROXIES.routes(config, server.url) == [DIRECT, proxy.url]
         await fetcher.ensure(store.chunks[3])
     assert proxy.count(store.chunks[2].hex) == 1
     assert proxy.count(store.chunks[3].hex) == 0  # down: not asked again
-    assert via_proxy(origin, store.chunks[2].hex) == [False]
+    assert via_proxy(server, store.chunks[2].hex) == [False]
 
 
 async def test_no_proxy_applies_to_the_group(
-    tmp_path: Path, store: Store, origin: FaultServer, no_proxy_env: pytest.MonkeyPatch,
+    tmp_path: Path, store: Store, server: FaultServer, no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     with ForwardProxy() as proxy:
         no_proxy_env.setenv("NO_PROXY", "example.org,127.0.0.1")
         config = replace(FAST, proxies=(proxy.url,))
         assert PROXIES.routes(config, "http://mirror.example.org/store") == [DIRECT]
         assert PROXIES.routes(config, "http://example.com/store") == [proxy.url]
-        async with fetching([origin.url], tmp_path / "c", config=config) as (fetcher, _):
+        async with fetching([server.url], tmp_path / "c", config=config) as (fetcher, _):
             await fetcher.ensure(store.chunks[0])
         assert proxy.requests == []
         no_proxy_env.setenv("NO_PROXY", "127.0.0.1:1")  # another port: not bypassed
-        assert PROXIES.routes(config, origin.url) == [proxy.url]
+        assert PROXIES.routes(config, server.url) == [proxy.url]
 
 
 def test_a_manifest_download_follows_the_group(
-    tmp_path: Path, store: Store, origin: FaultServer, serve: FaultServers,
+    tmp_path: Path, store: Store, server: FaultServer, serve: FaultServers,
     no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     dead = dead_url(serve, tmp_path)
     no_proxy_env.setenv("HTTP_PROXY", dead)  # ignored: the group decides
-    url = f"{origin.url}/blobs/blake3/{store.chunks[1].hex}"
+    url = f"{server.url}/blobs/blake3/{store.chunks[1].hex}"
     with ForwardProxy() as proxy:
         config = replace(FAST, proxies=(dead, proxy.url))
         assert download(url, max_bytes=1 << 20, config=config) == CONTENTS[1]
