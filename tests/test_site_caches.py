@@ -23,7 +23,7 @@ from ocixfs.errors import UsageError
 from ocixfs.http import DIRECT, PROXIES, download, proxy_group
 from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
-from tests.mounting import Mounts, needs_fuse, wait_for
+from tests.mounting import Mounts, is_mounted, needs_fuse, run_ocixfs, wait_for
 from tests.reliabilitykit import Image, write_image
 from tests.servers import FaultServers, Store, cached, fetching_with
 from tests.sitecaches import NginxCache, Origin, Squid
@@ -63,6 +63,20 @@ def test_proxy_options_are_checked() -> None:
             proxy_group([bad])
     with pytest.raises(UsageError, match="twice"):
         proxy_group(["DIRECT", "DIRECT"])
+
+
+@pytest.mark.parametrize("option", [["--proxy", "squid.site:3128"],
+                                    ["-o", "proxy=http://u:secret@squid.site:3128"],
+                                    ["--proxy", "DIRECT", "-o", "proxy=direct"]])
+def test_a_bad_proxy_option_is_a_one_line_usage_error(tmp_path: Path, option: list[str]) -> None:
+    image = write_image(tmp_path / "image", {"/f": b"f"})
+    (tmp_path / "mnt").mkdir()
+    result = run_ocixfs("mount", os.fspath(image.ocix), os.fspath(tmp_path / "mnt"),
+                        "--store", os.fspath(image.store), *option, check=False, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ocixfs: --proxy ") and result.stderr.count("\n") == 1
+    assert "secret" not in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
 
 
 async def test_a_dead_proxy_is_skipped_within_the_attempt_and_then_tried_last(
@@ -233,7 +247,7 @@ def test_squid_serves_a_fleet_and_its_death_costs_no_read(
 ) -> None:
     root, shared, killed = origin_tree(tmp_path)
     with Origin(root, tmp_path / "origin-work", rate="1m") as origin, Squid() as squid:
-        proxies = ("--proxy", squid.url, "--proxy", "DIRECT")
+        proxies = ("--proxy", squid.url, "-o", "proxy=DIRECT")  # options, then -o values
         clients = fleet(f"{origin.url}shared/image.ocix", "shared", *proxies,
                         "--store", f"{origin.url}shared/store/")
         assert start_together(shared, clients)() == []
