@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         digest = check_digest(digest)
     fetch = _fetch_config(args, values)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
+    _check_cache_directory(config.cache_dir)
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
     image, tree, profile, stores = _load(args.image, digest, config.reader.fetch, prefetch,
                                          config.cache_dir, config.stores,
@@ -153,6 +154,16 @@ def run(args: argparse.Namespace) -> int:
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)
+
+
+def _check_cache_directory(cache_dir: Path) -> None:
+    """Make the cache directory, or refuse it (one line), before anything reads or writes in
+    it: the image index is the first to, while the manifest loads."""
+    from ocixfs.cache.layout import cache_errors
+    from ocixfs.safefs import private_directory
+
+    with cache_errors(f"preparing {cache_dir}"):
+        private_directory(cache_dir, what="cache directory")
 
 
 def _last(values: dict[str, list[str]], name: str, given: str | None) -> str | None:
