@@ -52,7 +52,7 @@ from typing import IO, Any, Protocol, cast
 import trio
 import zstandard
 
-from ocixfs.cache.blobs import Cache, CacheFill
+from ocixfs.cache.blobs import Cache, CacheFill, FetchClaim
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import (
     BlobCorrupt,
@@ -79,15 +79,19 @@ __all__ = ["Carrier", "FetchStatistics", "Fetcher", "Priority", "Sink", "cache_s
 log = logging.getLogger(__name__)
 
 _ASKED_TO_WAIT = "asked to retry later (Retry-After)"
+_CLAIM_POLL_FIRST = 0.005  # seconds between looks while another process fetches a blob …
+_CLAIM_POLL_MAX = 0.05  # … doubling up to this
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchStatistics:
     """A snapshot. ``errors`` counts failed attempts by kind (one blob may fail at several
     sources); ``failed_blobs`` counts blobs no source delivered; ``fast_failures`` requests
-    answered from the recent-failure memory; ``wait_timeouts`` waiters that gave up. Byte
-    and blob counts are of verified content; ``bytes_received_by_source`` counts what came
-    over the wire (compressed, failed attempts included)."""
+    answered from the recent-failure memory; ``wait_timeouts`` waiters that gave up;
+    ``fetched_by_others`` blobs this process waited for while another process on the host
+    fetched them (one transfer per blob host-wide). Byte and blob counts are of verified
+    content; ``bytes_received_by_source`` counts what came over the wire (compressed,
+    failed attempts included)."""
 
     blobs_fetched: int
     bytes_fetched: int
@@ -97,6 +101,7 @@ class FetchStatistics:
     failed_blobs: int
     fast_failures: int
     wait_timeouts: int
+    fetched_by_others: int
     in_flight: int
     queued: int
 
@@ -226,6 +231,7 @@ class Fetcher:
         self._failed_blobs = 0
         self._fast_failures = 0
         self._wait_timeouts = 0
+        self._fetched_by_others = 0
 
     # --- public ---
 
@@ -318,6 +324,7 @@ class Fetcher:
             failed_blobs=self._failed_blobs,
             fast_failures=self._fast_failures,
             wait_timeouts=self._wait_timeouts,
+            fetched_by_others=self._fetched_by_others,
             in_flight=len(self._flights),
             queued=self._scheduler.queued(),
         )
@@ -384,12 +391,16 @@ class Fetcher:
 
     async def _fly(self, flight: _Flight) -> OcixError | None:
         chunk = flight.chunk
+        claim: FetchClaim | None = None
         try:
             self._cache.refuse_oversized(chunk)  # before a slot or a byte is spent on it
             assert flight.ticket is not None, "a carried flight has no task"
+            budget = self._config.deadline + chunk.size / self._config.min_rate
+            claim = await self._claim_host_wide(chunk, budget)
+            if claim is None:
+                return None
             await self._scheduler.acquire(flight.ticket)
             try:
-                budget = self._config.deadline + chunk.size / self._config.min_rate
                 with trio.move_on_after(budget) as scope:
                     await self._fetch(flight)
                 if scope.cancelled_caught:
@@ -401,7 +412,36 @@ class Fetcher:
         except Exception as exc:
             log.exception("blob %s: unexpected error while fetching", chunk.hex)
             return FetchError(f"blob {chunk.hex}: internal error: {exc!r}")
+        finally:
+            if claim is not None:
+                claim.release()
         return None
+
+    async def _claim_host_wide(self, chunk: Chunk, budget: float) -> FetchClaim | None:
+        """This process's claim on fetching ``chunk`` (``Cache.claim_fetch``), or None once
+        another process on the host has put it in the cache. While another process holds
+        the claim this waits, without a slot, for the blob or the claim; after ``budget``
+        seconds it fetches anyway, under a claim of no one (a holder bound by its own
+        deadlines cannot keep it longer, but this never relies on that)."""
+        give_up = trio.current_time() + budget
+        pause = _CLAIM_POLL_FIRST
+        waited = False
+        while (claim := self._cache.claim_fetch(chunk)) is None:
+            waited = True
+            if self._cache.contains(chunk):
+                break
+            if trio.current_time() >= give_up:
+                log.info("blob %s: another process has been fetching it for %.0f s; "
+                         "fetching it here too", chunk.hex, budget)
+                return FetchClaim.held_by_no_one()
+            await trio.sleep(pause)
+            pause = min(2 * pause, _CLAIM_POLL_MAX)
+        if waited and self._cache.contains(chunk):
+            self._fetched_by_others += 1
+            if claim is not None:
+                claim.release()
+            return None
+        return claim
 
     async def _fetch(self, flight: _Flight) -> None:
         chunk = flight.chunk
