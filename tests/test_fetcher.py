@@ -485,3 +485,27 @@ async def test_a_claim_held_too_long_does_not_stop_the_fetch(
             claim.release()
         assert await cached(cache, chunk) == CONTENTS[1]
         assert server.count(chunk.hex) == 1
+
+
+async def test_a_prefetch_waits_while_another_process_reads_on_demand(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """Host-wide priorities: one fetcher's prefetch does not start while another process
+    sharing the cache fetches for a waiting read, and starts once that read is served."""
+    read, prefetched = store.chunks[0], store.chunks[2]
+    server.fault(read.hex, Fault(stall=0.4))
+    cache_dir = tmp_path / "cache"
+    async with (
+        fetching([server.url], cache_dir) as (reading, _),
+        fetching([server.url], cache_dir) as (prefetching, cache),
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(reading.ensure, read)
+        await trio.sleep(0.1)  # the read is on the wire
+        assert prefetching.start(prefetched, Priority.PREFETCH)
+        await trio.sleep(0.2)
+        assert server.count(prefetched.hex) == 0  # held back by the other process's read
+        await prefetching.ensure(prefetched, priority=Priority.PREFETCH,
+                                 deadline=trio.current_time() + 5)
+        assert server.count(read.hex) == 1
+        assert await cached(cache, prefetched) == CONTENTS[2]

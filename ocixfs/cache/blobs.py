@@ -6,6 +6,7 @@ once; ``directory`` owns the shared parts: quota, eviction, usage counter)::
     CACHE/blobs/<first 2 hex>/<64 hex>    a blob whose hash matched its name, mode 0600
     CACHE/tmp/<hex>.<pid>.<random>        a fill in progress, flock()ed by its writer
     CACHE/usage, CACHE/evict.lock         the shared usage counter and the evictor's lock
+    CACHE/demand.lock                     marks processes with on-demand fetches (``demand``)
 
 Developer note: this runs in one trio thread, where code between two awaits is atomic;
 the kept-open descriptor table relies on that, and a descriptor with ``users > 0`` (a read
@@ -63,8 +64,10 @@ from types import TracebackType
 import blake3
 import trio
 
+from ocixfs.cache.demand import HostDemand
 from ocixfs.cache.directory import CacheDirectory
 from ocixfs.cache.layout import (
+    DEMAND_LOCK,
     NotABlob,
     blob_file,
     cache_errors,
@@ -298,6 +301,7 @@ class Cache:
         self.root = self.directory.root
         self._blobs = self.directory.blobs
         self._tmp = self.directory.tmp
+        self.demand = HostDemand(self.root / DEMAND_LOCK)
         self._limiter = limiter
         self._open_blobs: OrderedDict[bytes, _OpenBlob] = OrderedDict()
         self._open_bytes = 0
@@ -356,6 +360,7 @@ class Cache:
             self._stop_rescan.set()
             self._rescanner.join()
             self._rescanner = None
+        self.demand.close()
         self.directory.close()
 
     def path_of(self, chunk: Chunk) -> Path:

@@ -9,6 +9,7 @@
     CACHE/index/<hex>.index         inode tables of images loaded here (``cache.index``)
     CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
     CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
+    CACHE/demand.lock               read-locked by each process with on-demand fetches
 
 Every ``OSError`` of the cache becomes ``CacheError`` (``CacheFullError`` for
 ENOSPC/EDQUOT) through ``cache_errors``, at the public methods of ``blobs``,
@@ -35,6 +36,7 @@ from ocixfs.errors import CacheError, CacheFullError
 
 __all__ = [
     "BLOBS",
+    "DEMAND_LOCK",
     "EVICT_LOCK",
     "INDEX",
     "PROFILES",
@@ -61,6 +63,7 @@ PROFILES = "profiles"
 INDEX = "index"
 USAGE_FILE = "usage"
 EVICT_LOCK = "evict.lock"
+DEMAND_LOCK = "demand.lock"
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")

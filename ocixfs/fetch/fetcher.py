@@ -15,9 +15,14 @@ Contract:
 - One flight per digest: concurrent requests for a blob share one transfer, run as a task
   in the fetcher's nursery (a waiter that gives up does not cancel it, so the bytes still
   land in the cache for the next read).
+- One transfer per digest on the host: a flight first claims the blob in the cache
+  (``Cache.claim_fetch``); while another process holds the claim it waits, without a
+  slot, until the blob is there (``fetched_by_others``) or the claim is free, and after
+  its whole budget it fetches anyway.
 - Priorities: ``ON_DEMAND`` fetches have their own slots; lower priorities share a smaller
   pool, start only when no on-demand fetch is queued, best priority first, and a queued
-  flight is promoted when an on-demand read joins it.
+  flight is promoted when an on-demand read joins it. Host-wide, background fetches also
+  wait while another process fetches for a waiting read (``scheduler``, ``cache.demand``).
 - A source that fails (connection, timeout, 5xx, bad bytes) is tried after the healthy
   ones for ``source_penalty`` seconds. A blob whose fetch failed fails fast for
   ``failure_memory`` seconds (the kernel retries a failed READ at once).
@@ -81,6 +86,7 @@ log = logging.getLogger(__name__)
 _ASKED_TO_WAIT = "asked to retry later (Retry-After)"
 _CLAIM_POLL_FIRST = 0.005  # seconds between looks while another process fetches a blob …
 _CLAIM_POLL_MAX = 0.05  # … doubling up to this
+_HOST_POLL = 0.02  # seconds between looks while other processes fetch for waiting reads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,7 +224,8 @@ class Fetcher:
         self._config = config
         self._nursery = nursery
         self._limiter = limiter
-        self._scheduler = Scheduler(config.on_demand_slots, config.background_slots)
+        self._scheduler = Scheduler(config.on_demand_slots, config.background_slots,
+                                    host=cache.demand, on_held=self._wait_for_host)
         self._flights: dict[bytes, _Flight] = {}
         self._failures: dict[bytes, tuple[float, OcixError]] = {}
         self._source_failed_at: dict[str, float] = {}
@@ -358,6 +365,17 @@ class Fetcher:
                 log.info("blob %s: its pack is too slow; fetching it on its own",
                          flight.chunk.hex)
                 self.release(flight.chunk, carrier)
+
+    def _wait_for_host(self) -> None:
+        """Background fetches wait while other processes on the host fetch for waiting
+        reads (``cache.demand``): look again every ``_HOST_POLL`` seconds until they may go."""
+
+        async def poll() -> None:
+            while self._scheduler.held_by_host:
+                await trio.sleep(_HOST_POLL)
+                self._scheduler.dispatch()
+
+        self._nursery.start_soon(poll)
 
     def _recent_failure(self, chunk: Chunk) -> OcixError | None:
         entry = self._failures.get(chunk.digest)
