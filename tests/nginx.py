@@ -54,17 +54,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    """Until ``port`` on 127.0.0.1 accepts connections (10 s); raises with the end of
-    ``log`` if ``process`` died or the time is up."""
-    deadline = time.monotonic() + 10
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str,
+                  log: Path | None = None, *, timeout: float = 10) -> None:
+    """Until ``port`` on 127.0.0.1 accepts connections; raises (with the end of ``log``)
+    if ``process`` died or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text() if log.exists() else ""
+                text = log.read_text() if log is not None and log.exists() else ""
                 raise AssertionError(f"{what} did not start: {text[-2000:]}") from None
             time.sleep(0.02)
 
