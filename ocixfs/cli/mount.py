@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ocixfs.cache.index import LoadedTree
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import PinnedBytes
-    from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
     from ocixfs.mount.profile import ChosenProfile, Profile
     from ocixfs.store.spec import StoreSpec
@@ -50,7 +50,8 @@ KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 # (each network step; a refused connection answers at once).
 STORE_PROBE_TIMEOUT = 2.0
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
-                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift"}
+                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift",
+                 "proxy"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "under URL; netrc ($NETRC or ~/.netrc) is used too")
     parser.add_argument("--ca-file", metavar="FILE",
                         help="PEM CA certificates to trust in addition to the system's")
+    parser.add_argument("--proxy", action="append", default=[], metavar="URL",
+                        help="HTTP proxy (site cache) for stores and http(s) IMAGE: "
+                        "http://HOST:PORT, or DIRECT for none; repeat for an ordered group, "
+                        "a failed proxy is skipped for a minute (default: HTTP_PROXY, "
+                        "HTTPS_PROXY, NO_PROXY from the environment; also -o proxy=URL)")
     parser.add_argument("--tls-verify", choices=("true", "false"), default="true",
                         help="for docker:// IMAGE and stores: false allows plain http to a "
                         "registry that is not on this host (default true: https)")
@@ -93,9 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "noatime and the other generic flags; store=URL, cache=DIR (or "
                         "cache_dir=DIR), cache_max_size=SIZE, digest=b3:HEX, "
                         "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
-                        "log=FILE, store_auth=FILE, ca_file=FILE, uidshift=N, gidshift=N (add "
-                        "N to every owner / group: an unprivileged container's id base); x-* "
-                        "and comment=* are ignored (fstab); nopacks: see --no-packs")
+                        "log=FILE, store_auth=FILE, ca_file=FILE, proxy=URL, uidshift=N, "
+                        "gidshift=N (add N to every owner / group: an unprivileged "
+                        "container's id base); x-* and comment=* are ignored (fstab); "
+                        "nopacks: see --no-packs")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile), else the one this host recorded, else "
@@ -147,16 +154,29 @@ def run(args: argparse.Namespace) -> int:
         digest = check_digest(digest)
     fetch = _fetch_config(args, values)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
+    _check_cache_directory(config.cache_dir)
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, tree, chosen, stores = _load(args.image, digest, config.reader.fetch, prefetch,
-                                        config.cache_dir, config.stores,
-                                        tls_verify=args.tls_verify == "true")
+    image, loaded, chosen, stores = _load(args.image, digest, config.reader.fetch, prefetch,
+                                          config.cache_dir, config.stores,
+                                          tls_verify=args.tls_verify == "true")
+    tree = loaded.tree
     config = replace(config, profile=chosen.profile if chosen else None, profile_origin=chosen,
                      fill_rest=prefetch == "all", stores=stores,
-                     predict=chosen is None and prefetch in ("auto", "all"))
+                     predict=chosen is None and prefetch in ("auto", "all"),
+                     write_index=not loaded.from_index)
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)
+
+
+def _check_cache_directory(cache_dir: Path) -> None:
+    """Make the cache directory, or refuse it (one line), before anything reads or writes in
+    it: the image index is the first to, while the manifest loads."""
+    from ocixfs.cache.layout import cache_errors
+    from ocixfs.safefs import private_directory
+
+    with cache_errors(f"preparing {cache_dir}"):
+        private_directory(cache_dir, what="cache directory")
 
 
 def _last(values: dict[str, list[str]], name: str, given: str | None) -> str | None:
@@ -230,7 +250,7 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
     stores: Sequence[StoreSpec], *, tls_verify: bool,
-) -> tuple[PinnedBytes, Tree, ChosenProfile | None, tuple[StoreSpec, ...]]:
+) -> tuple[PinnedBytes, LoadedTree, ChosenProfile | None, tuple[StoreSpec, ...]]:
     """The image, its inode tree and the profile to play (borrowed from a related image
     this host ran when there is no other: ``locate_profile``). Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
@@ -258,13 +278,13 @@ def _load(
                       if prefetch in ("auto", "all") else None)
         probes = [pool.submit(_probe_store, store, fetch) for store in stores]
         _import_daemon_modules()
-        image, tree, found, stores = loading.result()
+        image, loaded, found, stores = loading.result()
         release()
         _warn_unreachable(stores, probes)
         profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
                                  beside=beside.result if beside is not None else lambda: found,
-                                 tree=tree)
-    return image, tree, profile, tuple(stores)
+                                 tree=loaded.tree)
+    return image, loaded, profile, tuple(stores)
 
 
 def _probe_store(store: StoreSpec, fetch: FetchConfig) -> str | None:
@@ -310,24 +330,24 @@ def _held_warnings(logger_name: str) -> Iterator[Callable[[], None]]:
 def _load_tree(
     source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
     stores: Sequence[StoreSpec],
-) -> tuple[PinnedBytes, Tree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.cache.index import load_tree
+) -> tuple[PinnedBytes, LoadedTree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.cache.index import open_tree
     from ocixfs.image.loading import read_pinned
 
     image = read_pinned(source, expected_digest=digest, http=fetch)
-    return image, load_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
+    return image, open_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
 
 
 def _load_registry_tree(
     source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
     stores: Sequence[StoreSpec], tls_verify: bool,
-) -> tuple[PinnedBytes, Tree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.cache.index import load_tree
+) -> tuple[PinnedBytes, LoadedTree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.cache.index import open_tree
     from ocixfs.mount.fromregistry import load_from_registry
 
     loaded = load_from_registry(source, digest, fetch, stores, tls_verify=tls_verify)
     image = loaded.image
-    tree = load_tree(image.data, image.digest, cache_dir, source=image.name)
+    tree = open_tree(image.data, image.digest, cache_dir, source=image.name)
     return image, tree, loaded.profile, loaded.stores
 
 
@@ -345,11 +365,12 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
     mount, before and after the fork, uses what was read."""
     from ocixfs.config import FetchConfig
     from ocixfs.errors import UsageError
-    from ocixfs.http import load_credentials, ssl_context
+    from ocixfs.http import load_credentials, proxy_group, ssl_context
 
     fetch = FetchConfig(
         ca_file=_last(values, "ca_file", args.ca_file),
         auth_file=_last(values, "store_auth", args.store_auth),
+        proxies=proxy_group([*args.proxy, *values.get("proxy", [])]),
     )
     ssl_context(fetch.ca_file)
     fetch = replace(fetch, credentials=load_credentials(fetch.auth_file))
