@@ -3,13 +3,14 @@
 A mount that plays no profile (``--prefetch auto`` or ``all`` found none to play or to
 borrow) follows every executable it serves: on the first open of a regular file with an
 execute bit, ``ElfPredictor`` fetches all of its blobs at once (the kernel and ``ld.so``
-map the whole file; read on demand its chunks would come one or two at a time), reads its
-ELF headers, and does the same for its ``PT_INTERP`` and its ``DT_NEEDED`` libraries,
-transitively, found in its ``DT_RUNPATH``/``DT_RPATH`` and the usual library directories
-(no ``ld.so.cache``). ``ld.so`` opens the libraries one after another, a round trip each;
-this fetches them together while the program's own chunks arrive. Nothing is guessed:
-every file named is one the loader will map (the README's "Prefetching and profiles" has
-the measurement, and the predictors that were measured and not adopted).
+map the whole file; read on demand its chunks would come one or two at a time; a file over
+``MAX_WHOLE_FILE`` only as its headers are read), reads its ELF headers, and does the same
+for its ``PT_INTERP`` and its ``DT_NEEDED`` libraries, transitively, found in its
+``DT_RUNPATH``/``DT_RPATH`` and the usual library directories (no ``ld.so.cache``).
+``ld.so`` opens the libraries one after another, a round trip each; this fetches them
+together while the program's own chunks arrive. Nothing is guessed: every file named is
+one the loader will map (the README's "Prefetching and profiles" has the measurement, and
+the predictors that were measured and not adopted).
 
 The file's bytes are untrusted: every read is bounded (``MAX_HEADER_READ``), offsets are
 checked against the file, and anything malformed ends that file's following quietly. At
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
                 "/lib", "/usr/lib", "/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu")
 MAX_FOLLOWED = 256  # files followed per mount
+MAX_WHOLE_FILE = 64 << 20  # larger files: only the chunks their headers are read from
 MAX_HEADER_READ = 1 << 20  # bytes read at once from a followed file (headers, .dynamic, strings)
 MAX_SYMLINKS = 40
 EXECUTE_BITS = 0o111
@@ -95,8 +97,9 @@ class ElfPredictor:
                 nursery.start_soon(self._follow, node, nursery)
 
     async def _follow(self, node: Node, nursery: trio.Nursery) -> None:
-        for chunk in node.blobs:
-            nursery.start_soon(self._fetch, chunk)
+        if node.size <= MAX_WHOLE_FILE:
+            for chunk in node.blobs:
+                nursery.start_soon(self._fetch, chunk)
         self._followed += 1
         try:
             named = await self._loaded_by(node)
