@@ -41,13 +41,30 @@ def test_resolve_follows_symlinks_inside_the_image() -> None:
 SH = os.fspath(Path(shutil.which("sh") or "/bin/sh").resolve()).lstrip("/")  # in the image too
 
 
-def _hostile_elf() -> bytes:
-    """An ELF64 header whose program headers point far past the end of the file."""
-    head = bytearray(64)
-    head[:6] = b"\x7fELF\x02\x01"
-    struct.pack_into("<Q", head, 0x20, 1 << 40)
-    struct.pack_into("<HH", head, 0x36, 56, 3)
-    return bytes(head) + b"\0" * 200
+def _hostile_elves() -> dict[str, bytes]:
+    """ELF64 files whose headers point outside themselves: the program headers, the
+    dynamic section, a library name's string."""
+    def elf(phoff: int, phnum: int, tail: bytes) -> bytes:
+        head = bytearray(64)
+        head[:6] = b"\x7fELF\x02\x01"
+        struct.pack_into("<Q", head, 0x20, phoff)
+        struct.pack_into("<HH", head, 0x36, 56, phnum)
+        return bytes(head) + tail
+
+    size = 64 + 2 * 56 + 64 + 16
+
+    def headers(dynamic_at: int) -> bytes:
+        load = struct.pack("<IIQQQQQQ", 1, 4, 0, 0, 0, size, size, 4096)
+        dynamic = struct.pack("<IIQQQQQQ", 2, 4, dynamic_at, 0, 0, 64, 64, 8)
+        return load + dynamic
+
+    entries = b"".join(struct.pack("<qQ", tag, value) for tag, value in (
+        (5, 64 + 2 * 56 + 64), (10, 16), (1, 5000), (0, 0)))  # DT_NEEDED name at 5000
+    return {
+        "phdrs-beyond": elf(1 << 40, 3, b"\0" * 200),
+        "dynamic-beyond": elf(64, 2, headers(1 << 30) + entries + b"libc.so.6\0".ljust(16)),
+        "name-beyond": elf(64, 2, headers(64 + 2 * 56) + entries + b"libc.so.6\0".ljust(16)),
+    }
 
 
 def _libc_blobs() -> set[str]:
@@ -63,32 +80,33 @@ def test_opening_a_program_prefetches_its_loader_and_libraries(
     tmp_path: Path, mounts: Mounts
 ) -> None:
     root = make_rootfs(tmp_path / "rootfs")
-    hostile = root / "usr/bin/hostile"
-    hostile.write_bytes(_hostile_elf())
-    hostile.chmod(0o755)
+    for name, data in _hostile_elves().items():
+        hostile = root / "usr/bin" / name
+        hostile.write_bytes(data)
+        hostile.chmod(0o755)
     store = tmp_path / "store"
     image = build(root, store, tmp_path / "image.ocix")
     with Nginx(store, tmp_path / "nginx") as server:
         with mounts(image, tmp_path / "mnt", *store_args([server.url], tmp_path / "c1")) as mount:
             assert mount.stats()["predict"] == {"followed": 0, "predicted": 0, "blobs": 0,
                                                 "failed_blobs": 0}
-            for name in ("usr/bin/hostile", "usr/bin/tool"):  # not ELF or broken: ignored
-                assert (mount.mountpoint / name).read_bytes()[:2] in (b"\x7fE", b"#!")
+            for name in [*_hostile_elves(), "tool"]:  # broken or not ELF: nothing predicted
+                assert (mount.mountpoint / "usr/bin" / name).read_bytes()[:2] in (b"\x7fE", b"#!")
             with open(mount.mountpoint / SH, "rb") as program:
                 assert program.read(4) == b"\x7fELF"
 
             def followed_all() -> bool:
                 stats = mount.stats()["predict"]
-                return isinstance(stats, dict) and stats["followed"] == 5
+                return isinstance(stats, dict) and stats["followed"] == 7
 
-            # the hostile file, the script, /bin/sh, libc and ld.so
-            wait_for(followed_all, what="the predictor following five files")
+            # the three hostile files, the script, /bin/sh, libc and ld.so
+            wait_for(followed_all, what="the predictor following seven files")
             stats = mount.stats()["predict"]
             assert isinstance(stats, dict)
             # libc, and ld.so three times: the interpreter of /bin/sh and of libc, and
             # needed by libc
             assert (stats["predicted"], stats["failed_blobs"]) == (4, 0)
-            assert stats["blobs"] >= 5
+            assert stats["blobs"] >= 7
             wait_for(lambda: _libc_blobs() <= set(blob_requests(server)), what="libc fetched")
             assert mount.stats()["background_failures"] == {}
         with mounts(image, tmp_path / "mnt", *store_args([server.url], tmp_path / "c2"),
