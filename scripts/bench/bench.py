@@ -360,6 +360,17 @@ def summarize(row: dict[str, object], runs: list[RunResult]) -> None:
             link_bytes=int(statistics.median(r.bytes_total for r in runs)),
             requests=int(statistics.median(r.requests for r in runs)),
         )
+        mounts = [_mount_seconds(r) for r in runs]
+        if all(m is not None for m in mounts):
+            row["median_mount_s"] = round(statistics.median(m for m in mounts if m is not None), 4)
+
+
+def _mount_seconds(run: RunResult) -> float | None:
+    """How long an ocixfs run's mount command took (``steps_s``), None for other tools."""
+    steps = run.extra.get("steps_s")
+    if isinstance(steps, dict) and isinstance(steps.get("mount"), int | float):
+        return float(steps["mount"])
+    return None
 
 
 def servers_fresh(path: Path) -> Path:
@@ -413,6 +424,7 @@ def table(
         "contender",
         "median s",
         "min-max s",
+        "mount s",
         "MB link",
         "requests",
         "x faster than skopeo",
@@ -434,6 +446,7 @@ def table(
                     f"lower bound ({bound['files']} files)",
                     f"{seconds:.2f}",
                     "",
+                    "",
                     f"{bound['bytes'] / 1e6:.1f}",
                     "",
                     "",
@@ -452,6 +465,7 @@ def table(
                     "",
                     "",
                     "",
+                    "",
                 ]
             )
             continue
@@ -463,6 +477,7 @@ def table(
                 str(row["contender"]),
                 f"{row['median_s']:.2f}",
                 f"{row['min_s']:.2f}-{row['max_s']:.2f}" + _short(row, runs),
+                f"{row['median_mount_s']:.3f}" if "median_mount_s" in row else "",
                 f"{int(str(row['link_bytes'])) / 1e6:.1f}",
                 str(row["requests"]),
                 f"{speedup:.1f}" if isinstance(speedup, float) else "",
@@ -470,7 +485,7 @@ def table(
             ]
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    numeric = {3, 4, 5, 6, 7, 8}
+    numeric = {3, 4, 5, 6, 7, 8, 9}
 
     def fmt(cells: list[str]) -> str:
         return (

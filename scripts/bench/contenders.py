@@ -384,9 +384,10 @@ class Ocixfs:
         self.description = {
             "cold": "ocixfs mount, fresh cache, no profile (auto: the ELF predictor)",
             "ondemand": "ocixfs mount --prefetch none, fresh cache",
-            "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run), fresh cache",
+            "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run; its pack in "
+                       "the store, as 'ocixfs profile pack' writes it), fresh cache",
             "recorded": "ocixfs mount --prefetch auto, IMAGE.profile made by 'ocixfs profile "
-                        "record', fresh cache",
+                        "record' (and its pack), fresh cache",
             "borrowed": "version N+1 (a package added, python3.11's .pyc rebuilt), ocixfs mount "
                         "--prefetch auto on a host that ran version N (its cache and host "
                         "profile)",
@@ -433,7 +434,10 @@ class Ocixfs:
             elif self.mode == "warm":
                 session.run_once()  # fills the cache; not counted
             if self.mode == "recorded":
-                with recorded_beside(ctx):
+                with recorded_beside(ctx) as beside, packed(ctx, beside):
+                    yield session
+            elif self.mode == "profile":
+                with packed(ctx, profile):
                     yield session
             else:
                 yield session
@@ -458,6 +462,23 @@ class Ocixfs:
             yield _OcixfsSession(next_ctx, relay, server.requests, warm_cache=False,
                                  prefetch=None if self.mode == "borrowed" else "none",
                                  seed_cache=seed)
+
+
+@contextlib.contextmanager
+def packed(ctx: SessionContext, profile: Path) -> Iterator[None]:
+    """The profile's pack in the session's store, as a publisher makes it (``ocixfs profile
+    pack``; ``build --profile-cmd`` does the same), removed at the end so that no other
+    contender plays it."""
+    assert ctx.ocix_image is not None and ctx.ocix_store is not None
+    result = subprocess.run(
+        [ctx.ocixfs, "profile", "pack", profile, "--image", ctx.ocix_image, "--store",
+         ctx.ocix_store, "--json"], capture_output=True, timeout=MOUNT_TIMEOUT, check=True)
+    parts = [ctx.ocix_store / part["name"] for part in json.loads(result.stdout)["parts"]]
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
