@@ -509,3 +509,31 @@ async def test_a_prefetch_waits_while_another_process_reads_on_demand(
                                  deadline=trio.current_time() + 5)
         assert server.count(read.hex) == 1
         assert await cached(cache, prefetched) == CONTENTS[2]
+
+
+async def test_a_held_back_prefetch_never_holds_the_blob_a_read_waits_for(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """One process's prefetch of a blob is held back (another process reads on demand);
+    a read of the same blob in a third process is served at once: the prefetch claims
+    nothing before it holds a slot."""
+    from ocixfs.cache.demand import HostDemand
+
+    chunk = store.chunks[2]
+    cache_dir = tmp_path / "cache"
+    async with (
+        fetching([server.url], cache_dir) as (prefetching, _),
+        fetching([server.url], cache_dir) as (reading, cache),
+    ):
+        someone_reading = HostDemand(cache_dir / "demand.lock")
+        someone_reading.set_busy(True)
+        try:
+            assert prefetching.start(chunk, Priority.PREFETCH)
+            await trio.sleep(0.1)
+            assert server.count(chunk.hex) == 0  # held back
+            with trio.fail_after(3):
+                await reading.ensure(chunk, deadline=trio.current_time() + 3)
+        finally:
+            someone_reading.close()
+        assert await cached(cache, chunk) == CONTENTS[2]
+        assert server.count(chunk.hex) == 1

@@ -16,8 +16,8 @@ Contract:
   in the fetcher's nursery (a waiter that gives up does not cancel it, so the bytes still
   land in the cache for the next read).
 - One transfer per digest on the host: a flight first claims the blob in the cache
-  (``Cache.claim_fetch``); while another process holds the claim it waits, without a
-  slot, until the blob is there (``fetched_by_others``) or the claim is free, and after
+  (``Cache.claim_fetch``) once it has a slot; while another process holds the claim it
+  waits until the blob is there (``fetched_by_others``) or the claim is free, and after
   its whole budget it fetches anyway.
 - Priorities: ``ON_DEMAND`` fetches have their own slots; lower priorities share a smaller
   pool, start only when no on-demand fetch is queued, best priority first, and a queued
@@ -414,11 +414,14 @@ class Fetcher:
             self._cache.refuse_oversized(chunk)  # before a slot or a byte is spent on it
             assert flight.ticket is not None, "a carried flight has no task"
             budget = self._config.deadline + chunk.size / self._config.min_rate
-            claim = await self._claim_host_wide(chunk, budget)
-            if claim is None:
-                return None
+            # The slot first, then the claim: a claim is only ever held by a flight that can
+            # transfer at once. (Claimed first, a prefetch held back for another process's
+            # on-demand read could hold the very blob that read waits for.)
             await self._scheduler.acquire(flight.ticket)
             try:
+                claim = await self._claim_host_wide(chunk, budget)
+                if claim is None:
+                    return None
                 with trio.move_on_after(budget) as scope:
                     await self._fetch(flight)
                 if scope.cancelled_caught:
@@ -438,7 +441,8 @@ class Fetcher:
     async def _claim_host_wide(self, chunk: Chunk, budget: float) -> FetchClaim | None:
         """This process's claim on fetching ``chunk`` (``Cache.claim_fetch``), or None once
         another process on the host has put it in the cache. While another process holds
-        the claim this waits, without a slot, for the blob or the claim; after ``budget``
+        the claim (which it holds only while transferring) this waits for the blob or the
+        claim; after ``budget``
         seconds it fetches anyway, under a claim of no one (a holder bound by its own
         deadlines cannot keep it longer, but this never relies on that)."""
         give_up = trio.current_time() + budget
