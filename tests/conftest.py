@@ -18,6 +18,7 @@ Fixtures here (a module's own fixture of the same name wins):
 from __future__ import annotations
 
 import faulthandler
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,11 @@ from tests.mounting import Mounts
 from tests.servers import FaultServers, Mirrors, Store, blob_store
 
 faulthandler.enable()
+
+# Root's mounts go through the host service by default; the tests mount in-process (a
+# service shared by every test would outlive the session), and tests/test_service.py
+# exercises the service with its own directory.
+os.environ["OCIXFS_NO_SERVICE"] = "1"
 
 
 @pytest.fixture

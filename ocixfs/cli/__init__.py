@@ -34,6 +34,8 @@ COMMANDS = (
     "compose",
     "lxc_config",
     "incus",
+    "service",
+    "metrics",
 )
 
 
@@ -102,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_requested_command(argv)).parse_args(argv)
+    args.command_line = argv  # what ``mount`` hands to the host service
     setup_logging(debug=args.debug)
     try:
         status: int = args._run(args)

@@ -31,9 +31,10 @@ mounted. File contents are fetched from the blob store(s) only when first read, 
 against their BLAKE3 hash and kept in the local cache, which every mount on the host shares.
 
 Without --foreground the command returns once the mount serves requests (exit 0) or has
-failed (exit 1 with the reason), leaving a daemon in the background. With --foreground it
-stays attached and tells systemd (NOTIFY_SOCKET) when it is ready. SIGTERM or SIGINT, or
-'ocixfs umount MOUNTPOINT', unmount cleanly.
+failed (exit 1 with the reason), leaving a daemon in the background; as root, the work is
+done by the host service ('ocixfs service', started on first use), which makes it fast.
+With --foreground it stays attached and tells systemd (NOTIFY_SOCKET) when it is ready.
+SIGTERM or SIGINT, or 'ocixfs umount MOUNTPOINT', unmount cleanly.
 
 examples:
   ocixfs mount debian.ocix /mnt/root --store https://blobs.example.org/store/
@@ -111,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, metavar="FILE",
                         help="where the background daemon logs (default: the runtime dir)")
     parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    parser.add_argument("--no-service", action="store_true",
+                        help="mount in this process, not through the host service (root's "
+                        "mounts go through it by default; also OCIXFS_NO_SERVICE=1)")
 
 
 def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]]:
@@ -136,6 +140,12 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (args.foreground or args.no_service):
+        from ocixfs.mount.service import mount_through_service
+
+        status = mount_through_service(args.command_line)
+        if status is not None:
+            return status
     from ocixfs.image.loading import check_digest
     from ocixfs.mount.daemon import run_background, run_foreground
 
