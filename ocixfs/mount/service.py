@@ -164,17 +164,19 @@ def ask_service(conn: socket.socket, op: str) -> dict[str, Any]:
 
 def _try_connect(path: Path) -> socket.socket | None:
     """Connect to the socket at ``path`` after checking it is a socket that only its
-    owner, this user, can use; None when nothing is there or nobody listens."""
+    owner, this user, can connect to; None when nothing is there or nobody listens."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     if not stat.S_ISSOCK(st.st_mode):
         raise ServiceError(f"service socket {path}: not a socket; remove it")
-    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise ServiceError(f"service socket {path}: owned by uid {st.st_uid} with mode "
-                           f"{stat.S_IMODE(st.st_mode):04o}, not by you with mode "
-                           f"{SOCKET_MODE:04o}; remove it")
+    if st.st_uid != os.geteuid():
+        raise ServiceError(f"service socket {path}: owned by uid {st.st_uid}, not by you "
+                           f"(uid {os.geteuid()}); remove it")
+    if st.st_mode & 0o022:
+        raise ServiceError(f"service socket {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
+                           f"others connect; remove it (the service makes it {SOCKET_MODE:04o})")
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(HANDSHAKE_TIMEOUT)
@@ -408,6 +410,7 @@ def _loop(state: _State) -> None:
         state.stopping = True
 
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda _s, _f: None)  # wakes select
     try:
         with selectors.DefaultSelector() as selector:
             for fileno in state.listeners:
