@@ -7,13 +7,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import PinnedBytes
     from ocixfs.image.tree import Tree
@@ -140,12 +140,16 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Through the host service when it takes the mount (root, in the background: the
+    client imports nothing heavy before that), else here."""
     if not (args.foreground or args.no_service):
         from ocixfs.mount.service import mount_through_service
 
         status = mount_through_service(args.command_line)
         if status is not None:
             return status
+    from dataclasses import replace
+
     from ocixfs.image.loading import check_digest
     from ocixfs.mount.daemon import run_background, run_foreground
 
@@ -175,6 +179,8 @@ def _mount_config(
 ) -> MountConfig:
     """The daemon's settings from the options (the profile comes later, with the image);
     a mistake is a ``UsageError`` before anything is downloaded."""
+    from dataclasses import replace
+
     from ocixfs.config import CacheConfig, ReaderConfig, default_cache_dir
     from ocixfs.errors import UsageError
     from ocixfs.image.loading import is_url
@@ -246,6 +252,8 @@ def _load(
     is one warning line on stderr, and the mount goes on (what is cached still works).
     An image in a registry brings its profile, and the stores that name it come back
     pinned to the artifact's digest (``mount.fromregistry``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ocixfs.mount.profile import locate_profile, profile_beside
     from ocixfs.store.spec import is_registry_ref
 
@@ -347,6 +355,8 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
     """Network settings from the options. The CA and credentials files are read now, once
     (a mistake in one is reported before anything is downloaded); every client of this
     mount, before and after the fork, uses what was read."""
+    from dataclasses import replace
+
     from ocixfs.config import FetchConfig
     from ocixfs.errors import UsageError
     from ocixfs.http import load_credentials, ssl_context

@@ -14,7 +14,6 @@ the pid so that it can wait until the daemon has really exited.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -65,6 +64,8 @@ def runtime_dir(*, create: bool = False) -> Path:
 def mount_id(mountpoint: Path) -> str:
     """A short stable name for a mountpoint (its absolute path, hashed)."""
     absolute = os.path.abspath(mountpoint)
+    import hashlib  # here: the service's client imports this module for runtime_dir
+
     return hashlib.sha256(os.fsencode(absolute)).hexdigest()[:20]
 
 

@@ -23,7 +23,8 @@ when it forks. The FUSE daemons are the workers' children and outlive them (and 
 service): killing the service leaves every mount serving; killing a daemon loses only its
 mount. Starting: the first ``mount_through_service`` that finds no service binds the
 socket (under ``service.lock``, so two first mounts start one service) and starts
-``ocixfs service run`` on it in a new session, logging to ``service.log``.
+``ocixfs service run`` on it in a new session, logging to ``service.log`` (not on a host
+run by systemd: there the service is a unit, ``systemd/ocixfs.socket``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import fcntl
 import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import stat
@@ -41,7 +41,6 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ HANDSHAKE_TIMEOUT = 10.0   # a running service forks a worker in milliseconds
 START_TIMEOUT = 60.0       # a service just started imports first (cold disk: seconds)
 REQUEST_TIMEOUT = 10.0     # how long a worker waits for a client's request or its "go"
 MAX_REQUEST = 1 << 20
+SYSTEMD_BOOTED = "/run/systemd/system"
 _CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _in_worker = False  # True in a child of the service: its mounts never ask the service
@@ -78,11 +78,14 @@ class ServiceError(OcixError):
     """The service's socket or directory is not what it must be (one line for the user)."""
 
 
-@dataclass(frozen=True, slots=True)
 class ServicePaths:
-    """Where the service lives: its socket, the lock taken to start it, its log."""
+    """Where the service lives: its socket, the lock taken to start it, its log. (Not a
+    dataclass: the client imports as little as it can.)"""
 
-    directory: Path
+    __slots__ = ("directory",)
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
 
     @property
     def socket(self) -> Path:
@@ -130,11 +133,19 @@ def mount_through_service(argv: Sequence[str]) -> int | None:
     if _in_worker or os.geteuid() != 0 or os.environ.get(BYPASS_ENV):
         return None
     paths = service_paths(create=True)
-    conn = connect(paths, start=True)
+    conn = connect(paths, start=not _systemd_runs_the_host())
     if conn is None:
         return None
     with conn:
         return _delegate(conn, argv)
+
+
+def _systemd_runs_the_host() -> bool:
+    """Under systemd, a service started by a mount would live in the cgroup of whatever
+    ran that mount (a unit, a login session) and die with it, taking along every mount it
+    made since: there the service runs only as its own unit (``systemd/ocixfs.socket``),
+    and without it mounts stay in-process. (sd_booted(3): this directory exists.)"""
+    return os.path.isdir(SYSTEMD_BOOTED)
 
 
 def connect(paths: ServicePaths, *, start: bool) -> socket.socket | None:
@@ -337,14 +348,19 @@ def _read_line(conn: socket.socket) -> bytes:
 # The service
 
 
-@dataclass
 class _State:
-    listeners: dict[int, tuple[socket.socket, str]]  # fileno → (socket, "unix" | "tcp")
-    run_command: Callable[[list[str]], int]
-    metrics: Callable[[dict[str, Any]], str]
-    started: float = field(default_factory=time.time)
-    children: set[int] = field(default_factory=set)
-    stopping: bool = False
+    """The service's loop: its listeners (fileno → socket, "unix" | "tcp"), what its
+    workers run, and the children it has not reaped yet."""
+
+    def __init__(self, listeners: dict[int, tuple[socket.socket, str]],
+                 run_command: Callable[[list[str]], int],
+                 metrics: Callable[[dict[str, Any]], str]) -> None:
+        self.listeners = listeners
+        self.run_command = run_command
+        self.metrics = metrics
+        self.started = time.time()
+        self.children: set[int] = set()
+        self.stopping = False
 
 
 def run_service(
@@ -403,6 +419,8 @@ def _listening_socket(paths: ServicePaths, listen_fd: int | None) -> tuple[socke
 
 
 def _loop(state: _State) -> None:
+    import selectors
+
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = signal.set_wakeup_fd(wake_w)
 
