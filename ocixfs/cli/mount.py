@@ -7,13 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import PinnedBytes
     from ocixfs.image.tree import Tree
@@ -142,7 +141,7 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 def run(args: argparse.Namespace) -> int:
     """Through the host service when it takes the mount (root, in the background: the
     client imports nothing heavy before that), else here."""
-    if not (args.foreground or args.no_service):
+    if not (args.foreground or args.no_service) and os.geteuid() == 0:
         from ocixfs.mount.service import mount_through_service
 
         status = mount_through_service(args.command_line)
@@ -252,8 +251,6 @@ def _load(
     is one warning line on stderr, and the mount goes on (what is cached still works).
     An image in a registry brings its profile, and the stores that name it come back
     pinned to the artifact's digest (``mount.fromregistry``)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from ocixfs.mount.profile import locate_profile, profile_beside
     from ocixfs.store.spec import is_registry_ref
 
