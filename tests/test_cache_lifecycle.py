@@ -366,14 +366,19 @@ def test_kill_mid_fill_exposes_nothing_and_next_start_cleans_up(tmp_path: Path) 
                 return tmp.is_dir() and any(p.stat().st_size > 0 for p in tmp.iterdir())
 
             wait_for(partial_written, 60, "a partial fill")
+
+            def fill_name() -> str:
+                return next(n for n in tmp_files(cache_dir) if not n.endswith(".fetch"))
+
             with Cache(cache_dir, rescan=False) as other:  # another daemon, meanwhile
-                assert len(tmp_files(cache_dir)) == 1  # its fill is alive: left alone
+                # its fill and its fetch claim are alive: left alone
+                assert tmp_files(cache_dir) == sorted([f"{chunk.hex}.fetch", fill_name()])
                 assert not other.contains(chunk)
                 assert trio.run(other.read, chunk, 0, 10) is None
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
-    assert len(tmp_files(cache_dir)) == 1
+    assert len(tmp_files(cache_dir)) == 2  # the dead fill and its claim
     with Cache(cache_dir, rescan=False) as cache:
         assert tmp_files(cache_dir) == []
         assert not cache.contains(chunk)

@@ -12,6 +12,7 @@ import pytest
 import trio
 import zstandard
 
+from ocixfs.cache.blobs import Cache
 from ocixfs.config import CacheConfig, CacheQuota, FetchConfig
 from ocixfs.errors import BlobCorrupt, BlobNotFound, CacheFullError, FetchError, FetchTimeout
 from ocixfs.fetch.fetcher import Priority
@@ -415,3 +416,96 @@ async def test_a_blob_larger_than_the_quota_is_refused_before_any_request(
         await fetcher.ensure(small)
         assert await cached(cache, small) == CONTENTS[0]
     assert os.listdir(tmp_path / "cache" / "tmp") == []
+
+
+# --- one transfer per blob on the host: processes sharing a cache claim each fetch ---
+
+
+async def test_two_processes_fetching_one_blob_share_one_transfer(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """Two fetchers over one cache directory (two processes' worth of open files: a flock
+    conflicts between them as between processes) ask for the same slow blob at once: the
+    server sends it once, and the fetcher that waited says another process fetched it."""
+    chunk = store.chunks[0]
+    server.fault(chunk.hex, Fault(stall=0.3))
+    cache_dir = tmp_path / "cache"
+    async with (
+        fetching([server.url], cache_dir) as (first, first_cache),
+        fetching([server.url], cache_dir) as (second, second_cache),
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(first.ensure, chunk)
+        await trio.sleep(0.05)  # the first holds the claim and waits on the stalled server
+        nursery.start_soon(second.ensure, chunk)
+    assert server.count(chunk.hex) == 1
+    assert await cached(second_cache, chunk) == CONTENTS[0]
+    stats = first.statistics(), second.statistics()
+    assert [s.blobs_fetched for s in stats] == [1, 0]
+    assert [s.fetched_by_others for s in stats] == [0, 1]
+    assert os.listdir(cache_dir / "tmp") == []  # the claim file goes with its claim
+    del first_cache
+
+
+async def test_a_claim_given_up_without_the_blob_is_taken_over(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """The process holding a claim gives it up without delivering (its fetch failed): the
+    one waiting claims the blob and fetches it itself."""
+    chunk = store.chunks[2]
+    cache_dir = tmp_path / "cache"
+    async with fetching([server.url], cache_dir) as (fetcher, cache):
+        with Cache(cache_dir) as other_process:
+            claim = other_process.claim_fetch(chunk)
+            assert claim is not None
+            assert cache.claim_fetch(chunk) is None  # held elsewhere
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher.ensure, chunk)
+                await trio.sleep(0.2)
+                assert server.count(chunk.hex) == 0  # waiting, not fetching
+                claim.release()
+        assert await cached(cache, chunk) == CONTENTS[2]
+        assert server.count(chunk.hex) == 1
+        assert fetcher.statistics().fetched_by_others == 0
+
+
+async def test_a_claim_held_too_long_does_not_stop_the_fetch(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """A claim held past the fetch's whole budget (a holder that hangs) is ignored: the
+    blob is fetched anyway and the read is served."""
+    chunk = store.chunks[1]
+    quick = replace(FAST, deadline=0.3)
+    cache_dir = tmp_path / "cache"
+    async with fetching([server.url], cache_dir, quick) as (fetcher, cache):
+        with Cache(cache_dir) as other_process:
+            claim = other_process.claim_fetch(chunk)
+            assert claim is not None
+            await fetcher.ensure(chunk, deadline=trio.current_time() + 5)
+            claim.release()
+        assert await cached(cache, chunk) == CONTENTS[1]
+        assert server.count(chunk.hex) == 1
+
+
+async def test_a_prefetch_waits_while_another_process_reads_on_demand(
+    tmp_path: Path, store: Store, server: FaultServer
+) -> None:
+    """Host-wide priorities: one fetcher's prefetch does not start while another process
+    sharing the cache fetches for a waiting read, and starts once that read is served."""
+    read, prefetched = store.chunks[0], store.chunks[2]
+    server.fault(read.hex, Fault(stall=0.4))
+    cache_dir = tmp_path / "cache"
+    async with (
+        fetching([server.url], cache_dir) as (reading, _),
+        fetching([server.url], cache_dir) as (prefetching, cache),
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(reading.ensure, read)
+        await trio.sleep(0.1)  # the read is on the wire
+        assert prefetching.start(prefetched, Priority.PREFETCH)
+        await trio.sleep(0.2)
+        assert server.count(prefetched.hex) == 0  # held back by the other process's read
+        await prefetching.ensure(prefetched, priority=Priority.PREFETCH,
+                                 deadline=trio.current_time() + 5)
+        assert server.count(read.hex) == 1
+        assert await cached(cache, prefetched) == CONTENTS[2]

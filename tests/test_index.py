@@ -190,7 +190,7 @@ def test_unpack_refuses_inconsistent_payloads_without_crashing() -> None:
 
 def _write_many(cache: str, data: bytes, rounds: int) -> None:
     for _ in range(rounds):
-        index._write_index(Path(cache), manifest_digest(data), Tree.from_manifest(decode(data)))
+        index.write_index(Path(cache), manifest_digest(data), Tree.from_manifest(decode(data)))
 
 
 def test_concurrent_writers_never_tear_the_index(tmp_path: Path) -> None:

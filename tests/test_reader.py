@@ -200,8 +200,8 @@ async def test_statistics_snapshot(
         "reads", "bytes_read", "cache_hits", "cache_misses", "waits", "wait_seconds_total",
         "wait_seconds_max", "blobs_fetched", "bytes_fetched", "blobs_by_source",
         "bytes_received_by_source", "errors", "failed_blobs", "fast_failures",
-        "wait_timeouts", "in_flight", "queued", "cache_stored_blobs", "cache_stored_bytes",
-        "cache_open_files",
+        "wait_timeouts", "fetched_by_others", "in_flight", "queued", "cache_stored_blobs",
+        "cache_stored_bytes", "cache_open_files",
     ]
     assert json.loads(json.dumps(after)) == after
 

@@ -5,9 +5,12 @@ Pure trio, no network: tickets are submitted and granted as the fetcher's flight
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 import trio.testing
 
+from ocixfs.cache.demand import HostDemand
 from ocixfs.fetch.scheduler import Priority, Scheduler, Ticket
 
 
@@ -147,3 +150,47 @@ async def test_many_tasks_never_exceed_the_slots_and_all_finish(
     assert finished.index(Priority.ON_DEMAND) < 4
     last_read = len(finished) - 1 - finished[::-1].index(Priority.ON_DEMAND)
     assert finished[: last_read + 1].count(Priority.PREFETCH) <= 6
+
+
+# --- host-wide: on-demand fetches of other processes come first (cache.demand) ---
+
+
+def test_reads_of_other_processes_hold_background_slots_back(tmp_path: Path) -> None:
+    """Two processes' markers on one lock file (two opens of it: OFD locks conflict between
+    them as between processes). Background tickets of one wait while the other has
+    on-demand tickets, and go once it has none."""
+    lock = tmp_path / "demand.lock"
+    mine, theirs = HostDemand(lock), HostDemand(lock)
+    held: list[str] = []
+    here = Scheduler(1, 2, host=mine, on_held=lambda: held.append("held"))
+    there = Scheduler(1, 2, host=theirs)
+    their_read = there.submit(Priority.ON_DEMAND)
+    assert mine.others_busy() and not theirs.others_busy()
+    prefetch = here.submit(Priority.PREFETCH)
+    assert granted([their_read, prefetch]) == [True, False]
+    assert here.held_by_host and held == ["held"]
+    here.dispatch()  # still busy there: still held, and no second call to on_held
+    assert not prefetch.granted.is_set() and held == ["held"]
+    there.release(their_read)
+    assert not mine.others_busy()
+    here.dispatch()
+    assert prefetch.granted.is_set() and not here.held_by_host
+
+
+def test_own_reads_do_not_count_as_the_hosts(tmp_path: Path) -> None:
+    """A scheduler's own on-demand tickets order its queue as before; its marker says so to
+    others only while it has some (queued or running)."""
+    lock = tmp_path / "demand.lock"
+    mine, other = HostDemand(lock), HostDemand(lock)
+    scheduler = Scheduler(1, 1, host=mine)
+    read = scheduler.submit(Priority.ON_DEMAND)
+    queued_read = scheduler.submit(Priority.ON_DEMAND)
+    prefetch = scheduler.submit(Priority.PREFETCH)
+    assert other.others_busy() and not mine.others_busy()
+    scheduler.release(read)
+    assert other.others_busy()  # the queued read now runs
+    scheduler.release(queued_read)
+    assert granted([prefetch]) == [True] and not scheduler.held_by_host
+    assert not other.others_busy()
+    mine.close()
+    other.close()

@@ -6,6 +6,7 @@ once; ``directory`` owns the shared parts: quota, eviction, usage counter)::
     CACHE/blobs/<first 2 hex>/<64 hex>    a blob whose hash matched its name, mode 0600
     CACHE/tmp/<hex>.<pid>.<random>        a fill in progress, flock()ed by its writer
     CACHE/usage, CACHE/evict.lock         the shared usage counter and the evictor's lock
+    CACHE/demand.lock                     marks processes with on-demand fetches (``demand``)
 
 Developer note: this runs in one trio thread, where code between two awaits is atomic;
 the kept-open descriptor table relies on that, and a descriptor with ``users > 0`` (a read
@@ -30,6 +31,10 @@ Contract:
   never touches the network; it returns ``None`` when the blob is not cached. Every kept-open
   blob holds a shared ``flock`` (it is pinned: eviction skips it) and has its atime set
   (at most every ``touch_interval``), which is the recency eviction goes by.
+- ``Cache.claim_fetch(chunk)`` makes one process on the host the one that fetches a blob
+  (an exclusive ``flock`` on ``tmp/<hex>.fetch``, given up with ``FetchClaim.release()``
+  or by dying); it returns ``None`` while another process holds the claim, so every
+  mount of every image shares one transfer per blob.
 - At start, ``tmp/`` leftovers are removed when no live writer holds their lock, and the
   shared usage counter is checked against a scan in a background thread when it is stale.
 - Every ``OSError`` becomes ``CacheError`` (``CacheFullError`` for ENOSPC/EDQUOT, or a blob
@@ -59,11 +64,14 @@ from types import TracebackType
 import blake3
 import trio
 
+from ocixfs.cache.demand import HostDemand
 from ocixfs.cache.directory import CacheDirectory
 from ocixfs.cache.layout import (
+    DEMAND_LOCK,
     NotABlob,
     blob_file,
     cache_errors,
+    fetch_claim_file,
     hash_file,
     open_blob,
     scan_blobs,
@@ -73,6 +81,7 @@ from ocixfs.errors import BlobCorrupt, CacheError
 from ocixfs.image.format import HASH_SIZE, Chunk
 
 __all__ = [
+    "FetchClaim",
     "CacheFill",
     "Cache",
     "CacheStatistics",
@@ -236,6 +245,38 @@ class CacheFill:
             os.close(fd)
 
 
+class FetchClaim:
+    """One process's claim on fetching a blob into this cache (``Cache.claim_fetch``)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+
+    @classmethod
+    def held_by_no_one(cls) -> FetchClaim:
+        """A claim that holds nothing, for a fetch that goes ahead without one."""
+        return cls(-1, Path())
+
+    def release(self) -> None:
+        """Give the claim up (idempotent). The file is unlinked while still locked, so a
+        process that opened it meanwhile finds its lock on a dead file and tries again."""
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            with contextlib.suppress(OSError):
+                if _same_file(fd, self._path):
+                    os.unlink(self._path)
+        finally:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` (not followed) is still the file open at ``fd``. Raises OSError."""
+    held, named = os.fstat(fd), os.lstat(path)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
 class Cache:
     """Verified blobs under ``root`` (created if missing, mode 0700).
 
@@ -260,6 +301,7 @@ class Cache:
         self.root = self.directory.root
         self._blobs = self.directory.blobs
         self._tmp = self.directory.tmp
+        self.demand = HostDemand(self.root / DEMAND_LOCK)
         self._limiter = limiter
         self._open_blobs: OrderedDict[bytes, _OpenBlob] = OrderedDict()
         self._open_bytes = 0
@@ -318,6 +360,7 @@ class Cache:
             self._stop_rescan.set()
             self._rescanner.join()
             self._rescanner = None
+        self.demand.close()
         self.directory.close()
 
     def path_of(self, chunk: Chunk) -> Path:
@@ -501,6 +544,27 @@ class Cache:
         writer refuses more bytes than ``chunk.size``."""
         self.refuse_oversized(chunk)
         return CacheFill(chunk, self.path_of(chunk), self._tmp, fsync=self.config.fsync)
+
+    def claim_fetch(self, chunk: Chunk) -> FetchClaim | None:
+        """Claim the fetch of ``chunk`` for this process, or ``None`` while another process
+        holds it (then the blob appears in the cache, or the claim is freed, soon: the holder
+        is bound by its own deadlines). Quick local I/O only. Raises ``CacheError``."""
+        path = fetch_claim_file(self._tmp, chunk.hex)
+        with cache_errors(f"claiming the fetch of blob {chunk.hex}"):
+            for _ in range(8):  # the file is replaced only when a holder releases it
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if _same_file(fd, path):
+                        return FetchClaim(fd, path)
+                except BlockingIOError:
+                    os.close(fd)
+                    return None
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+        raise CacheError(f"cache: the fetch claim of blob {chunk.hex} keeps changing")
 
     async def commit(
         self, writer: CacheFill, *, first: Callable[[], object] | None = None

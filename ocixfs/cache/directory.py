@@ -60,6 +60,7 @@ from ocixfs.cache.layout import (
     Stopped,
     cache_errors,
     entries,
+    is_fetch_claim,
     remove_unpinned,
     scan_blobs,
 )
@@ -450,8 +451,8 @@ class CacheDirectory:
             except BlockingIOError:
                 return False
             young = now - os.fstat(fd).st_mtime < self.config.stale_tmp_age
-            if young and _writer_alive(name):
-                return False
+            if young and _writer_alive(name) and not is_fetch_claim(name):
+                return False  # (an unlocked fetch claim is no one's: see Cache.claim_fetch)
             os.unlink(path)
             return True
         finally:

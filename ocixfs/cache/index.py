@@ -3,7 +3,9 @@
 ``load_tree(data, digest, cache_dir)`` is the one way a mount turns manifest bytes into
 its inode tree. The first time, the manifest is decoded and validated in full and the
 tree built (``image.format``, ``image.tree``); the tree is then packed
-(``image.packed``) and kept as ``CACHE/index/<hex of the manifest digest>.index``. The
+(``image.packed``) and kept as ``CACHE/index/<hex of the manifest digest>.index`` (a
+mount uses ``open_tree`` and its daemon calls ``write_index`` once it serves, so the first
+mount of a big image does not wait for the write). The
 next load of the same bytes (the digest is their BLAKE3, computed anyway to pin them)
 unpacks that file instead: no decode, no validation, nodes made on first use.
 
@@ -54,8 +56,11 @@ __all__ = [
     "IndexCheck",
     "check_indexes",
     "index_path",
+    "LoadedTree",
     "load_tree",
+    "open_tree",
     "read_index",
+    "write_index",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,11 +96,30 @@ def index_path(cache_dir: Path, digest: str) -> Path:
     return cache_dir / INDEX / f"{digest.removeprefix('b3:')}{SUFFIX}"
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedTree:
+    """What ``open_tree`` found: the tree, and whether it came from this host's index
+    (if not, ``write_index`` keeps it for the next load)."""
+
+    tree: Tree
+    from_index: bool
+
+
 def load_tree(data: bytes, digest: str, cache_dir: Path | None, *, source: str) -> Tree:
     """The inode tree of the manifest ``data`` whose digest is ``digest`` (the caller
     computed it from ``data``): from this host's index when it has a good one, else
     decoded and validated (``FormatError`` names ``source``) and then indexed.
     ``cache_dir`` None: no index."""
+    loaded = open_tree(data, digest, cache_dir, source=source)
+    if not loaded.from_index and cache_dir is not None:
+        write_index(cache_dir, digest, loaded.tree)
+    return loaded.tree
+
+
+def open_tree(data: bytes, digest: str, cache_dir: Path | None, *, source: str) -> LoadedTree:
+    """``load_tree`` without the index write: a mount serves first and indexes after
+    (``write_index`` from the daemon), so the first mount of a big image does not wait for
+    it."""
     directory = _index_directory(cache_dir, create=False)
     if directory is not None:
         path = directory / index_path(Path(), digest).name
@@ -111,12 +135,10 @@ def load_tree(data: bytes, digest: str, cache_dir: Path | None, *, source: str) 
             LOADS.from_index += 1
             with contextlib.suppress(OSError):
                 os.utime(path, follow_symlinks=False)
-            return tree
+            return LoadedTree(tree, from_index=True)
     tree = Tree.from_manifest(decode(data, source=source))
     LOADS.from_manifest += 1
-    if cache_dir is not None:
-        _write_index(cache_dir, digest, tree)
-    return tree
+    return LoadedTree(tree, from_index=False)
 
 
 def read_index(path: Path, digest: str) -> Tree:
@@ -195,8 +217,9 @@ def _index_directory(cache_dir: Path | None, *, create: bool) -> Path | None:
         return None
 
 
-def _write_index(cache_dir: Path, digest: str, tree: Tree) -> None:
-    """Pack and store ``tree`` (atomically), then trim the directory; failures are logged."""
+def write_index(cache_dir: Path, digest: str, tree: Tree) -> None:
+    """Pack and store ``tree`` (atomically) as the index of ``digest``, then trim the
+    directory. Blocking (a worker thread in a daemon); failures are logged, never raised."""
     directory = _index_directory(cache_dir, create=True)
     if directory is None:
         return

@@ -4,10 +4,12 @@
 
     CACHE/blobs/<2 hex>/<64 hex>    verified blobs; atime = last use (set by ocixfs)
     CACHE/tmp/<hex>.<pid>.<random>  fills in progress, flock()ed by their writer
+    CACHE/tmp/<hex>.fetch           a host-wide fetch claim, flock()ed by the fetching process
     CACHE/profiles/<hex>.profile    access profiles recorded on this host
     CACHE/index/<hex>.index         inode tables of images loaded here (``cache.index``)
     CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
     CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
+    CACHE/demand.lock               read-locked by each process with on-demand fetches
 
 Every ``OSError`` of the cache becomes ``CacheError`` (``CacheFullError`` for
 ENOSPC/EDQUOT) through ``cache_errors``, at the public methods of ``blobs``,
@@ -34,6 +36,7 @@ from ocixfs.errors import CacheError, CacheFullError
 
 __all__ = [
     "BLOBS",
+    "DEMAND_LOCK",
     "EVICT_LOCK",
     "INDEX",
     "PROFILES",
@@ -43,6 +46,8 @@ __all__ = [
     "NotABlob",
     "Scan",
     "blob_file",
+    "fetch_claim_file",
+    "is_fetch_claim",
     "cache_errors",
     "hash_file",
     "entries",
@@ -58,6 +63,7 @@ PROFILES = "profiles"
 INDEX = "index"
 USAGE_FILE = "usage"
 EVICT_LOCK = "evict.lock"
+DEMAND_LOCK = "demand.lock"
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
@@ -82,6 +88,16 @@ def hash_file(fd: int, progress: Callable[[int], None] | None = None) -> bytes:
 def blob_file(blobs_dir: Path, hexdigest: str) -> Path:
     """Where the blob ``hexdigest`` lives under ``CACHE/blobs``."""
     return blobs_dir / hexdigest[:2] / hexdigest
+
+
+def fetch_claim_file(tmp_dir: Path, hexdigest: str) -> Path:
+    """The lock file whose ``flock`` claims the fetch of ``hexdigest`` for one process."""
+    return tmp_dir / f"{hexdigest}.fetch"
+
+
+def is_fetch_claim(name: str) -> bool:
+    """Whether a name in ``CACHE/tmp`` is a fetch claim's lock file."""
+    return name.endswith(".fetch")
 
 
 @contextlib.contextmanager

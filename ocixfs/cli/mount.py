@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ocixfs.cache.index import LoadedTree
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import PinnedBytes
-    from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
     from ocixfs.mount.profile import Profile
     from ocixfs.store.spec import StoreSpec
@@ -158,14 +158,27 @@ def run(args: argparse.Namespace) -> int:
         digest = check_digest(digest)
     fetch = _fetch_config(args, values)
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
+    _check_cache_directory(config.cache_dir)
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, tree, profile, stores = _load(args.image, digest, config.reader.fetch, prefetch,
-                                         config.cache_dir, config.stores,
-                                         tls_verify=args.tls_verify == "true")
-    config = replace(config, profile=profile, fill_rest=prefetch == "all", stores=stores)
+    image, loaded, profile, stores = _load(args.image, digest, config.reader.fetch, prefetch,
+                                           config.cache_dir, config.stores,
+                                           tls_verify=args.tls_verify == "true")
+    tree = loaded.tree
+    config = replace(config, profile=profile, fill_rest=prefetch == "all", stores=stores,
+                     write_index=not loaded.from_index)
     if args.foreground:
         return run_foreground(config, tree, image.digest)
     return run_background(config, tree, image.digest)
+
+
+def _check_cache_directory(cache_dir: Path) -> None:
+    """Make the cache directory, or refuse it (one line), before anything reads or writes in
+    it: the image index is the first to, while the manifest loads."""
+    from ocixfs.cache.layout import cache_errors
+    from ocixfs.safefs import private_directory
+
+    with cache_errors(f"preparing {cache_dir}"):
+        private_directory(cache_dir, what="cache directory")
 
 
 def _last(values: dict[str, list[str]], name: str, given: str | None) -> str | None:
@@ -241,7 +254,7 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
     stores: Sequence[StoreSpec], *, tls_verify: bool,
-) -> tuple[PinnedBytes, Tree, Profile | None, tuple[StoreSpec, ...]]:
+) -> tuple[PinnedBytes, LoadedTree, Profile | None, tuple[StoreSpec, ...]]:
     """The image, its inode tree and the profile to play. Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
     stores are probed in a third, while this thread imports what the daemon will need.
@@ -319,24 +332,24 @@ def _held_warnings(logger_name: str) -> Iterator[Callable[[], None]]:
 def _load_tree(
     source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
     stores: Sequence[StoreSpec],
-) -> tuple[PinnedBytes, Tree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.cache.index import load_tree
+) -> tuple[PinnedBytes, LoadedTree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.cache.index import open_tree
     from ocixfs.image.loading import read_pinned
 
     image = read_pinned(source, expected_digest=digest, http=fetch)
-    return image, load_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
+    return image, open_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
 
 
 def _load_registry_tree(
     source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
     stores: Sequence[StoreSpec], tls_verify: bool,
-) -> tuple[PinnedBytes, Tree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.cache.index import load_tree
+) -> tuple[PinnedBytes, LoadedTree, Profile | None, Sequence[StoreSpec]]:
+    from ocixfs.cache.index import open_tree
     from ocixfs.mount.fromregistry import load_from_registry
 
     loaded = load_from_registry(source, digest, fetch, stores, tls_verify=tls_verify)
     image = loaded.image
-    tree = load_tree(image.data, image.digest, cache_dir, source=image.name)
+    tree = open_tree(image.data, image.digest, cache_dir, source=image.name)
     return image, tree, loaded.profile, loaded.stores
 
 

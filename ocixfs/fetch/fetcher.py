@@ -15,9 +15,14 @@ Contract:
 - One flight per digest: concurrent requests for a blob share one transfer, run as a task
   in the fetcher's nursery (a waiter that gives up does not cancel it, so the bytes still
   land in the cache for the next read).
+- One transfer per digest on the host: a flight first claims the blob in the cache
+  (``Cache.claim_fetch``); while another process holds the claim it waits, without a
+  slot, until the blob is there (``fetched_by_others``) or the claim is free, and after
+  its whole budget it fetches anyway.
 - Priorities: ``ON_DEMAND`` fetches have their own slots; lower priorities share a smaller
   pool, start only when no on-demand fetch is queued, best priority first, and a queued
-  flight is promoted when an on-demand read joins it.
+  flight is promoted when an on-demand read joins it. Host-wide, background fetches also
+  wait while another process fetches for a waiting read (``scheduler``, ``cache.demand``).
 - A source that fails (connection, timeout, 5xx, bad bytes) is tried after the healthy
   ones for ``source_penalty`` seconds. A blob whose fetch failed fails fast for
   ``failure_memory`` seconds (the kernel retries a failed READ at once).
@@ -52,7 +57,7 @@ from typing import IO, Any, Protocol, cast
 import trio
 import zstandard
 
-from ocixfs.cache.blobs import Cache, CacheFill
+from ocixfs.cache.blobs import Cache, CacheFill, FetchClaim
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import (
     BlobCorrupt,
@@ -79,15 +84,20 @@ __all__ = ["Carrier", "FetchStatistics", "Fetcher", "Priority", "Sink", "cache_s
 log = logging.getLogger(__name__)
 
 _ASKED_TO_WAIT = "asked to retry later (Retry-After)"
+_CLAIM_POLL_FIRST = 0.005  # seconds between looks while another process fetches a blob …
+_CLAIM_POLL_MAX = 0.05  # … doubling up to this
+_HOST_POLL = 0.02  # seconds between looks while other processes fetch for waiting reads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchStatistics:
     """A snapshot. ``errors`` counts failed attempts by kind (one blob may fail at several
     sources); ``failed_blobs`` counts blobs no source delivered; ``fast_failures`` requests
-    answered from the recent-failure memory; ``wait_timeouts`` waiters that gave up. Byte
-    and blob counts are of verified content; ``bytes_received_by_source`` counts what came
-    over the wire (compressed, failed attempts included)."""
+    answered from the recent-failure memory; ``wait_timeouts`` waiters that gave up;
+    ``fetched_by_others`` blobs this process waited for while another process on the host
+    fetched them (one transfer per blob host-wide). Byte and blob counts are of verified
+    content; ``bytes_received_by_source`` counts what came over the wire (compressed,
+    failed attempts included)."""
 
     blobs_fetched: int
     bytes_fetched: int
@@ -97,6 +107,7 @@ class FetchStatistics:
     failed_blobs: int
     fast_failures: int
     wait_timeouts: int
+    fetched_by_others: int
     in_flight: int
     queued: int
 
@@ -213,7 +224,8 @@ class Fetcher:
         self._config = config
         self._nursery = nursery
         self._limiter = limiter
-        self._scheduler = Scheduler(config.on_demand_slots, config.background_slots)
+        self._scheduler = Scheduler(config.on_demand_slots, config.background_slots,
+                                    host=cache.demand, on_held=self._wait_for_host)
         self._flights: dict[bytes, _Flight] = {}
         self._failures: dict[bytes, tuple[float, OcixError]] = {}
         self._source_failed_at: dict[str, float] = {}
@@ -226,6 +238,7 @@ class Fetcher:
         self._failed_blobs = 0
         self._fast_failures = 0
         self._wait_timeouts = 0
+        self._fetched_by_others = 0
 
     # --- public ---
 
@@ -318,6 +331,7 @@ class Fetcher:
             failed_blobs=self._failed_blobs,
             fast_failures=self._fast_failures,
             wait_timeouts=self._wait_timeouts,
+            fetched_by_others=self._fetched_by_others,
             in_flight=len(self._flights),
             queued=self._scheduler.queued(),
         )
@@ -352,6 +366,17 @@ class Fetcher:
                          flight.chunk.hex)
                 self.release(flight.chunk, carrier)
 
+    def _wait_for_host(self) -> None:
+        """Background fetches wait while other processes on the host fetch for waiting
+        reads (``cache.demand``): look again every ``_HOST_POLL`` seconds until they may go."""
+
+        async def poll() -> None:
+            while self._scheduler.held_by_host:
+                await trio.sleep(_HOST_POLL)
+                self._scheduler.dispatch()
+
+        self._nursery.start_soon(poll)
+
     def _recent_failure(self, chunk: Chunk) -> OcixError | None:
         entry = self._failures.get(chunk.digest)
         if entry is None:
@@ -384,12 +409,16 @@ class Fetcher:
 
     async def _fly(self, flight: _Flight) -> OcixError | None:
         chunk = flight.chunk
+        claim: FetchClaim | None = None
         try:
             self._cache.refuse_oversized(chunk)  # before a slot or a byte is spent on it
             assert flight.ticket is not None, "a carried flight has no task"
+            budget = self._config.deadline + chunk.size / self._config.min_rate
+            claim = await self._claim_host_wide(chunk, budget)
+            if claim is None:
+                return None
             await self._scheduler.acquire(flight.ticket)
             try:
-                budget = self._config.deadline + chunk.size / self._config.min_rate
                 with trio.move_on_after(budget) as scope:
                     await self._fetch(flight)
                 if scope.cancelled_caught:
@@ -401,7 +430,36 @@ class Fetcher:
         except Exception as exc:
             log.exception("blob %s: unexpected error while fetching", chunk.hex)
             return FetchError(f"blob {chunk.hex}: internal error: {exc!r}")
+        finally:
+            if claim is not None:
+                claim.release()
         return None
+
+    async def _claim_host_wide(self, chunk: Chunk, budget: float) -> FetchClaim | None:
+        """This process's claim on fetching ``chunk`` (``Cache.claim_fetch``), or None once
+        another process on the host has put it in the cache. While another process holds
+        the claim this waits, without a slot, for the blob or the claim; after ``budget``
+        seconds it fetches anyway, under a claim of no one (a holder bound by its own
+        deadlines cannot keep it longer, but this never relies on that)."""
+        give_up = trio.current_time() + budget
+        pause = _CLAIM_POLL_FIRST
+        waited = False
+        while (claim := self._cache.claim_fetch(chunk)) is None:
+            waited = True
+            if self._cache.contains(chunk):
+                break
+            if trio.current_time() >= give_up:
+                log.info("blob %s: another process has been fetching it for %.0f s; "
+                         "fetching it here too", chunk.hex, budget)
+                return FetchClaim.held_by_no_one()
+            await trio.sleep(pause)
+            pause = min(2 * pause, _CLAIM_POLL_MAX)
+        if waited and self._cache.contains(chunk):
+            self._fetched_by_others += 1
+            if claim is not None:
+                claim.release()
+            return None
+        return claim
 
     async def _fetch(self, flight: _Flight) -> None:
         chunk = flight.chunk

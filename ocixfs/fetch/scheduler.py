@@ -11,6 +11,12 @@ in random order), so service order within a priority is submission order. ``prom
 moves a queued ticket to a more urgent priority (a read joined a prefetch). A waiter that
 is cancelled gives up its place, or its slot if it had one.
 
+With a ``HostDemand`` (``cache.demand``) the rule holds host-wide: this scheduler marks
+the host busy while it has on-demand tickets, and grants no background slot while another
+process has some; ``held_by_host`` then says tickets wait for the host, and whoever owns
+the scheduler calls ``dispatch()`` again a little later (the ``on_held`` callback says when
+to start doing so).
+
 Everything runs on the trio thread, and code between two awaits is atomic there, so the
 queues need no locks: no method but ``acquire`` awaits.
 """
@@ -20,8 +26,11 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import deque
+from collections.abc import Callable
 
 import trio
+
+from ocixfs.cache.demand import HostDemand
 
 __all__ = ["Priority", "Scheduler", "Ticket"]
 
@@ -50,14 +59,24 @@ class Ticket:
 
 class Scheduler:
     """``on_demand_slots`` for on-demand tickets, ``background_slots`` for the rest (at
-    least one each)."""
+    least one each); ``host`` and ``on_held``: see the module doc."""
 
-    def __init__(self, on_demand_slots: int, background_slots: int) -> None:
-        self._free_on_demand = max(1, on_demand_slots)
+    def __init__(
+        self,
+        on_demand_slots: int,
+        background_slots: int,
+        *,
+        host: HostDemand | None = None,
+        on_held: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_demand_slots = self._free_on_demand = max(1, on_demand_slots)
         self._free_background = max(1, background_slots)
         self._on_demand: deque[Ticket] = deque()
         self._background: list[tuple[int, int, Ticket]] = []
         self._seq = 0
+        self._host = host
+        self._on_held = on_held
+        self.held_by_host = False
 
     def submit(self, priority: Priority) -> Ticket:
         """Queue a request now (so submission order is service order within a priority);
@@ -95,6 +114,10 @@ class Scheduler:
         self._enqueue(ticket)
         self._dispatch()
 
+    def dispatch(self) -> None:
+        """Grant what may run now (after the host's on-demand fetches may have ended)."""
+        self._dispatch()
+
     def queued(self) -> int:
         waiting = {id(t) for t in self._on_demand if self._live(t, t.priority)}
         waiting |= {id(t) for p, _, t in self._background if self._live(t, p)}
@@ -118,7 +141,20 @@ class Scheduler:
                 self._grant(ticket, on_demand=True)
         while self._on_demand and not self._live(self._on_demand[0], Priority.ON_DEMAND):
             self._on_demand.popleft()
+        if self._host is not None:
+            self._host.set_busy(bool(self._on_demand)
+                                or self._free_on_demand < self._on_demand_slots)
         if self._on_demand:
+            return
+        while self._background and not self._live(self._background[0][2],
+                                                  self._background[0][0]):
+            heapq.heappop(self._background)
+        held = bool(self._background and self._free_background and self._host is not None
+                    and self._host.others_busy())
+        if held and not self.held_by_host and self._on_held is not None:
+            self._on_held()
+        self.held_by_host = held
+        if held:
             return
         while self._background and self._free_background:
             priority, _, ticket = heapq.heappop(self._background)

@@ -27,6 +27,8 @@ class MountConfig:
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
     - ``uid_shift``/``gid_shift``: added to every owner and group the mount reports (an
       unprivileged container's id base).
+    - ``write_index``: the tree was decoded from the manifest; once serving, the daemon
+      keeps it in the host's index (``cache.index``) for the next mount.
     - ``log_file``: where a background daemon logs; ``remove_routine_log``: remove it at a
       clean unmount if it holds nothing but routine lines (the default log in the runtime
       directory; never a file the user named).
@@ -52,6 +54,7 @@ class MountConfig:
     prefetch_concurrency: int = 16
     uid_shift: int = 0
     gid_shift: int = 0
+    write_index: bool = False
 
     def fuse_options(self) -> set[str]:
         """The FUSE mount options: read-only, nodev/nosuid unless asked, permissions

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+from ocixfs.cache.index import write_index
 from ocixfs.errors import OcixError, leaf_exceptions
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
@@ -123,6 +124,9 @@ class MountSession:
         await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
         ready()
         log.info("%s: serving %s", self.config.mountpoint, redact(self.config.image))
+        if self.config.write_index:
+            await self._guarded("index", trio.to_thread.run_sync, write_index,
+                                self.config.cache_dir, self.image_digest, self.tree)
 
     async def _stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

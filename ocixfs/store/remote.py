@@ -393,7 +393,10 @@ class _RegistrySource(Source):
 
     @contextlib.asynccontextmanager
     async def body(self, name: str, *, no_cache: bool) -> AsyncIterator[Body]:
-        digest, zstd = parse_blob_name(name)
+        try:
+            digest, zstd = parse_blob_name(name)
+        except ValueError:  # a profile pack: an artifact holds blobs only
+            raise AttemptFailed(FailureKind.NOT_FOUND, "not a blob of the artifact") from None
         stored = (await self._blobs()).get(digest)
         if stored is None or stored.zstd != zstd:
             raise AttemptFailed(FailureKind.NOT_FOUND, "not in the artifact's blob index")
