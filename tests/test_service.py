@@ -163,6 +163,23 @@ def test_the_first_mount_starts_the_service_and_the_next_reuses_it(
     assert os.stat(host.directory / "service.sock").st_mode & 0o777 == 0o600
 
 
+def test_the_mount_helper_goes_through_the_service(
+    tmp_path: Path, host: Host, image: tuple[Path, Path]
+) -> None:
+    """``mount.fuse.ocixfs`` (mount(8), fstab) is ``ocixfs mount`` underneath."""
+    ocix, store = image
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    host.mountpoints.append(mountpoint)
+    helper = Path(sys.executable).parent / "mount.fuse.ocixfs"
+    result = subprocess.run([os.fspath(helper), os.fspath(ocix), os.fspath(mountpoint), "-o",
+                             f"store={store},cache={tmp_path / 'cache'},rw"], env=host.env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert_serves(mountpoint)
+    assert host.service_pid() is not None
+
+
 def test_two_first_mounts_at_once_start_one_service(
     tmp_path: Path, host: Host, image: tuple[Path, Path]
 ) -> None:
@@ -373,8 +390,7 @@ def _service_status() -> int:
 def _connect_and_read(path: str) -> int:
     with socket.socket(socket.AF_UNIX) as conn:
         conn.settimeout(10)
-        conn.connect(path)
-        conn.sendall(b'{"op": "status"}\n')
+        conn.connect(path)  # refused before any request is read
         sys.stdout.write(conn.recv(4096).decode())
     return 0
 

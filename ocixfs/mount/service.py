@@ -30,7 +30,6 @@ run by systemd: there the service is a unit, ``systemd/ocixfs.socket``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -203,6 +202,8 @@ def _try_connect(path: Path) -> socket.socket | None:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -243,25 +244,34 @@ def _start_service(paths: ServicePaths) -> None:
     for name in ("PYTHONPATH", SERVICE_DIR_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
-    argv = [sys.executable, "-m", "ocixfs", "service", "run",
-            "--listen-fd", str(listener.fileno())]
+    argv = [sys.executable, "-m", "ocixfs", "service", "run", "--listen-fd", "3"]
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.setsid()
             if os.fork() == 0:
-                devnull = os.open(os.devnull, os.O_RDWR)
-                for target in (0, 1):
-                    os.dup2(devnull, target)
-                os.dup2(log_fd, 2)
-                os.set_inheritable(listener.fileno(), True)
-                os.chdir("/")
-                os.execve(sys.executable, argv, env)
+                _exec_detached(argv, env, listener.fileno(), log_fd)
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
     os.close(log_fd)
     listener.close()
+
+
+def _exec_detached(argv: list[str], env: dict[str, str], listen_fd: int, log_fd: int) -> None:
+    """Become ``argv`` with stdin and stdout on /dev/null, stderr on ``log_fd``, the
+    listening socket as fd 3 and no other descriptor of the client's (its caller's open
+    files must not live on in the service and every mount it makes)."""
+    import fcntl
+
+    listen_copy = fcntl.fcntl(listen_fd, fcntl.F_DUPFD, 10)  # above what is rearranged
+    log_copy = fcntl.fcntl(log_fd, fcntl.F_DUPFD, 10)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for target, fd in ((0, devnull), (1, devnull), (2, log_copy), (3, listen_copy)):
+        os.dup2(fd, target)
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    os.chdir("/")
+    os.execve(argv[0], argv, env)
 
 
 def _delegate(conn: socket.socket, argv: Sequence[str]) -> int | None:
