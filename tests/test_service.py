@@ -320,6 +320,23 @@ def test_a_stopped_service_leaves_mounts_serving(
     assert_serves(tmp_path / "m1")
 
 
+def test_a_service_running_older_code_is_started_anew(
+    tmp_path: Path, host: Host, image: tuple[Path, Path]
+) -> None:
+    """After an upgrade, the next mount stops the service that imported the old modules."""
+    import ocixfs
+
+    ocix, store = image
+    host.mount(ocix, tmp_path / "m1", *mount_args(store, tmp_path / "cache"))
+    old = host.service_pid()
+    os.utime(ocixfs.__file__)  # as an upgrade would leave it: newer than the service
+    host.mount(ocix, tmp_path / "m2", *mount_args(store, tmp_path / "cache"))
+    assert host.service_pid() not in (None, old)
+    assert old is not None and not process_alive(old)
+    assert_serves(tmp_path / "m1")
+    assert_serves(tmp_path / "m2")
+
+
 def test_a_stale_socket_is_replaced(
     tmp_path: Path, host: Host, image: tuple[Path, Path]
 ) -> None:

@@ -34,7 +34,6 @@ PRELOAD = (
     "concurrent.futures", "httpx", "trio", "pyfuse3",
 )
 NOT_RUNNING_STATUS = 3
-STOP_WAIT = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,15 +55,22 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.action == "start":
         return _show(_request("status", start=True), args.json)
-    answer = _request(args.action, start=False)
+    if args.action == "stop":
+        return _stop()
+    answer = _request("status", start=False)
     if answer is None:
         print("ocixfs: the service is not running")
-        return NOT_RUNNING_STATUS if args.action == "status" else 0
-    if args.action == "stop":
-        _wait_gone(int(answer["pid"]))
-        print(f"stopped the ocixfs service (pid {answer['pid']}); mounts keep serving")
-        return 0
+        return NOT_RUNNING_STATUS
     return _show(answer, args.json)
+
+
+def _stop() -> int:
+    from ocixfs.mount.service import service_paths, stop_service
+
+    pid = stop_service(service_paths())
+    print("ocixfs: the service is not running" if pid is None
+          else f"stopped the ocixfs service (pid {pid}); mounts keep serving")
+    return 0
 
 
 def _request(op: str, *, start: bool) -> dict[str, Any] | None:
@@ -90,16 +96,6 @@ def _show(answer: dict[str, Any] | None, as_json: bool) -> int:
         print(f"ocixfs service pid {answer['pid']}, since {started}, "
               f"{answer['workers']} requests in progress, socket {service_paths().socket}")
     return 0
-
-
-def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + STOP_WAIT
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -24,7 +24,8 @@ service): killing the service leaves every mount serving; killing a daemon loses
 mount. Starting: the first ``mount_through_service`` that finds no service binds the
 socket (under ``service.lock``, so two first mounts start one service) and starts
 ``ocixfs service run`` on it in a new session, logging to ``service.log`` (not on a host
-run by systemd: there the service is a unit, ``systemd/ocixfs.socket``).
+run by systemd: there the service is a unit, ``systemd/ocixfs.socket``). A service whose
+modules are older than the installed files (``code_version``) is stopped and started anew.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "mount_through_service",
     "run_service",
     "service_paths",
+    "stop_service",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,9 @@ HANDSHAKE_TIMEOUT = 10.0   # a running service forks a worker in milliseconds
 START_TIMEOUT = 60.0       # a service just started imports first (cold disk: seconds)
 REQUEST_TIMEOUT = 10.0     # how long a worker waits for a client's request or its "go"
 MAX_REQUEST = 1 << 20
+STOP_WAIT = 10.0
+STALE_CODE = "stale code"
+_STALE = -1  # not an exit status: _delegate's "start the service anew"
 SYSTEMD_BOOTED = "/run/systemd/system"
 _CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -118,6 +123,24 @@ def identity() -> str:
     return f"{ocixfs.__version__} {os.path.realpath(sys.executable)} {ocixfs.__file__}"
 
 
+def code_version() -> str:
+    """The newest modification time of the package's modules: a service that imported
+    older code than the files now hold (ocixfs was upgraded) is stopped and started anew
+    by the next mount."""
+    import ocixfs
+
+    newest = 0
+    pending = [os.path.dirname(ocixfs.__file__)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False) and entry.name != "__pycache__":
+                    pending.append(entry.path)
+                elif entry.name.endswith(".py"):
+                    newest = max(newest, entry.stat().st_mtime_ns)
+    return str(newest)
+
+
 # ----------------------------------------------------------------------------------------
 # The client
 
@@ -132,11 +155,18 @@ def mount_through_service(argv: Sequence[str]) -> int | None:
     if _in_worker or os.geteuid() != 0 or os.environ.get(BYPASS_ENV):
         return None
     paths = service_paths(create=True)
-    conn = connect(paths, start=not _systemd_runs_the_host())
-    if conn is None:
-        return None
-    with conn:
-        return _delegate(conn, argv)
+    code = code_version()
+    for _attempt in range(2):
+        conn = connect(paths, start=not _systemd_runs_the_host())
+        if conn is None:
+            return None
+        with conn:
+            status = _delegate(conn, argv, code)
+        if status != _STALE:
+            return status
+        log.debug("the ocixfs service runs older code; starting it anew")
+        stop_service(paths, unless_code=code)
+    return None
 
 
 def _systemd_runs_the_host() -> bool:
@@ -164,12 +194,37 @@ def connect(paths: ServicePaths, *, start: bool) -> socket.socket | None:
     return conn
 
 
-def ask_service(conn: socket.socket, op: str) -> dict[str, Any]:
+def ask_service(conn: socket.socket, op: str, **args: str) -> dict[str, Any]:
     """One ``status``/``stop`` request on ``conn``; its JSON answer."""
     conn.settimeout(HANDSHAKE_TIMEOUT)
-    conn.sendall(json.dumps({"op": op}).encode() + b"\n")
+    conn.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
     answer: dict[str, Any] = json.loads(_read_line(conn) or b"{}")
     return answer
+
+
+def stop_service(paths: ServicePaths, *, unless_code: str | None = None) -> int | None:
+    """Stop the running service (unless it runs ``unless_code``: another client has
+    already started it anew) and wait until it has exited; its pid, None if none ran.
+    Mounts keep serving."""
+    conn = connect(paths, start=False)
+    if conn is None:
+        return None
+    with conn:
+        args = {} if unless_code is None else {"unless_code": unless_code}
+        pid = int(ask_service(conn, "stop", **args)["pid"])
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.01)
+    return pid
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 def _try_connect(path: Path) -> socket.socket | None:
@@ -274,10 +329,11 @@ def _exec_detached(argv: list[str], env: dict[str, str], listen_fd: int, log_fd:
     os.execve(argv[0], argv, env)
 
 
-def _delegate(conn: socket.socket, argv: Sequence[str]) -> int | None:
-    """Hand the command to the service; its exit status (None: refused)."""
+def _delegate(conn: socket.socket, argv: Sequence[str], code: str) -> int | None:
+    """Hand the command to the service; its exit status (None: refused; ``_STALE``: the
+    service runs older code than ``code``)."""
     request = {"op": "mount", "argv": list(argv), "env": dict(os.environ),
-               "umask": _umask(), "identity": identity()}
+               "umask": _umask(), "identity": identity(), "code": code}
     fds = _stdio_and_cwd()
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
@@ -288,6 +344,8 @@ def _delegate(conn: socket.socket, argv: Sequence[str]) -> int | None:
     finally:
         for fd in fds[3:]:
             os.close(fd)
+    if answer.startswith(f"refused {STALE_CODE}"):
+        return _STALE
     if not answer.startswith("pid "):
         log.debug("the ocixfs service declined (%s); mounting in this process", answer)
         return None
@@ -369,6 +427,7 @@ class _State:
         self.run_command = run_command
         self.metrics = metrics
         self.started = time.time()
+        self.code = code_version()
         self.children: set[int] = set()
         self.stopping = False
 
@@ -547,7 +606,8 @@ def _dispatch(state: _State, conn: socket.socket, request: dict[str, Any],
         conn.sendall(json.dumps(_status(state)).encode() + b"\n")
     elif op == "stop":
         conn.sendall(json.dumps(_status(state)).encode() + b"\n")
-        os.kill(os.getppid(), signal.SIGTERM)
+        if request.get("unless_code") != state.code:
+            os.kill(os.getppid(), signal.SIGTERM)
     else:
         conn.sendall(json.dumps({"error": f"unknown request {op!r}"}).encode() + b"\n")
     return 0
@@ -574,7 +634,7 @@ def _answer_http(conn: socket.socket, head: bytes, state: _State) -> None:
 def _worker(state: _State, conn: socket.socket, request: dict[str, Any],
             fds: list[int]) -> int:
     """Run one ``ocixfs mount`` for the client as if it were the client."""
-    refusal = _refusal(conn, request, fds)
+    refusal = _refusal(state, conn, request, fds)
     if refusal:
         conn.sendall(f"refused {refusal}\n".encode())
         return 0
@@ -589,12 +649,15 @@ def _worker(state: _State, conn: socket.socket, request: dict[str, Any],
     return 0
 
 
-def _refusal(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> str:
+def _refusal(state: _State, conn: socket.socket, request: dict[str, Any],
+             fds: list[int]) -> str:
     """Why this worker must not run the client's mount ("" if it may): another ocixfs,
     or a client in another mount namespace or root directory (the mount would land in
     ours, not where the caller sees it)."""
     if request.get("identity") != identity():
         return "another ocixfs installation"
+    if request.get("code") != state.code:
+        return f"{STALE_CODE}: ocixfs changed since the service started"
     if len(fds) != 4 or not isinstance(request.get("argv"), list):
         return "malformed request"
     pid, _uid, _gid = _peer(conn)
