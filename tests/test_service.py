@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.faultserver import FaultServer
+from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import (
     OCIXFS,
@@ -269,6 +269,35 @@ def test_the_callers_environment_and_directory_apply(
         assert any("/blobs/" in url for url in proxy.requests), proxy.requests
     stats = json.loads(run_ocixfs("stats", os.fspath(tmp_path / "mnt"), "--json").stdout)
     assert stats["image"] == os.fspath(tmp_path / "image.ocix")
+
+
+@pytest.mark.parametrize("through_service", [True, False])
+def test_ctrl_c_on_the_client_interrupts_the_mount_as_in_process(
+    tmp_path: Path, host: Host, image: tuple[Path, Path], serve: FaultServers,
+    through_service: bool,
+) -> None:
+    """SIGINT to the client reaches the worker: the same line and status as in-process,
+    and nothing mounted."""
+    ocix, store = image
+    server = serve(ocix.parent)
+    server.fault(ocix.name, Fault(stall=60.0))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    env = host.env if through_service else {**host.env, "OCIXFS_NO_SERVICE": "1"}
+    client = subprocess.Popen([*OCIXFS, "mount", f"{server.url}/{ocix.name}",
+                               os.fspath(mountpoint), *mount_args(store, tmp_path / "cache"),
+                               "--timeout", "3"],  # how long the stalled download lingers
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: server.count(ocix.name) > 0, what="the manifest request")
+        client.send_signal(signal.SIGINT)
+        _, stderr = client.communicate(timeout=60)
+    finally:
+        client.kill()
+    assert client.returncode == 130
+    assert one_line(stderr) == "ocixfs: interrupted"
+    assert not is_mounted(mountpoint)
+    assert (host.service_pid() is not None) == through_service
 
 
 # -- failures: daemons, the service, its socket ------------------------------------------------
