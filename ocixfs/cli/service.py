@@ -99,7 +99,6 @@ def _show(answer: dict[str, Any] | None, as_json: bool) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ocixfs.http import ssl_context
     from ocixfs.log import timestamp_lines
     from ocixfs.mount.daemon import sd_notify
     from ocixfs.mount.service import parse_listen, run_service
@@ -107,11 +106,24 @@ def _serve(args: argparse.Namespace) -> int:
     listen = parse_listen(args.metrics_listen) if args.metrics_listen else None
     for name in PRELOAD:
         importlib.import_module(name)
-    ssl_context(None)  # keyed on SSL_CERT_FILE/DIR: a caller with others makes its own
+    _warm_up()
     if args.listen_fd is not None:
         timestamp_lines()  # started by a mount: stderr is service.log
     return run_service(_run_in_worker, _metrics, listen_fd=args.listen_fd,
                        metrics_listen=listen, ready=lambda: sd_notify(b"READY=1"))
+
+
+def _warm_up() -> None:
+    """Do once what every mount would do again and what its process inherits as is."""
+    import pyfuse3
+
+    from ocixfs.cli import parser_for
+    from ocixfs.http import ssl_context
+    from ocixfs.mount import kernelcache
+
+    parser_for(["mount"])
+    ssl_context(None)  # keyed on SSL_CERT_FILE/DIR: a caller with others makes its own
+    kernelcache.enable(pyfuse3.__file__)  # patches this process's pyfuse3 (idempotent)
 
 
 def _run_in_worker(argv: list[str]) -> int:
