@@ -538,6 +538,10 @@ def test_metrics_on_an_opt_in_tcp_port(tmp_path: Path, host: Host) -> None:
         status, body = http_get(("127.0.0.1", port))
         assert status == "HTTP/1.0 200 OK"
         assert "ocixfs_host_mounts" in samples(body)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b'{"op": "stop"}\n')  # the TCP port serves metrics alone
+            assert conn.recv(4096) == b""
+        assert host.service_pid() == service.pid
         again = host.run("service", "run")  # a second one refuses, in one line
         assert again.returncode == 1 and "already runs" in one_line(again.stderr)
     finally:

@@ -334,28 +334,41 @@ def _delegate(conn: socket.socket, argv: Sequence[str], code: str) -> int | None
     service runs older code than ``code``)."""
     request = {"op": "mount", "argv": list(argv), "env": dict(os.environ),
                "umask": _umask(), "identity": identity(), "code": code}
-    fds = _stdio_and_cwd()
+    try:
+        fds = _stdio_and_cwd()
+    except OSError as exc:
+        log.debug("cannot hand this process's files to the service (%s)", exc)
+        return None
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
         answer = _read_line(conn).decode(errors="replace").strip()
+        if answer.startswith(f"refused {STALE_CODE}"):
+            return _STALE
+        worker = int(answer[4:]) if answer.startswith("pid ") else None
+        if worker is not None:
+            conn.sendall(b"go\n")
     except (OSError, ValueError) as exc:
         log.debug("the ocixfs service did not answer (%s); mounting in this process", exc)
         return None
     finally:
         for fd in fds[3:]:
             os.close(fd)
-    if answer.startswith(f"refused {STALE_CODE}"):
-        return _STALE
-    if not answer.startswith("pid "):
+    if worker is None:
         log.debug("the ocixfs service declined (%s); mounting in this process", answer)
         return None
-    worker = int(answer[4:])
-    conn.sendall(b"go\n")
+    return _wait_for_worker(conn, worker)
+
+
+def _wait_for_worker(conn: socket.socket, worker: int) -> int:
+    """The worker's exit status; signals meant for us go to it meanwhile."""
     conn.settimeout(None)
     forwarded: list[int] = []
     with _forwarding_signals(worker, forwarded):
-        line = _read_line(conn).decode(errors="replace").strip()
-    if line.startswith("status "):
+        try:
+            line = _read_line(conn).decode(errors="replace").strip()
+        except OSError:
+            line = ""
+    if line.startswith("status ") and line[7:].lstrip("-").isdigit():
         return int(line[7:])
     if forwarded:
         return 128 + forwarded[-1]
@@ -575,6 +588,8 @@ def _child(state: _State, conn: socket.socket, kind: str, private: tuple[int, ..
         if data.startswith((b"GET ", b"HEAD ")):
             _answer_http(conn, data, state)
             return 0
+        if kind != "unix":
+            return 1  # the TCP port serves metrics, nothing else
         return _dispatch(state, conn, json.loads(data), fds)
     except Exception as exc:
         log.warning("service request failed: %s: %s", type(exc).__name__, exc)
