@@ -154,18 +154,21 @@ def mount_through_service(argv: Sequence[str]) -> int | None:
     not the service's."""
     if _in_worker or os.geteuid() != 0 or os.environ.get(BYPASS_ENV):
         return None
-    paths = service_paths(create=True)
-    code = code_version()
-    for _attempt in range(2):
-        conn = connect(paths, start=not _systemd_runs_the_host())
-        if conn is None:
-            return None
-        with conn:
-            status = _delegate(conn, argv, code)
-        if status != _STALE:
-            return status
-        log.debug("the ocixfs service runs older code; starting it anew")
-        stop_service(paths, unless_code=code)
+    try:
+        paths = service_paths(create=True)
+        code = code_version()
+        for _attempt in range(2):
+            conn = connect(paths, start=not _systemd_runs_the_host())
+            if conn is None:
+                return None
+            with conn:
+                status = _delegate(conn, argv, code)
+            if status != _STALE:
+                return status
+            log.debug("the ocixfs service runs older code; starting it anew")
+            stop_service(paths, unless_code=code)
+    except (OSError, ValueError) as exc:  # a read-only /run, an answer cut short...
+        log.debug("no ocixfs service (%s); mounting in this process", exc)
     return None
 
 
@@ -211,7 +214,9 @@ def stop_service(paths: ServicePaths, *, unless_code: str | None = None) -> int 
         return None
     with conn:
         args = {} if unless_code is None else {"unless_code": unless_code}
-        pid = int(ask_service(conn, "stop", **args)["pid"])
+        pid = ask_service(conn, "stop", **args).get("pid")
+    if not isinstance(pid, int):
+        return None
     deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline and _running(pid):
         time.sleep(0.01)
