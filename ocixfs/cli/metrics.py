@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ocixfs.mount.control import runtime_dir
     from ocixfs.mount.metrics import gather, render
+    from ocixfs.mount.service import SOCKET_NAME
 
-    print(render(gather(runtime_dir(), skip=("service.sock",))), end="")
+    print(render(gather(runtime_dir(), skip=(SOCKET_NAME,))), end="")
     return 0

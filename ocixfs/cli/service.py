@@ -135,5 +135,6 @@ def _run_in_worker(argv: list[str]) -> int:
 def _metrics(service: dict[str, Any]) -> str:
     from ocixfs.mount.control import runtime_dir
     from ocixfs.mount.metrics import gather, render
+    from ocixfs.mount.service import SOCKET_NAME
 
-    return render(gather(runtime_dir(), skip=("service.sock",)), service)
+    return render(gather(runtime_dir(), skip=(SOCKET_NAME,)), service)

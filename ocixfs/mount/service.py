@@ -7,7 +7,8 @@ and making a TLS context. The service pays that once; a mount through it costs a
 The protocol, on a Unix stream socket (``service.sock`` in the private runtime directory,
 mode 0600; ``OCIXFS_SERVICE_DIR`` names another directory)::
 
-    client ── {"op": "mount", "argv", "env", "umask", "identity"}\\n + fds 0,1,2,cwd ──▶
+    client ── {"op": "mount", "argv", "env", "umask", "identity", "code"}\\n
+              + fds 0,1,2,cwd ──▶
     service ── accept, SO_PEERCRED is root ── fork ──▶ child ("the worker")
     client ◀── "pid N\\n" (or "refused REASON\\n": the client mounts in-process) ── worker
     client ── "go\\n" ──▶ worker: the caller's fds, cwd, environment and umask; then the
@@ -51,6 +52,7 @@ from ocixfs.safefs import private_directory
 __all__ = [
     "BYPASS_ENV",
     "SERVICE_DIR_ENV",
+    "SOCKET_NAME",
     "ServicePaths",
     "ask_service",
     "connect",
@@ -63,6 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SERVICE_DIR_ENV = "OCIXFS_SERVICE_DIR"
+SOCKET_NAME = "service.sock"
 BYPASS_ENV = "OCIXFS_NO_SERVICE"
 SOCKET_MODE = 0o600
 HANDSHAKE_TIMEOUT = 10.0   # a running service forks a worker in milliseconds
@@ -93,7 +96,7 @@ class ServicePaths:
 
     @property
     def socket(self) -> Path:
-        return self.directory / "service.sock"
+        return self.directory / SOCKET_NAME
 
     @property
     def lock(self) -> Path:
