@@ -303,6 +303,34 @@ def test_ctrl_c_on_the_client_interrupts_the_mount_as_in_process(
 # -- failures: daemons, the service, its socket ------------------------------------------------
 
 
+def test_a_worker_killed_during_a_mount_fails_that_mount_alone(
+    tmp_path: Path, host: Host, image: tuple[Path, Path], serve: FaultServers
+) -> None:
+    ocix, store = image
+    host.mount(ocix, tmp_path / "m1", *mount_args(store, tmp_path / "cache"))
+    service = host.service_pid()
+    assert service is not None
+    server = serve(ocix.parent)
+    server.fault(ocix.name, Fault(stall=60.0))
+    (tmp_path / "m2").mkdir()
+    client = subprocess.Popen([*OCIXFS, "mount", f"{server.url}/{ocix.name}",
+                               os.fspath(tmp_path / "m2"), *mount_args(store, tmp_path / "cache"),
+                               "--timeout", "3"], env=host.env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: server.count(ocix.name) > 0, what="the manifest request")
+        children = Path(f"/proc/{service}/task/{service}/children").read_text().split()
+        assert len(children) == 1  # the worker running this mount
+        os.kill(int(children[0]), signal.SIGKILL)
+        _, stderr = client.communicate(timeout=60)
+    finally:
+        client.kill()
+    assert client.returncode == 1
+    assert f"worker {children[0]} died" in one_line(stderr)
+    assert not is_mounted(tmp_path / "m2")
+    assert_serves(tmp_path / "m1")
+    assert host.service_pid() == service
+
+
 def test_a_killed_mount_daemon_loses_only_its_mount(
     tmp_path: Path, host: Host, image: tuple[Path, Path]
 ) -> None:
