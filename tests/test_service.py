@@ -271,6 +271,21 @@ def test_the_callers_environment_and_directory_apply(
     assert stats["image"] == os.fspath(tmp_path / "image.ocix")
 
 
+def stalled_mount(tmp_path: Path, image: tuple[Path, Path], serve: FaultServers,
+                  mountpoint: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """An ``ocixfs mount`` (stderr piped) whose manifest download hangs, once it does."""
+    ocix, store = image
+    server = serve(ocix.parent)
+    server.fault(ocix.name, Fault(stall=60.0))
+    mountpoint.mkdir()
+    client = subprocess.Popen([*OCIXFS, "mount", f"{server.url}/{ocix.name}",
+                               os.fspath(mountpoint), *mount_args(store, tmp_path / "cache"),
+                               "--timeout", "3"],  # how long the stalled download lingers
+                              env=env, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: server.count(ocix.name) > 0, what="the manifest request")
+    return client
+
+
 @pytest.mark.parametrize("through_service", [True, False])
 def test_ctrl_c_on_the_client_interrupts_the_mount_as_in_process(
     tmp_path: Path, host: Host, image: tuple[Path, Path], serve: FaultServers,
@@ -278,18 +293,10 @@ def test_ctrl_c_on_the_client_interrupts_the_mount_as_in_process(
 ) -> None:
     """SIGINT to the client reaches the worker: the same line and status as in-process,
     and nothing mounted."""
-    ocix, store = image
-    server = serve(ocix.parent)
-    server.fault(ocix.name, Fault(stall=60.0))
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
     env = host.env if through_service else {**host.env, "OCIXFS_NO_SERVICE": "1"}
-    client = subprocess.Popen([*OCIXFS, "mount", f"{server.url}/{ocix.name}",
-                               os.fspath(mountpoint), *mount_args(store, tmp_path / "cache"),
-                               "--timeout", "3"],  # how long the stalled download lingers
-                              env=env, stderr=subprocess.PIPE, text=True)
+    client = stalled_mount(tmp_path, image, serve, mountpoint, env)
     try:
-        wait_for(lambda: server.count(ocix.name) > 0, what="the manifest request")
         client.send_signal(signal.SIGINT)
         _, stderr = client.communicate(timeout=60)
     finally:
@@ -310,14 +317,8 @@ def test_a_worker_killed_during_a_mount_fails_that_mount_alone(
     host.mount(ocix, tmp_path / "m1", *mount_args(store, tmp_path / "cache"))
     service = host.service_pid()
     assert service is not None
-    server = serve(ocix.parent)
-    server.fault(ocix.name, Fault(stall=60.0))
-    (tmp_path / "m2").mkdir()
-    client = subprocess.Popen([*OCIXFS, "mount", f"{server.url}/{ocix.name}",
-                               os.fspath(tmp_path / "m2"), *mount_args(store, tmp_path / "cache"),
-                               "--timeout", "3"], env=host.env, stderr=subprocess.PIPE, text=True)
+    client = stalled_mount(tmp_path, image, serve, tmp_path / "m2", host.env)
     try:
-        wait_for(lambda: server.count(ocix.name) > 0, what="the manifest request")
         children = Path(f"/proc/{service}/task/{service}/children").read_text().split()
         assert len(children) == 1  # the worker running this mount
         os.kill(int(children[0]), signal.SIGKILL)
