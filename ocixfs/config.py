@@ -116,6 +116,10 @@ class FetchConfig:
     - ``zstd_max_window``: largest zstd window accepted (bounds decoder memory).
     - ``max_redirects``: HTTP redirects followed per request (never https to http).
     - ``ca_file``: PEM certificates trusted in addition to the system's store.
+    - ``proxies``: the ordered proxy group (``http://HOST:PORT`` URLs, ``DIRECT`` for none),
+      tried in order; empty means the environment's (``HTTP_PROXY``, ``NO_PROXY``, ...).
+      A proxy that fails to connect or breaks a transfer is tried after the others for
+      ``proxy_down`` seconds (``ocixfs.http.ProxyGroup``).
     - ``auth_file``: credentials for stores, one ``URL bearer TOKEN`` or
       ``URL basic USER:PASSWORD`` per line (netrc is read too); see ``ocixfs.http``.
     - ``credentials``: those credentials once read (``http.load_credentials``); when
@@ -142,6 +146,8 @@ class FetchConfig:
     zstd_max_window: int = 1 << 25
     max_redirects: int = 4
     ca_file: str | None = None
+    proxies: tuple[str, ...] = ()
+    proxy_down: float = 60.0
     auth_file: str | None = None
     credentials: httpx.Auth | None = field(default=None, compare=False, repr=False)
     threads: int = field(default_factory=_default_threads)

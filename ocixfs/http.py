@@ -7,8 +7,14 @@ as a URL) goes through a client built here, so they all follow the same rules:
   OpenSSL's default paths, which honour ``SSL_CERT_FILE``/``SSL_CERT_DIR``), never a
   bundled list such as certifi's, plus the PEM certificates of ``FetchConfig.ca_file``
   if given (a private CA, added to the system's).
-- **Proxies** come from the environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``,
-  ``NO_PROXY``; httpx ``trust_env``), so a site cache such as Squid can sit in front.
+- **Proxies**: an ordered group (``FetchConfig.proxies``: proxy URLs, ``DIRECT`` for
+  none), else the environment's (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``,
+  ``NO_PROXY``; httpx ``trust_env``), so site caches such as Squid can sit in front.
+  ``ProxyGroup`` (one per process, ``PROXIES``) orders the routes of a request: a proxy
+  whose connection or transfer failed goes after the others for ``proxy_down`` seconds,
+  and ``stream`` (and the fetcher's ``HttpClients.stream``) tries the next route at once
+  when one fails before the answer. ``NO_PROXY`` applies to the group too. A proxy never
+  gets credentials of its own: ``Authorization`` is chosen by the target URL as ever.
 - **Redirects**: at most ``FetchConfig.max_redirects``, to any host (CDNs and S3
   presigned URLs legitimately send clients elsewhere, and content is verified anyway), but
   never from https to plain http. Credentials are chosen again for every request of a
@@ -33,11 +39,13 @@ are translated here for ``download`` and in the fetcher for blobs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import netrc
 import os
 import ssl
+import threading
 import time
 import urllib.parse
 import zlib
@@ -51,8 +59,12 @@ from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
 
 __all__ = [
+    "DIRECT",
+    "PROXIES",
+    "ROUTE_FAILURES",
     "Credentials",
     "DownloadClock",
+    "ProxyGroup",
     "async_client",
     "credentials_of",
     "describe",
@@ -61,7 +73,9 @@ __all__ = [
     "read_document",
     "redact",
     "refuse_credentials",
+    "proxy_group",
     "ssl_context",
+    "stream",
     "sync_client",
 ]
 
@@ -298,6 +312,126 @@ def _read_netrc() -> dict[str, tuple[str, str]]:
     return logins
 
 
+# --- proxies -----------------------------------------------------------------------------
+
+DIRECT = "DIRECT"
+_ENVIRONMENT = ""  # the route of a client without a proxy group: the environment's proxy
+
+# A route failing (the proxy, or the way through it, is gone). An answer, whatever its
+# status, is not one: the proxy works and relays what the origin said.
+ROUTE_FAILURES: tuple[type[httpx.HTTPError], ...] = (
+    httpx.NetworkError, httpx.TimeoutException, httpx.ProtocolError, httpx.ProxyError,
+)
+
+
+class ProxyGroup:
+    """The health of the proxies of a process (``PROXIES``), shared by all its clients and
+    threads. A route that failed is *down* for ``FetchConfig.proxy_down`` seconds: ``routes``
+    puts it after the routes that are up, never leaves it out (when all are down, all are
+    tried, in their order). A route that works is up again at once."""
+
+    def __init__(self) -> None:
+        self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def routes(self, config: FetchConfig, url: str) -> list[str]:
+        """The routes to try for ``url``, best first: ``config.proxies`` with those that are
+        down last; ``[DIRECT]`` when ``NO_PROXY`` names its host; the environment's proxy
+        when ``config`` has no group."""
+        if not config.proxies:
+            return [_ENVIRONMENT]
+        if _bypassed(url):
+            return [DIRECT]
+        now = time.monotonic()
+        with self._lock:
+            down = {route for route in config.proxies
+                    if self._down_until.get(route, -float("inf")) > now}
+        return ([route for route in config.proxies if route not in down]
+                + [route for route in config.proxies if route in down])
+
+    def failed(self, route: str, config: FetchConfig, why: BaseException) -> None:
+        """``route`` failed: down for ``config.proxy_down`` seconds (logged when it was up)."""
+        if route == _ENVIRONMENT:
+            return
+        now = time.monotonic()
+        with self._lock:
+            was_up = self._down_until.get(route, -float("inf")) <= now
+            self._down_until[route] = now + config.proxy_down
+        if was_up:
+            log.warning("%s failed (%s); trying the next route first for %g s",
+                        _route_name(route), describe(why), config.proxy_down)
+
+    def worked(self, route: str) -> None:
+        with self._lock:
+            if self._down_until.pop(route, None) is not None:
+                log.info("%s works again", _route_name(route))
+
+    @contextlib.contextmanager
+    def watching(self, route: str, config: FetchConfig) -> Iterator[None]:
+        """Around the use of an answer that came by ``route``: a route failure (the proxy
+        dies mid-body) marks it down, and is raised; otherwise the route is up."""
+        try:
+            yield
+        except ROUTE_FAILURES as exc:
+            self.failed(route, config, exc)
+            raise
+        self.worked(route)
+
+
+PROXIES = ProxyGroup()
+
+
+def _route_name(route: str) -> str:
+    return "the direct connection" if route == DIRECT else f"proxy {redact(route)}"
+
+
+def proxy_group(entries: Iterable[str]) -> tuple[str, ...]:
+    """``--proxy`` values checked: ``http://HOST[:PORT]`` (or https) without credentials
+    (proxy authentication is not supported), path or query, or ``DIRECT`` (any case); each
+    at most once. Raises ``UsageError``."""
+    group: list[str] = []
+    for entry in entries:
+        route = DIRECT if entry.strip().upper() == DIRECT else entry.strip().rstrip("/")
+        if route != DIRECT:
+            if "@" in route:
+                raise UsageError(f"--proxy {redact(route)}: proxy credentials are not supported")
+            try:
+                parts = urllib.parse.urlsplit(route)
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError:
+                parts = urllib.parse.urlsplit("")
+            if parts.scheme not in _SCHEMES or not parts.hostname or parts.path or parts.query:
+                raise UsageError(f"--proxy {entry}: expected http://HOST:PORT or DIRECT")
+        if route in group:
+            raise UsageError(f"--proxy {entry}: given twice")
+        group.append(route)
+    return tuple(group)
+
+
+def _bypassed(url: str) -> bool:
+    """Whether ``NO_PROXY`` (or ``no_proxy``) names the host of ``url``: ``*``, the host
+    name or address, a domain it is in (``example.org`` or ``.example.org``), each
+    optionally with ``:PORT``."""
+    rule = os.environ.get("NO_PROXY", os.environ.get("no_proxy", ""))
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = str(parts.port or (443 if parts.scheme == "https" else 80))
+    for entry in filter(None, (word.strip().lower() for word in rule.split(","))):
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        name = name.strip("[]").lstrip(".")
+        if entry_port and entry_port != port:
+            continue
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def _first_route(config: FetchConfig) -> str:
+    return config.proxies[0] if config.proxies else _ENVIRONMENT
+
+
 # --- clients -----------------------------------------------------------------------------
 
 
@@ -334,44 +468,79 @@ def _timeout(config: FetchConfig) -> httpx.Timeout:
 
 
 def async_client(
-    config: FetchConfig, *, limits: httpx.Limits, auth: httpx.Auth | None = None
+    config: FetchConfig,
+    *,
+    limits: httpx.Limits,
+    auth: httpx.Auth | None = None,
+    route: str | None = None,
 ) -> httpx.AsyncClient:
-    """The fetcher's client; ``auth`` defaults to ``credentials_of(config)``.
+    """The fetcher's client; ``auth`` defaults to ``credentials_of(config)``, ``route`` (a
+    proxy URL or ``DIRECT``, from ``PROXIES.routes``) to the group's first.
     Raises ``UsageError`` for an unusable CA or credentials file."""
     auth = auth if auth is not None else credentials_of(config)
     rescope = [auth.rescope_async] if isinstance(auth, Credentials) else []
     return httpx.AsyncClient(
-        **_client_settings(config, auth),
+        **_client_settings(config, auth, _first_route(config) if route is None else route),
         limits=limits,
         event_hooks={"request": rescope, "response": [_refuse_downgrade_async]},
     )
 
 
 def sync_client(
-    config: FetchConfig = DEFAULT_FETCH_CONFIG, *, auth: httpx.Auth | None = None
+    config: FetchConfig = DEFAULT_FETCH_CONFIG,
+    *,
+    auth: httpx.Auth | None = None,
+    route: str | None = None,
 ) -> httpx.Client:
     """A blocking client with the same rules (for commands, before any trio run);
-    ``auth`` defaults to ``credentials_of(config)``."""
+    ``auth`` and ``route`` default as for ``async_client``."""
     auth = auth if auth is not None else credentials_of(config)
     rescope = [auth.rescope] if isinstance(auth, Credentials) else []
     return httpx.Client(
-        **_client_settings(config, auth),
+        **_client_settings(config, auth, _first_route(config) if route is None else route),
         event_hooks={"request": rescope, "response": [_refuse_downgrade]},
     )
 
 
-def _client_settings(config: FetchConfig, auth: httpx.Auth) -> dict[str, Any]:
-    """What every client shares: trust, credentials, proxies from the environment,
-    timeouts, redirects."""
-    return {
+def _client_settings(config: FetchConfig, auth: httpx.Auth, route: str) -> dict[str, Any]:
+    """What every client shares: trust, credentials, timeouts, redirects; and its route:
+    a proxy URL, ``DIRECT``, or (no group) the environment's proxies."""
+    settings: dict[str, Any] = {
         "verify": ssl_context(config.ca_file),
         "auth": auth,
-        "trust_env": True,
+        "trust_env": route == _ENVIRONMENT,
         "timeout": _timeout(config),
         "follow_redirects": True,
         "max_redirects": config.max_redirects,
         "headers": {"User-Agent": "ocixfs"},
     }
+    if route not in (_ENVIRONMENT, DIRECT):
+        settings["proxy"] = route
+    return settings
+
+
+@contextlib.contextmanager
+def stream(
+    config: FetchConfig, url: str, *, headers: Mapping[str, str]
+) -> Iterator[httpx.Response]:
+    """A blocking ``GET url`` by the routes of ``PROXIES.routes(config, url)``: a route that
+    fails before the answer is marked down and the next one tried at once; a failure while
+    the body is read marks it down and is raised (the caller's retry takes the next).
+    Raises what httpx raises for the last route."""
+    routes = PROXIES.routes(config, url)
+    for number, route in enumerate(routes, 1):
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(sync_client(config, route=route))
+            try:
+                response = stack.enter_context(client.stream("GET", url, headers=headers))
+            except ROUTE_FAILURES as exc:
+                PROXIES.failed(route, config, exc)
+                if number == len(routes):
+                    raise
+                continue
+            with PROXIES.watching(route, config):
+                yield response
+            return
 
 
 def download(
@@ -396,11 +565,7 @@ def download(
     label = redact(url)
     clock = DownloadClock(config, config.document_deadline if deadline is None else deadline)
     try:
-        with (
-            sync_client(config) as client,
-            client.stream("GET", url, headers={"Accept-Encoding": _DOCUMENT_ENCODINGS})
-            as response,
-        ):
+        with stream(config, url, headers={"Accept-Encoding": _DOCUMENT_ENCODINGS}) as response:
             status = response.status_code
             if status in (404, 410):
                 raise BlobNotFound(f"{label}: HTTP {status}")

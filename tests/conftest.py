@@ -13,6 +13,8 @@ Fixtures here (a module's own fixture of the same name wins):
 - ``store``: a ``tests.servers.Store`` of the module's ``blob_contents`` fixture (which the
   module defines) under ``tmp_path / "store"``; ``server`` serves it, and so do ``mirrors``
   (two servers).
+- ``no_proxy_env``: the proxy variables (``HTTP_PROXY``…, either case) removed for the
+  test; set them through the returned ``MonkeyPatch``.
 """
 
 from __future__ import annotations
@@ -91,3 +93,14 @@ def server(store: Store, serve: FaultServers) -> FaultServer:
 @pytest.fixture
 def mirrors(store: Store, serve: FaultServers) -> Mirrors:
     return serve(store.root), serve(store.root)
+
+
+PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch

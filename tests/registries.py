@@ -25,6 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.nginx import wait_for_port
+
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 needs_registry = pytest.mark.skipif(
     not os.path.exists(REGISTRY), reason="needs docker-registry (scripts/install installs it)")
@@ -60,18 +62,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not start") from None
-            time.sleep(0.02)
-
-
 class Registry:
     """``with Registry(work) as registry: registry.ref("repo:tag")``."""
 
@@ -98,7 +88,7 @@ class Registry:
         config.write_text(_CONFIG.format(root=self.root, port=self.port, auth=self._auth))
         self.process = subprocess.Popen([REGISTRY, "serve", os.fspath(config)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port(self.port, self.process, "docker-registry")
+        wait_for_port(self.port, self.process, "docker-registry", timeout=15)
         return self
 
     def stop(self) -> None:

@@ -42,7 +42,6 @@ FAST = FetchConfig(
 CONTENTS = [os.urandom(n) for n in (70_000, 1, 5_000)]
 TOKEN = "tok-7f3a9c-SECRET"
 PASSWORD = "pw-41b2-SECRET"
-PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
 fetching = fetching_with(FAST)  # test_hostile.py borrows it
 
 
@@ -57,14 +56,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl")
     return make_ca(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-    return monkeypatch
 
 
 # --- timeouts, minimum rate, retries, failover -------------------------------------------

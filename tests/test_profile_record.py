@@ -236,6 +236,9 @@ def test_build_profile_cmd_writes_the_profile_beside_the_image(tmp_path: Path,
     profile = tmp_path / "new.ocix.profile"
     assert summary["profile"]["profile"] == os.fspath(profile)
     assert profile_paths(profile)[-1] == "/usr/share/data/small-09.txt"
+    packs = summary["profile"]["packs"]  # the profile's files, one request away
+    assert packs["blobs"] >= 1 and len(packs["parts"]) == 1
+    assert (tmp_path / "store" / packs["parts"][0]["name"]).is_file()
 
     failed = run_ocixfs("build", f"dir:{source}", "--store", os.fspath(tmp_path / "store"),
                         "-o", os.fspath(tmp_path / "bad.ocix"),

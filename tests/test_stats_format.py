@@ -54,3 +54,12 @@ def test_a_running_prefetch_is_shown() -> None:
     text = format_stats({**SAMPLE, "prefetch": {"done_blobs": 3, "planned_blobs": 8}})
     assert "prefetch:" in text
     assert "done_blobs" in text and "planned_blobs" in text
+
+
+def test_the_played_profile_is_named_with_its_paths_in_this_tree() -> None:
+    borrowed = {"source": "borrowed", "name": "b3:" + "cd" * 32,
+                "description": "borrowed from b3:" + "cd" * 32, "paths": 80, "in_tree": 78}
+    text = format_stats({**SAMPLE, "played_profile": borrowed})
+    assert f"played       borrowed from b3:{'cd' * 32}: 78 of its 80 paths are files of this " \
+           "image" in text
+    assert "played       no profile" in format_stats({**SAMPLE, "played_profile": None})

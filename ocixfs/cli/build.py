@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the new image and write what it opened to OUTPUT.profile, which "
                         "mounts play (--prefetch auto); repeatable: the runs are merged. As "
                         "'ocixfs profile record --strict': a failing LINE fails the build "
-                        "(the image stays, no profile is written). Needs root")
+                        "(the image stays, no profile is written). The profile's files are "
+                        "also written to the store as one pack file (as 'ocixfs profile "
+                        "pack'), fetched with one request by mounts that play it. Needs root")
     parser.add_argument("--profile-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="kill a --profile-cmd still running after SECONDS (default "
                         "%(default)g)")
@@ -118,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     lines.append(f"  time            {summary.seconds:.2f} s  ({format_bytes(rate)}/s)")
     if profile:
         lines.append(f"wrote {profile['profile']} ({profile['files']} files)")
+        packs = profile.get("packs")
+        if isinstance(packs, dict):
+            lines.append(f"wrote {len(packs['parts'])} profile pack to the store "
+                         f"({packs['blobs']} files, {format_bytes(packs['pack_bytes'])})")
     print("\n".join(lines))
     return 0
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import PinnedBytes
     from ocixfs.mount.config import MountConfig
-    from ocixfs.mount.profile import Profile
+    from ocixfs.mount.profile import ChosenProfile, Profile
     from ocixfs.store.spec import StoreSpec
 
 NAME = "mount"
@@ -50,7 +50,8 @@ KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 # (each network step; a refused connection answers at once).
 STORE_PROBE_TIMEOUT = 2.0
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
-                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift"}
+                 "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift",
+                 "proxy"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "under URL; netrc ($NETRC or ~/.netrc) is used too")
     parser.add_argument("--ca-file", metavar="FILE",
                         help="PEM CA certificates to trust in addition to the system's")
+    parser.add_argument("--proxy", action="append", default=[], metavar="URL",
+                        help="HTTP proxy (site cache) for stores and http(s) IMAGE: "
+                        "http://HOST:PORT, or DIRECT for none; repeat for an ordered group, "
+                        "a failed proxy is skipped for a minute (default: HTTP_PROXY, "
+                        "HTTPS_PROXY, NO_PROXY from the environment; also -o proxy=URL)")
     parser.add_argument("--tls-verify", choices=("true", "false"), default="true",
                         help="for docker:// IMAGE and stores: false allows plain http to a "
                         "registry that is not on this host (default true: https)")
@@ -93,12 +99,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "noatime and the other generic flags; store=URL, cache=DIR (or "
                         "cache_dir=DIR), cache_max_size=SIZE, digest=b3:HEX, "
                         "deadline=SECONDS, timeout=SECONDS, prefetch=auto|none|all|FILE, "
-                        "log=FILE, store_auth=FILE, ca_file=FILE, uidshift=N, gidshift=N (add "
-                        "N to every owner / group: an unprivileged container's id base); x-* "
-                        "and comment=* are ignored (fstab); nopacks: see --no-packs")
+                        "log=FILE, store_auth=FILE, ca_file=FILE, proxy=URL, uidshift=N, "
+                        "gidshift=N (add N to every owner / group: an unprivileged "
+                        "container's id base); x-* and comment=* are ignored (fstab); "
+                        "nopacks: see --no-packs")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
-                        "the manifest (IMAGE.profile) or the one this host recorded; 'all' does "
+                        "the manifest (IMAGE.profile), else the one this host recorded, else "
+                        "the one it recorded for the most similar image, else the ELF "
+                        "libraries of each program as it starts; 'all' does "
                         "that, then fetches the rest of the image; FILE plays that profile")
     parser.add_argument("--no-packs", action="store_true",
                         help="fetch the profile's files one by one even when the store has "
@@ -160,11 +169,13 @@ def run(args: argparse.Namespace) -> int:
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     _check_cache_directory(config.cache_dir)
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, loaded, profile, stores = _load(args.image, digest, config.reader.fetch, prefetch,
-                                           config.cache_dir, config.stores,
-                                           tls_verify=args.tls_verify == "true")
+    image, loaded, chosen, stores = _load(args.image, digest, config.reader.fetch, prefetch,
+                                          config.cache_dir, config.stores,
+                                          tls_verify=args.tls_verify == "true")
     tree = loaded.tree
-    config = replace(config, profile=profile, fill_rest=prefetch == "all", stores=stores,
+    config = replace(config, profile=chosen.profile if chosen else None, profile_origin=chosen,
+                     fill_rest=prefetch == "all", stores=stores,
+                     predict=chosen is None and prefetch in ("auto", "all"),
                      write_index=not loaded.from_index)
     if args.foreground:
         return run_foreground(config, tree, image.digest)
@@ -254,8 +265,9 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 def _load(
     source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
     stores: Sequence[StoreSpec], *, tls_verify: bool,
-) -> tuple[PinnedBytes, LoadedTree, Profile | None, tuple[StoreSpec, ...]]:
-    """The image, its inode tree and the profile to play. Start-up time is the user's wait:
+) -> tuple[PinnedBytes, LoadedTree, ChosenProfile | None, tuple[StoreSpec, ...]]:
+    """The image, its inode tree and the profile to play (borrowed from a related image
+    this host ran when there is no other: ``locate_profile``). Start-up time is the user's wait:
     the manifest (and a profile beside it) download and decode in worker threads, and the
     stores are probed in a third, while this thread imports what the daemon will need.
 
@@ -281,12 +293,13 @@ def _load(
                       if prefetch in ("auto", "all") else None)
         probes = [pool.submit(_probe_store, store, fetch) for store in stores]
         _import_daemon_modules()
-        image, tree, found, stores = loading.result()
+        image, loaded, found, stores = loading.result()
         release()
         _warn_unreachable(stores, probes)
         profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
-                                 beside=beside.result if beside is not None else lambda: found)
-    return image, tree, profile, tuple(stores)
+                                 beside=beside.result if beside is not None else lambda: found,
+                                 tree=loaded.tree)
+    return image, loaded, profile, tuple(stores)
 
 
 def _probe_store(store: StoreSpec, fetch: FetchConfig) -> str | None:
@@ -369,11 +382,12 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
 
     from ocixfs.config import FetchConfig
     from ocixfs.errors import UsageError
-    from ocixfs.http import load_credentials, ssl_context
+    from ocixfs.http import load_credentials, proxy_group, ssl_context
 
     fetch = FetchConfig(
         ca_file=_last(values, "ca_file", args.ca_file),
         auth_file=_last(values, "store_auth", args.store_auth),
+        proxies=proxy_group([*args.proxy, *values.get("proxy", [])]),
     )
     ssl_context(fetch.ca_file)
     fetch = replace(fetch, credentials=load_credentials(fetch.auth_file))

@@ -129,12 +129,22 @@ def record_after_build(image: Path, store: Path, lines: Sequence[str], timeout: 
                        output_to_stderr: bool) -> dict[str, object]:
     """``build --profile-cmd``: record ``lines`` (shell command lines) on the image just
     written, from its fresh store, into ``IMAGE.profile``; strict, since a build that
-    publishes a broken start-up should fail. Returns the JSON summary."""
+    publishes a broken start-up should fail. Then the profile's pack (``ocixfs profile
+    pack``) goes into the store, so mounts that play the profile fetch its files with one
+    request. Returns the JSON summary."""
+    from ocixfs.image.loading import load_image
+    from ocixfs.image.tree import Tree
+    from ocixfs.tools.packs import make_packs
+
     destination, recording = record_command(
         os.fspath(image), stores=[os.fspath(store)], cache_dir=None, output=None,
         commands=[("/bin/sh", "-c", line) for line in lines], repeat=1, timeout=timeout,
         strict=True, output_to_stderr=output_to_stderr)
-    return _summary(destination, recording)
+    summary = _summary(destination, recording)
+    if recording.profile.entries:
+        tree = Tree.from_manifest(load_image(os.fspath(image)).manifest)
+        summary["packs"] = make_packs(tree, recording.profile, store).as_dict()
+    return summary
 
 
 def record_command(image: str, *, stores: Sequence[str], cache_dir: Path | None,

@@ -97,7 +97,11 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"{format_bytes(files['bytes_local'])} of {format_bytes(files['bytes'])}"
     )
     lines.append(f"profile      {stats.get('profile_files', 0)} files opened so far")
-    for group in ("prefetch", "reader", "fs"):
+    played = stats.get("played_profile")
+    lines.append("played       " + (
+        f"{played['description']}: {played['in_tree']} of its {played['paths']} paths are "
+        "files of this image" if played else "no profile"))
+    for group in ("prefetch", "predict", "reader", "fs"):
         body = _flatten(stats.get(group) or {}, "  ")
         if body:
             lines.append(f"{group}:")

@@ -22,6 +22,7 @@ whenever this layout or the meaning of a field does.
 from __future__ import annotations
 
 import struct
+import threading
 from array import array
 from collections.abc import Callable, Iterable
 from itertools import accumulate
@@ -307,6 +308,7 @@ class _Unpacked:
 
     def __init__(self, columns: dict[str, array[int]]) -> None:
         self.c = columns
+        self.lock = threading.Lock()
         counts = columns["counts"]
         self.nodes: list[Node | None] = [None] * len(columns["kind"])
         self.tree = Tree(
@@ -328,17 +330,20 @@ class _Unpacked:
         return self.strings[self.starts[index] : self.ends[index]]
 
     def node(self, ino: int) -> Node:
-        """The node ``ino``, made (with any ancestor not made yet) and filed."""
-        pending = []
-        index = ino - ROOT_INO
-        while self.nodes[index] is None:
-            pending.append(index)
-            if index == 0:
-                break
-            index = self.c["parent"][index] - ROOT_INO
-        for index in reversed(pending):
-            self.nodes[index] = self.make(index)
-        node = self.nodes[ino - ROOT_INO]
+        """The node ``ino``, made (with any ancestor not made yet) and filed. Under a lock:
+        the daemon's thread and a worker thread (``stats`` walks the whole tree) may both
+        ask, and each inode must have exactly one node."""
+        with self.lock:
+            pending = []
+            index = ino - ROOT_INO
+            while self.nodes[index] is None:
+                pending.append(index)
+                if index == 0:
+                    break
+                index = self.c["parent"][index] - ROOT_INO
+            for index in reversed(pending):
+                self.nodes[index] = self.make(index)
+            node = self.nodes[ino - ROOT_INO]
         assert node is not None
         return node
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocixfs.config import ReaderConfig
-from ocixfs.mount.profile import Profile
+from ocixfs.mount.profile import ChosenProfile, Profile
 from ocixfs.store.spec import StoreSpec
 
 __all__ = ["MountConfig"]
@@ -21,9 +21,12 @@ class MountConfig:
     ``stores`` the parsed stores in mirror order.
 
     - ``kernel_flags``: generic mount flags passed through to the kernel (``noexec``, …).
-    - ``profile``: what to prefetch, in order; ``fill_rest``: then fetch the rest of the
-      image in the background; ``packs``: fetch the profile's blobs as the store's
-      profile packs for it, when it has them (``fetch.packs``).
+    - ``profile``: what to prefetch, in order, and ``profile_origin`` where it came
+      from (``ocixfs stats`` says; its ``profile`` is ``profile``); ``fill_rest``: then
+      fetch the rest of the image in the background; ``packs``: fetch the profile's
+      blobs as the store's profile packs for it, when it has them (``fetch.packs``).
+    - ``predict``: with no profile to play, prefetch the ELF closure of each executable
+      as it is opened (``mount.predict``).
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
     - ``uid_shift``/``gid_shift``: added to every owner and group the mount reports (an
       unprivileged container's id base).
@@ -48,7 +51,9 @@ class MountConfig:
     debug_fuse: bool = False
     kernel_flags: frozenset[str] = frozenset()
     profile: Profile | None = None
+    profile_origin: ChosenProfile | None = None
     fill_rest: bool = False
+    predict: bool = False
     packs: bool = True
     record_profile: Path | None = None
     prefetch_concurrency: int = 16

@@ -15,20 +15,24 @@ opened without waiting and must be a regular file; a URL's download takes at mos
 fetch ``deadline``.
 
 Where profiles live: ``locate_profile`` picks the one a mount plays (``--prefetch``), from
-a named file, ``IMAGE.profile`` beside the manifest (``profile_beside``; a URL too), or the
+a named file, ``IMAGE.profile`` beside the manifest (``profile_beside``; a URL too), the
 host's own recording, ``cached_profile_path`` in the cache directory, which the daemon
-writes with ``save_profile`` at unmount. This module imports nothing heavy: ``ocixfs
-mount`` uses it before the daemon's modules are loaded.
+writes with ``save_profile`` at unmount, or, when this host never ran the image, the host
+profile of a related image (``borrow_profile``: the one whose paths are most often regular
+files of this tree). The result says where it came from (``ChosenProfile``). This module
+imports nothing heavy: ``ocixfs mount`` uses it before the daemon's modules are loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import cbor2
 
@@ -38,11 +42,18 @@ from ocixfs.errors import FormatError, OcixError
 from ocixfs.image.format import CanonicalReader, Limits, reading
 from ocixfs.safefs import write_atomically
 
+if TYPE_CHECKING:
+    from ocixfs.image.tree import Tree
+
 __all__ = [
     "PROFILE_VERSION",
     "AccessRecorder",
+    "ChosenProfile",
     "Profile",
+    "ProfileSource",
+    "borrow_profile",
     "cached_profile_path",
+    "count_in_tree",
     "decode_profile",
     "encode_profile",
     "locate_profile",
@@ -58,6 +69,9 @@ PROFILE_VERSION = 1
 MAX_PROFILE_BYTES = 64 << 20
 MAX_PROFILE_ENTRIES = 2_000_000
 MAX_PATH_BYTES = 4096
+BORROW_SCAN = 64  # host profiles read when borrowing: the most recently written
+BORROW_MAX_BYTES = 1 << 20  # larger host profiles are not read when borrowing
+BORROW_MIN_SHARE = 0.5  # a borrowed profile's paths: more than this share are files here
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +83,37 @@ class Profile:
     @property
     def paths(self) -> list[str]:
         return [path for path, _ in self.entries]
+
+
+ProfileSource = Literal["file", "beside", "host", "borrowed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChosenProfile:
+    """The profile a mount plays and where it came from: ``source`` is ``file`` (named
+    by ``--prefetch FILE``), ``beside`` (shipped with the image), ``host`` (this host's
+    recording of this image) or ``borrowed`` (this host's recording of a related image);
+    ``name`` is the file, the image, or the ``b3:`` digest of the image recorded;
+    ``in_tree`` how many of its paths are regular files of the mounted tree."""
+
+    profile: Profile
+    source: ProfileSource
+    name: str
+    in_tree: int
+
+    def describe(self) -> str:
+        """What was played, in a few words (``ocixfs stats``, the daemon's log)."""
+        return {
+            "file": f"file {self.name}",
+            "beside": f"beside the image ({self.name})",
+            "host": f"recorded on this host for {self.name}",
+            "borrowed": f"borrowed from {self.name}",
+        }[self.source]
+
+    def as_dict(self) -> dict[str, object]:
+        """``played_profile`` of ``ocixfs stats --json``."""
+        return {"source": self.source, "name": self.name, "description": self.describe(),
+                "paths": len(self.profile.entries), "in_tree": self.in_tree}
 
 
 def encode_profile(profile: Profile) -> bytes:
@@ -191,21 +236,96 @@ def locate_profile(
     http: FetchConfig | None = None,
     *,
     beside: Callable[[], Profile | None] | None = None,
-) -> Profile | None:
-    """The profile a mount plays back for ``--prefetch MODE``.
+    tree: Tree,
+) -> ChosenProfile | None:
+    """The profile a mount plays back for ``--prefetch MODE``, and where it came from.
 
     ``none``: no profile. A file name: that file (an unreadable or invalid one is an
     error). ``auto``/``all``: ``IMAGE.profile`` beside the manifest (also for URLs), else
-    the one this host recorded for the image, else none; a broken one is logged and ignored.
+    the one this host recorded for the image, else the one ``borrow_profile`` picks for
+    ``tree`` (the image's), else none; a broken one is logged and ignored.
     ``beside``, when given, returns the result of ``profile_beside`` (looked up earlier,
     e.g. while the manifest downloaded) instead of looking again.
     """
     if mode == "none":
         return None
+    from ocixfs.http import redact
+
     if mode not in ("auto", "all"):
-        return _read_profile(Path(mode), strict=True)
+        named = _read_profile(Path(mode), strict=True)
+        return None if named is None else _chosen(named, "file", os.path.abspath(mode), tree)
     found = beside() if beside is not None else profile_beside(image, http)
-    return found or _read_profile(cached_profile_path(cache_dir, image_digest), strict=False)
+    if found is not None:
+        return _chosen(found, "beside", redact(image), tree)
+    own = _read_profile(cached_profile_path(cache_dir, image_digest), strict=False)
+    if own is not None:
+        return _chosen(own, "host", image_digest, tree)
+    return borrow_profile(cache_dir, tree, image_digest)
+
+
+def _chosen(profile: Profile, source: ProfileSource, name: str, tree: Tree) -> ChosenProfile:
+    return ChosenProfile(profile, source, name, count_in_tree(profile, tree))
+
+
+def borrow_profile(cache_dir: Path, tree: Tree, image_digest: str) -> ChosenProfile | None:
+    """The host profile of the image most like this one, for a first mount of a new image
+    version: among the ``BORROW_SCAN`` most recently written host profiles of other images
+    (each at most ``BORROW_MAX_BYTES``), those with more than ``BORROW_MIN_SHARE`` of their
+    paths regular files of ``tree``; of these the one with the most such paths, the most
+    recent on a tie. None when none qualifies (an unrelated image borrows nothing).
+    Playing it fetches only the paths the tree has (``prefetch.plan``)."""
+    best: tuple[int, Profile, str] | None = None
+    for path in _recent_host_profiles(cache_dir / PROFILES, image_digest):
+        profile = _read_profile(path, strict=False)
+        if profile is None or not profile.entries:
+            continue
+        present = count_in_tree(profile, tree)
+        if present > BORROW_MIN_SHARE * len(profile.entries) and (
+                best is None or present > best[0]):
+            best = (present, profile, "b3:" + path.name.removesuffix(".profile"))
+    if best is None:
+        return None
+    log.debug("no profile for %s: borrowing the one of %s (%d of its %d paths are here)",
+             image_digest, best[2], best[0], len(best[1].entries))
+    return ChosenProfile(best[1], "borrowed", best[2], best[0])
+
+
+def count_in_tree(profile: Profile, tree: Tree) -> int:
+    """How many of the profile's paths are regular files of ``tree`` (what playing it
+    can fetch). Not thread-safe: directories of the tree unfold on first use."""
+    from ocixfs.image.format import Kind
+
+    count = 0
+    for path in profile.paths:
+        node = tree.node_by_path(path)
+        if node is not None and node.kind is Kind.REGULAR:
+            count += 1
+    return count
+
+
+def _recent_host_profiles(directory: Path, image_digest: str) -> list[Path]:
+    """The newest ``BORROW_SCAN`` regular files ``<hex>.profile`` of ``directory`` other
+    than ``image_digest``'s and not larger than ``BORROW_MAX_BYTES``, newest first."""
+    own = image_digest.removeprefix("b3:") + ".profile"
+    found: list[tuple[int, str]] = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name == own or not _is_profile_name(entry.name):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and info.st_size <= BORROW_MAX_BYTES:
+                    found.append((info.st_mtime_ns, entry.name))
+    except OSError:
+        return []
+    found.sort(reverse=True)
+    return [directory / name for _, name in found[:BORROW_SCAN]]
+
+
+def _is_profile_name(name: str) -> bool:
+    hex_part = name.removesuffix(".profile")
+    return (len(hex_part) == 64 and name.endswith(".profile")
+            and all(c in "0123456789abcdef" for c in hex_part))
 
 
 def profile_beside(image: str, http: FetchConfig | None = None) -> Profile | None:

@@ -24,6 +24,7 @@ from ocixfs.http import redact
 from ocixfs.mount import kernelcache
 from ocixfs.mount.control import ControlServer
 from ocixfs.mount.fs import FsOptions, Operations
+from ocixfs.mount.predict import ElfPredictor
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
 
@@ -51,6 +52,7 @@ class MountSession:
         self._reader: Reader | None = None
         self._recorder = AccessRecorder()
         self._prefetcher: Prefetcher | None = None
+        self._predictor: ElfPredictor | None = None
         self._background_failures: Counter[str] = Counter()
 
     async def serve(self, ready: Callable[[], None]) -> None:
@@ -59,7 +61,10 @@ class MountSession:
                 open_reader(self.config.stores, self.config.cache_dir, self.config.reader)
             )
             self._prefetcher = self._make_prefetcher(reader)
-            ops = Operations(self.tree, reader, access_log=self._recorder,
+            if self.config.predict:
+                self._predictor = ElfPredictor(self.tree, reader)
+            ops = Operations(self.tree, reader, access_log=_AccessLogs(self._recorder,
+                                                                        self._predictor),
                              options=FsOptions(uid_shift=self.config.uid_shift,
                                                gid_shift=self.config.gid_shift))
             self._ops, self._reader = ops, reader
@@ -78,6 +83,8 @@ class MountSession:
                     nursery.start_soon(self._announce_when_serving, ready)
                     if self._prefetcher is not None:
                         nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
+                    if self._predictor is not None:
+                        nursery.start_soon(self._guarded, "predict", self._predictor.run)
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
             finally:
@@ -104,6 +111,9 @@ class MountSession:
         chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
         if not chunks:
             return None
+        if self.config.profile_origin is not None:
+            log.info("%s: playing the profile %s", self.config.mountpoint,
+                     self.config.profile_origin.describe())
         packed: list[Chunk] = []
         if self.config.packs and self.config.profile is not None:
             packed = plan(self.tree, self.config.profile, fill_rest=False)
@@ -162,6 +172,7 @@ class MountSession:
     async def _counters(self, _message: dict[str, Any]) -> dict[str, Any]:
         """What the mount is and what it has counted; cheap (for metrics scrapes)."""
         assert self._ops is not None and self._reader is not None
+        played = self.config.profile_origin
         return {
             "mountpoint": os.fspath(self.config.mountpoint),
             "image": redact(self.config.image),
@@ -179,6 +190,8 @@ class MountSession:
             "reader": self._reader.statistics().as_dict(),
             "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
             "profile_files": len(self._recorder),
+            "played_profile": played.as_dict() if played is not None else None,
+            "predict": self._predictor.statistics().as_dict() if self._predictor else None,
             "background_failures": dict(self._background_failures),
         }
 
@@ -196,6 +209,18 @@ class MountSession:
         return {
             "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
         }
+
+
+class _AccessLogs:
+    """Tells the recorder, and the predictor if any, of every first open."""
+
+    def __init__(self, recorder: AccessRecorder, predictor: ElfPredictor | None) -> None:
+        self._logs: tuple[AccessRecorder | ElfPredictor, ...] = (
+            (recorder,) if predictor is None else (recorder, predictor))
+
+    def note_access(self, node_path: str, ino: int) -> None:
+        for access_log in self._logs:
+            access_log.note_access(node_path, ino)
 
 
 def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:

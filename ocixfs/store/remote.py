@@ -34,7 +34,15 @@ import zstandard
 
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import BlobCorrupt, StoreError
-from ocixfs.http import async_client, credentials_of, describe, ssl_context, sync_client
+from ocixfs.http import (
+    PROXIES,
+    ROUTE_FAILURES,
+    async_client,
+    credentials_of,
+    describe,
+    ssl_context,
+    stream,
+)
 from ocixfs.image.loading import open_regular
 from ocixfs.store.layout import (
     STORE_CONFIG,
@@ -209,10 +217,7 @@ class _HttpSource(Source):
     async def _read_config(self) -> bytes:
         url = f"{self._base}/{STORE_CONFIG}"
         headers = {"Accept-Encoding": "identity"}
-        async with (
-            self._clients.lend(self._base) as client,
-            client.stream("GET", url, headers=headers) as response,
-        ):
+        async with self._clients.stream(self._base, url, headers) as response:
             if response.status_code in (404, 410):
                 raise AttemptFailed(FailureKind.NOT_FOUND, f"HTTP {response.status_code}")
             if response.status_code != 200:
@@ -231,10 +236,8 @@ class _HttpSource(Source):
         headers = {"Accept-Encoding": "identity"}
         if no_cache:
             headers["Cache-Control"] = "no-cache"
-        async with (
-            self._clients.lend(self._base) as client,
-            client.stream("GET", f"{self._base}/{name}", headers=headers) as response,
-        ):
+        async with self._clients.stream(self._base, f"{self._base}/{name}",
+                                        headers) as response:
             status = response.status_code
             if status in (404, 410):
                 raise AttemptFailed(FailureKind.NOT_FOUND, f"HTTP {status}")
@@ -269,11 +272,8 @@ def probe(store: StoreSpec, config: FetchConfig, *, timeout: float) -> str | Non
 
 def _probe_http(store: HttpStore, quick: FetchConfig) -> str | None:
     try:
-        with (
-            sync_client(quick) as client,
-            client.stream("GET", f"{store.url.rstrip('/')}/{STORE_CONFIG}",
-                          headers={"Accept-Encoding": "identity"}) as response,
-        ):
+        with stream(quick, f"{store.url.rstrip('/')}/{STORE_CONFIG}",
+                    headers={"Accept-Encoding": "identity"}) as response:
             status = response.status_code
     except httpx.HTTPError as exc:
         return describe(exc)
@@ -464,10 +464,11 @@ class _Sha256Checked:
 
 
 class HttpClients:
-    """The fetcher's HTTP clients (see ``ocixfs.http``: system CAs plus ``ca_file``, proxies
-    from the environment, scoped credentials, a few redirects but never https→http), each
-    with a single keep-alive connection and lent for one request at a time: per store,
-    last returned first out, so a warm connection is reused before a cold one.
+    """The fetcher's HTTP clients (see ``ocixfs.http``: system CAs plus ``ca_file``, the
+    proxy group or the environment's proxies, scoped credentials, a few redirects but never
+    https→http), each with a single keep-alive connection and lent for one request at a
+    time: per store and route, last returned first out, so a warm connection is reused
+    before a cold one.
 
     One client with a pool of N connections costs more: httpcore re-examines every
     connection of its pool (polling each idle socket) on every request and every response;
@@ -478,24 +479,49 @@ class HttpClients:
     def __init__(self, config: FetchConfig = DEFAULT_FETCH_CONFIG) -> None:
         self._config = config
         self._limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self._idle: dict[str, list[httpx.AsyncClient]] = {}
+        self._idle: dict[tuple[str, str], list[httpx.AsyncClient]] = {}
         self._made: list[httpx.AsyncClient] = []
         ssl_context(config.ca_file)  # a bad CA or credentials file fails now, not at a read
         self._auth = credentials_of(config)  # shared by every client
 
     @contextlib.asynccontextmanager
-    async def lend(self, store: str) -> AsyncIterator[httpx.AsyncClient]:
-        """A client for one request to ``store``; it goes back when the block ends, even
-        cancelled (httpx closes a connection whose response was not read to the end)."""
-        idle = self._idle.setdefault(store, [])
-        client = idle.pop() if idle else self._new_client()
+    async def stream(
+        self, store: str, url: str, headers: dict[str, str]
+    ) -> AsyncIterator[httpx.Response]:
+        """``GET url`` (under ``store``) by the routes of ``PROXIES.routes``, as
+        ``ocixfs.http.stream`` does: a route that fails before the answer is marked down
+        and the next tried in the same attempt; one that fails in the body is marked down
+        and the error raised (the fetcher's next round takes the next route)."""
+        routes = PROXIES.routes(self._config, url)
+        for number, route in enumerate(routes, 1):
+            async with contextlib.AsyncExitStack() as stack:
+                client = await stack.enter_async_context(self._lend(store, route))
+                try:
+                    response = await stack.enter_async_context(
+                        client.stream("GET", url, headers=headers))
+                except ROUTE_FAILURES as exc:
+                    PROXIES.failed(route, self._config, exc)
+                    if number == len(routes):
+                        raise
+                    continue
+                with PROXIES.watching(route, self._config):
+                    yield response
+                return
+
+    @contextlib.asynccontextmanager
+    async def _lend(self, store: str, route: str) -> AsyncIterator[httpx.AsyncClient]:
+        """A client for one request to ``store`` by ``route``; it goes back when the block
+        ends, even cancelled (httpx closes a connection whose response was not read to the
+        end)."""
+        idle = self._idle.setdefault((store, route), [])
+        client = idle.pop() if idle else self._new_client(route)
         try:
             yield client
         finally:
             idle.append(client)
 
-    def _new_client(self) -> httpx.AsyncClient:
-        client = async_client(self._config, limits=self._limits, auth=self._auth)
+    def _new_client(self, route: str) -> httpx.AsyncClient:
+        client = async_client(self._config, limits=self._limits, auth=self._auth, route=route)
         self._made.append(client)
         return client
 

@@ -1,7 +1,9 @@
 """Container start-up over an emulated link: ocixfs side by side with what users run today.
 
 usage: scripts/bench/run [--quick] [--images minbase,python,large] [--links 100mbit,20mbit]
-                         [--contenders skopeo-umoci,casync,ocixfs,ocixfs-profile,ocixfs-warm]
+                         [--contenders skopeo-umoci,casync,ocixfs,ocixfs-profile,ocixfs-recorded,
+                                       ocixfs-borrowed,ocixfs-next-ondemand,ocixfs-predict,
+                                       ocixfs-warm]
                          [--runs N] [--work-dir DIR] [--json FILE] [--compress zstd|none]
                          [--manifest local|link] [--slow-run-seconds S] [--rebuild-images]
                          [--no-verify-link]
@@ -236,12 +238,29 @@ def prepare_image(
                 "store_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
                 "build_or_check_seconds": round(time.monotonic() - t1, 1),
             }
+    next_version = {"ocixfs-borrowed", "ocixfs-next-ondemand"} & wanted
+    if next_version and name in images.NEXT_VERSIONS and "ocix" in info:
+        info["ocix_next"] = prepare_next_version(name, args, scratch)
     log(
         f"[{name}] ready in {time.monotonic() - t0:.0f} s: "
         f"{int(str(info['unpacked_bytes'])) / 1e6:.0f} MB unpacked, "
         f"lower bound {bound.files} files {bound.bytes / 1e6:.1f} MB"
     )
     return info
+
+
+def prepare_next_version(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, str]:
+    """Version N+1 of image ``name`` (``images.NEXT_VERSIONS``): OCI layout and OCIX
+    image, cached like the others."""
+    spec = images.NEXT_VERSIONS[name]
+    image_dir = args.work_dir / "images" / spec.name
+    log(f"[{name}] version N+1 ({spec.name}: + {spec.include[-1]}; cached)...")
+    images.build_oci(spec, image_dir, scratch, rebuild=args.rebuild_images)
+    image, store = images.build_ocix(
+        spec, image_dir, args.ocixfs, REPO,
+        compress=None if args.compress == "none" else args.compress,
+    )
+    return {"image": str(image), "store": str(store)}
 
 
 # -- the runs --------------------------------------------------------------------------------
@@ -281,6 +300,7 @@ def run_row(
         ocix_image=Path(str(ocix["image"])) if isinstance(ocix, dict) else None,
         ocix_store=Path(str(ocix["store"])) if isinstance(ocix, dict) else None,
         manifest_over_link=args.manifest == "link",
+        next_version=_next_version(info),
     )
     ctx.log.parent.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []
@@ -309,6 +329,14 @@ def run_row(
         summarize(row, runs)
 
 
+def _next_version(info: dict[str, object]) -> tuple[Path, Path] | None:
+    """(image, store) of the image's version N+1, when one was prepared."""
+    found = info.get("ocix_next")
+    if not isinstance(found, dict):
+        return None
+    return Path(str(found["image"])), Path(str(found["store"]))
+
+
 def summarize(row: dict[str, object], runs: list[RunResult]) -> None:
     row["runs"] = [
         {
@@ -332,6 +360,17 @@ def summarize(row: dict[str, object], runs: list[RunResult]) -> None:
             link_bytes=int(statistics.median(r.bytes_total for r in runs)),
             requests=int(statistics.median(r.requests for r in runs)),
         )
+        mounts = [_mount_seconds(r) for r in runs]
+        if all(m is not None for m in mounts):
+            row["median_mount_s"] = round(statistics.median(m for m in mounts if m is not None), 4)
+
+
+def _mount_seconds(run: RunResult) -> float | None:
+    """How long an ocixfs run's mount command took (``steps_s``), None for other tools."""
+    steps = run.extra.get("steps_s")
+    if isinstance(steps, dict) and isinstance(steps.get("mount"), int | float):
+        return float(steps["mount"])
+    return None
 
 
 def servers_fresh(path: Path) -> Path:
@@ -385,6 +424,7 @@ def table(
         "contender",
         "median s",
         "min-max s",
+        "mount s",
         "MB link",
         "requests",
         "x faster than skopeo",
@@ -406,6 +446,7 @@ def table(
                     f"lower bound ({bound['files']} files)",
                     f"{seconds:.2f}",
                     "",
+                    "",
                     f"{bound['bytes'] / 1e6:.1f}",
                     "",
                     "",
@@ -424,6 +465,7 @@ def table(
                     "",
                     "",
                     "",
+                    "",
                 ]
             )
             continue
@@ -435,6 +477,7 @@ def table(
                 str(row["contender"]),
                 f"{row['median_s']:.2f}",
                 f"{row['min_s']:.2f}-{row['max_s']:.2f}" + _short(row, runs),
+                f"{row['median_mount_s']:.3f}" if "median_mount_s" in row else "",
                 f"{int(str(row['link_bytes'])) / 1e6:.1f}",
                 str(row["requests"]),
                 f"{speedup:.1f}" if isinstance(speedup, float) else "",
@@ -442,7 +485,7 @@ def table(
             ]
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    numeric = {3, 4, 5, 6, 7, 8}
+    numeric = {3, 4, 5, 6, 7, 8, 9}
 
     def fmt(cells: list[str]) -> str:
         return (

@@ -16,7 +16,9 @@ Contenders (names used on the command line):
                      the workload. Incus then also re-tars and gzips the rootfs into its image
                      store and unpacks it again; that is left out, so this row flatters it.
 - ``casync``         ``casync mount`` of a chunk store over HTTP: a lazy FUSE peer.
-- ``ocixfs``         ``ocixfs mount`` with a fresh cache and no profile anywhere.
+- ``ocixfs``         ``ocixfs mount`` with a fresh cache and no profile anywhere (so
+                     ``--prefetch auto`` follows executables: ``mount.predict``).
+- ``ocixfs-ondemand`` the same with ``--prefetch none``: reads fetch what they touch.
 - ``ocixfs-profile`` ``ocixfs mount --prefetch FILE``, FILE recorded on an earlier run
                      (``--record-profile``) in the same session.
 - ``ocixfs-recorded`` ``ocixfs mount`` (``--prefetch auto``, the default) with a fresh cache
@@ -24,6 +26,17 @@ Contenders (names used on the command line):
                      session by ``ocixfs profile record IMAGE -- WORKLOAD`` (no deployment:
                      a private mount of the local image and store, its own cache); the file
                      is removed when the session ends, so other contenders never see it.
+- ``ocixfs-borrowed`` version N+1 of the image (``images.NEXT_VERSIONS``: rebuilt with one
+                     package added and python3.11's bytecode rebuilt) mounted with
+                     ``--prefetch auto`` on a host that only ran version N: every run
+                     starts from a copy of the cache one untimed run of N left (its blobs
+                     and its host profile), so the mount borrows N's profile.
+- ``ocixfs-next-ondemand`` the same with ``--prefetch none`` (no borrowing): what version
+                     N's cache alone does for N+1.
+- ``ocixfs-predict`` ``ocixfs mount --prefetch FILE`` with a fresh cache, FILE what the ELF
+                     predictors name for the workload's program (``predictors.elf_closure``:
+                     the program, PT_INTERP, DT_NEEDED transitively), played from the mount:
+                     the most a predictor firing at the program's exec could gain.
 - ``ocixfs-warm``    ``ocixfs mount`` with a cache filled by an earlier run (page cache
                      still dropped).
 """
@@ -41,6 +54,7 @@ from pathlib import Path
 from typing import Protocol
 
 from images import OCI_TAG, ImageSpec, chroot_env
+from predictors import predicted_profile
 from relay import LinkProfile, Relay
 from servers import (
     drop_caches,
@@ -87,6 +101,7 @@ class SessionContext:
     ocix_image: Path | None = None
     ocix_store: Path | None = None
     manifest_over_link: bool = True
+    next_version: tuple[Path, Path] | None = None  # (image, store) of version N+1
 
 
 class Session(Protocol):
@@ -275,6 +290,7 @@ class _OcixfsSession:
         *,
         warm_cache: bool,
         prefetch: str | None,
+        seed_cache: Path | None = None,
     ) -> None:
         self.ctx = ctx
         self.relay = relay
@@ -282,6 +298,7 @@ class _OcixfsSession:
         self.warm_cache = warm_cache
         self.prefetch = prefetch
         self.cache = ctx.scratch / "cache"
+        self.seed_cache = seed_cache  # copied into each run's fresh cache
         self.runs = 0
 
     def image_arg(self) -> str:
@@ -314,6 +331,8 @@ class _OcixfsSession:
         mnt = fresh_dir(ctx.scratch / "mnt")
         if not (self.warm_cache and self.runs > 0):
             fresh_dir(self.cache)
+            if self.seed_cache is not None:
+                shutil.copytree(self.seed_cache, self.cache, dirs_exist_ok=True)
         self.runs += 1
 
         def body(teardown: contextlib.ExitStack) -> dict[str, object]:
@@ -333,11 +352,7 @@ class _OcixfsSession:
         return measure(self.relay, self.requests, body)
 
     def unmount(self, mnt: Path) -> None:
-        """`ocixfs umount` (which writes a recorded profile), then make sure it is gone."""
-        try:
-            run_logged([self.ctx.ocixfs, "umount", mnt], self.ctx.log, timeout=MOUNT_TIMEOUT)
-        finally:
-            unmount(mnt, self.ctx.log)
+        unmount_ocixfs(self.ctx, mnt)
 
     def stats(self, mnt: Path) -> object:
         proc = subprocess.run(
@@ -356,17 +371,31 @@ class _OcixfsSession:
 
 
 class Ocixfs:
-    """An ocixfs contender; `mode` picks cold, profile-played or warm."""
+    """An ocixfs contender; `mode` picks cold, profile-played, borrowed, predicted or warm."""
+
+    NAMES = {"cold": "ocixfs", "ondemand": "ocixfs-ondemand", "profile": "ocixfs-profile",
+             "recorded": "ocixfs-recorded",
+             "borrowed": "ocixfs-borrowed", "next-ondemand": "ocixfs-next-ondemand",
+             "predict": "ocixfs-predict", "warm": "ocixfs-warm"}
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.name = {"cold": "ocixfs", "profile": "ocixfs-profile",
-                     "recorded": "ocixfs-recorded", "warm": "ocixfs-warm"}[mode]
+        self.name = self.NAMES[mode]
         self.description = {
-            "cold": "ocixfs mount, fresh cache, no profile",
-            "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run), fresh cache",
+            "cold": "ocixfs mount, fresh cache, no profile (auto: the ELF predictor)",
+            "ondemand": "ocixfs mount --prefetch none, fresh cache",
+            "profile": "ocixfs mount --prefetch PROFILE (recorded on an earlier run; its pack in "
+                       "the store, as 'ocixfs profile pack' writes it), fresh cache",
             "recorded": "ocixfs mount --prefetch auto, IMAGE.profile made by 'ocixfs profile "
-                        "record', fresh cache",
+                        "record' (and its pack), fresh cache",
+            "borrowed": "version N+1 (a package added, python3.11's .pyc rebuilt), ocixfs mount "
+                        "--prefetch auto on a host that ran version N (its cache and host "
+                        "profile)",
+            "next-ondemand": "version N+1 (a package added, python3.11's .pyc rebuilt), ocixfs "
+                             "mount --prefetch none on a host that ran version N (no "
+                             "borrowing)",
+            "predict": "ocixfs mount --prefetch FILE, FILE the ELF closure of the workload's "
+                       "program (PT_INTERP + DT_NEEDED), fresh cache",
             "warm": "ocixfs mount, cache filled by an earlier run",
         }[mode]
         self.needs_ocixfs = True
@@ -374,17 +403,26 @@ class Ocixfs:
     @contextlib.contextmanager
     def session(self, ctx: SessionContext) -> Iterator[Session]:
         assert ctx.ocix_image is not None
+        if self.mode in ("borrowed", "next-ondemand"):
+            with self._next_version_session(ctx) as session:
+                yield session
+            return
         with (
             nginx(ctx.ocix_image.parent, ctx.scratch / "nginx") as server,
             Relay(target=("127.0.0.1", server.port), link=ctx.link) as relay,
         ):
             profile = ctx.scratch / "recorded.profile"
+            if self.mode == "predict":
+                spec = ctx.spec
+                profile.write_bytes(predicted_profile(ctx.image_dir / "ref" / "rootfs",
+                                                      spec.workload.argv))
             session = _OcixfsSession(
                 ctx,
                 relay,
                 server.requests,
                 warm_cache=self.mode == "warm",
-                prefetch=str(profile) if self.mode == "profile" else None,
+                prefetch=(str(profile) if self.mode in ("profile", "predict")
+                          else "none" if self.mode == "ondemand" else None),
             )
             if self.mode == "profile":
                 recorder = _OcixfsSession(
@@ -396,10 +434,51 @@ class Ocixfs:
             elif self.mode == "warm":
                 session.run_once()  # fills the cache; not counted
             if self.mode == "recorded":
-                with recorded_beside(ctx):
+                with recorded_beside(ctx) as beside, packed(ctx, beside):
+                    yield session
+            elif self.mode == "profile":
+                with packed(ctx, profile):
                     yield session
             else:
                 yield session
+
+    @contextlib.contextmanager
+    def _next_version_session(self, ctx: SessionContext) -> Iterator[Session]:
+        """Version N runs once from the local image and store into a seed cache (untimed);
+        every timed run mounts version N+1 over the link with a copy of that cache,
+        borrowing N's profile (``--prefetch auto``) or not (``none``)."""
+        if ctx.next_version is None:
+            raise RuntimeError(f"no version N+1 of {ctx.spec.name} (images.NEXT_VERSIONS)")
+        seed = fresh_dir(ctx.scratch / "cache-version-n")
+        run_locally(ctx, seed)
+        if not any((seed / "profiles").glob("*.profile")):
+            raise RuntimeError("the run of version N left no host profile")
+        next_image, next_store = ctx.next_version
+        next_ctx = dataclasses.replace(ctx, ocix_image=next_image, ocix_store=next_store)
+        with (
+            nginx(next_image.parent, ctx.scratch / "nginx") as server,
+            Relay(target=("127.0.0.1", server.port), link=ctx.link) as relay,
+        ):
+            yield _OcixfsSession(next_ctx, relay, server.requests, warm_cache=False,
+                                 prefetch=None if self.mode == "borrowed" else "none",
+                                 seed_cache=seed)
+
+
+@contextlib.contextmanager
+def packed(ctx: SessionContext, profile: Path) -> Iterator[None]:
+    """The profile's pack in the session's store, as a publisher makes it (``ocixfs profile
+    pack``; ``build --profile-cmd`` does the same), removed at the end so that no other
+    contender plays it."""
+    assert ctx.ocix_image is not None and ctx.ocix_store is not None
+    result = subprocess.run(
+        [ctx.ocixfs, "profile", "pack", profile, "--image", ctx.ocix_image, "--store",
+         ctx.ocix_store, "--json"], capture_output=True, timeout=MOUNT_TIMEOUT, check=True)
+    parts = [ctx.ocix_store / part["name"] for part in json.loads(result.stdout)["parts"]]
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -429,8 +508,32 @@ def record_argv(ctx: SessionContext, profile: Path) -> list[str | Path]:
             "--timeout", str(WORKLOAD_TIMEOUT), "--", *ctx.spec.workload.argv]
 
 
+def unmount_ocixfs(ctx: SessionContext, mnt: Path) -> None:
+    """`ocixfs umount` (which writes a recorded profile), then make sure it is gone."""
+    try:
+        run_logged([ctx.ocixfs, "umount", mnt], ctx.log, timeout=MOUNT_TIMEOUT)
+    finally:
+        unmount(mnt, ctx.log)
+
+
+def run_locally(ctx: SessionContext, cache: Path) -> None:
+    """One untimed run of the workload from the local image and store into ``cache`` as
+    it is (the daemon keeps its host profile there at unmount)."""
+    assert ctx.ocix_image is not None and ctx.ocix_store is not None
+    mnt = fresh_dir(ctx.scratch / "mnt")
+    argv: list[str | Path] = [ctx.ocixfs, "mount", ctx.ocix_image, mnt, "--store", ctx.ocix_store,
+                              "--cache-dir", cache, "--log-file", ctx.scratch / "daemon.log"]
+    run_logged(argv, ctx.log, timeout=MOUNT_TIMEOUT)
+    try:
+        wait_until(lambda: is_mounted(mnt), MOUNT_TIMEOUT, "ocixfs mount")
+        run_workload(ctx, mnt)
+    finally:
+        unmount_ocixfs(ctx, mnt)
+
+
 CONTENDERS: dict[str, Contender] = {
     c.name: c
-    for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("profile"), Ocixfs("recorded"),
-              Ocixfs("warm"))
+    for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("ondemand"), Ocixfs("profile"),
+              Ocixfs("recorded"),
+              Ocixfs("borrowed"), Ocixfs("next-ondemand"), Ocixfs("predict"), Ocixfs("warm"))
 }

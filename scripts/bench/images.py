@@ -35,6 +35,7 @@ from pathlib import Path
 
 __all__ = [
     "IMAGES",
+    "NEXT_VERSIONS",
     "ImageSpec",
     "LowerBound",
     "Workload",
@@ -81,11 +82,13 @@ class ImageSpec:
     include: tuple[str, ...]
     workload: Workload
     min_bytes: int = 0  # unpacked size the image must reach (the "large" one)
+    customize: tuple[str, ...] = ()  # mmdebstrap --customize-hook commands ($1: the rootfs)
 
     def key(self, suite: str, sources_digest: str) -> dict[str, object]:
         return {
             "variant": self.variant,
             "include": list(self.include),
+            **({"customize": list(self.customize)} if self.customize else {}),
             "suite": suite,
             "sources": sources_digest,
         }
@@ -104,6 +107,24 @@ IMAGES: dict[str, ImageSpec] = {
             min_bytes=450 * 10**6,
         ),
     )
+}
+
+
+# Version N+1 of an image, for a host that ran only version N (the ``ocixfs-borrowed``
+# contender): the root file system rebuilt by mmdebstrap with one small package added and
+# python3.11 "upgraded" the way an upgrade changes it for a start-up: every .py of its
+# standard library touched (to a whole second: tar keeps no fraction, and a .pyc records
+# its source's mtime in seconds) and its bytecode rebuilt, so every .pyc the workload reads
+# has new content (the paths stay). Without the second part nothing the workload reads would
+# change and version N's cache alone would serve the start.
+UPGRADE_PYTHON = ('chroot "$1" sh -c \'find /usr/lib/python3.11 -name "*.py" '
+                  '-exec touch -d @1767225600 {} + '
+                  '&& python3 -m compileall -q -f /usr/lib/python3.11 >/dev/null; true\'')
+NEXT_VERSIONS: dict[str, ImageSpec] = {
+    name: dataclasses.replace(spec, name=f"{name}-next", include=(*spec.include, "python3-six"),
+                              customize=(UPGRADE_PYTHON,))
+    for name, spec in IMAGES.items()
+    if name != "minbase"
 }
 
 
@@ -218,6 +239,7 @@ def build_oci(
     ]
     if spec.include:
         argv.append("--include=" + ",".join(spec.include))
+    argv += [f"--customize-hook={hook}" for hook in spec.customize]
     argv += [suite, rootfs, *sources]
     _run(argv, log=log)
     layout = image_dir / "oci"
