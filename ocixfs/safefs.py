@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -131,6 +130,8 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
     ``path`` is untouched. Raises ``OSError``."""
     target = os.fspath(path)
     directory, name = os.path.split(target)
+    import secrets  # here: mount start-up (the service's client) imports this module
+
     tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:

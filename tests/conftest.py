@@ -20,6 +20,8 @@ Fixtures here (a module's own fixture of the same name wins):
 from __future__ import annotations
 
 import faulthandler
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,37 @@ from tests.mounting import Mounts
 from tests.servers import FaultServers, Mirrors, Store, blob_store
 
 faulthandler.enable()
+
+# Root's mounts go through the host service by default; the tests mount in-process (a
+# service shared by every test would outlive the session), and tests/test_service.py
+# exercises the service with its own directory.
+os.environ["OCIXFS_NO_SERVICE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_host_service_left() -> Iterator[None]:
+    """Tests that run ocixfs through mount(8) or LXC hooks (which give it a clean
+    environment) go through the host's real service, started on demand: stop it at the
+    end if this session's ocixfs started it."""
+    started = time.time()
+    yield
+    if os.geteuid() != 0:
+        return
+    from ocixfs.errors import OcixError
+    from ocixfs.mount.control import runtime_dir
+    from ocixfs.mount.service import ServicePaths, ask_service, connect, identity, stop_service
+
+    paths = ServicePaths(runtime_dir())
+    try:
+        conn = connect(paths, start=False)
+        if conn is None:
+            return
+        with conn:
+            status = ask_service(conn, "status")
+        if status.get("identity") == identity() and status.get("started", 0) >= started:
+            stop_service(paths)
+    except (OcixError, OSError, ValueError):
+        pass
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ COMMANDS = (
     "compose",
     "lxc_config",
     "incus",
+    "service",
+    "metrics",
 )
 
 
@@ -48,7 +50,7 @@ def _load_commands(names: Sequence[str] = COMMANDS) -> list[ModuleType]:
     return modules
 
 
-def _requested_command(argv: Sequence[str]) -> Sequence[str]:
+def _requested_command(argv: Sequence[str]) -> tuple[str, ...]:
     """Import only the module of the command being run (start-up time matters for
     ``mount``); ``--help`` and unknown words load them all."""
     rest = list(argv)
@@ -56,6 +58,18 @@ def _requested_command(argv: Sequence[str]) -> Sequence[str]:
         rest.pop(0)
     module = rest[0].replace("-", "_") if rest else ""
     return (module,) if module in COMMANDS else COMMANDS
+
+
+_PARSERS: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser ``main`` uses for ``argv``, built once per process and command (the host
+    service builds ``mount``'s before it forks its workers)."""
+    commands = _requested_command(argv)
+    if commands not in _PARSERS:
+        _PARSERS[commands] = build_parser(commands)
+    return _PARSERS[commands]
 
 
 def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
@@ -101,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ocixfs.log import setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_requested_command(argv)).parse_args(argv)
+    args = parser_for(argv).parse_args(argv)
+    args.command_line = argv  # what ``mount`` hands to the host service
     setup_logging(debug=args.debug)
     try:
         status: int = args._run(args)

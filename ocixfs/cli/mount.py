@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,9 +30,10 @@ mounted. File contents are fetched from the blob store(s) only when first read, 
 against their BLAKE3 hash and kept in the local cache, which every mount on the host shares.
 
 Without --foreground the command returns once the mount serves requests (exit 0) or has
-failed (exit 1 with the reason), leaving a daemon in the background. With --foreground it
-stays attached and tells systemd (NOTIFY_SOCKET) when it is ready. SIGTERM or SIGINT, or
-'ocixfs umount MOUNTPOINT', unmount cleanly.
+failed (exit 1 with the reason), leaving a daemon in the background; as root, the work is
+done by the host service ('ocixfs service', started on first use), which makes it fast.
+With --foreground it stays attached and tells systemd (NOTIFY_SOCKET) when it is ready.
+SIGTERM or SIGINT, or 'ocixfs umount MOUNTPOINT', unmount cleanly.
 
 examples:
   ocixfs mount debian.ocix /mnt/root --store https://blobs.example.org/store/
@@ -120,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, metavar="FILE",
                         help="where the background daemon logs (default: the runtime dir)")
     parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    parser.add_argument("--no-service", action="store_true",
+                        help="mount in this process, not through the host service (root's "
+                        "mounts go through it by default; also OCIXFS_NO_SERVICE=1)")
 
 
 def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]]:
@@ -145,6 +148,16 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Through the host service when it takes the mount (root, in the background: the
+    client imports nothing heavy before that), else here."""
+    if not (args.foreground or args.no_service) and os.geteuid() == 0:
+        from ocixfs.mount.service import mount_through_service
+
+        status = mount_through_service(args.command_line)
+        if status is not None:
+            return status
+    from dataclasses import replace
+
     from ocixfs.image.loading import check_digest
     from ocixfs.mount.daemon import run_background, run_foreground
 
@@ -189,6 +202,8 @@ def _mount_config(
 ) -> MountConfig:
     """The daemon's settings from the options (the profile comes later, with the image);
     a mistake is a ``UsageError`` before anything is downloaded."""
+    from dataclasses import replace
+
     from ocixfs.config import CacheConfig, ReaderConfig, default_cache_dir
     from ocixfs.errors import UsageError
     from ocixfs.image.loading import is_url
@@ -363,6 +378,8 @@ def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> Fet
     """Network settings from the options. The CA and credentials files are read now, once
     (a mistake in one is reported before anything is downloaded); every client of this
     mount, before and after the fork, uses what was read."""
+    from dataclasses import replace
+
     from ocixfs.config import FetchConfig
     from ocixfs.errors import UsageError
     from ocixfs.http import load_credentials, proxy_group, ssl_context

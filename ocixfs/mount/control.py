@@ -14,22 +14,23 @@ the pid so that it can wait until the daemon has really exited.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from ocixfs.errors import UsageError
 from ocixfs.safefs import private_directory
 
+if TYPE_CHECKING:
+    import trio
+
 __all__ = [
     "ControlServer",
+    "ask",
     "request",
     "runtime_dir",
     "socket_path",
@@ -63,6 +64,8 @@ def runtime_dir(*, create: bool = False) -> Path:
 def mount_id(mountpoint: Path) -> str:
     """A short stable name for a mountpoint (its absolute path, hashed)."""
     absolute = os.path.abspath(mountpoint)
+    import hashlib  # here: the service's client imports this module for runtime_dir
+
     return hashlib.sha256(os.fsencode(absolute)).hexdigest()[:20]
 
 
@@ -75,20 +78,27 @@ def request(mountpoint: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -
 
     Raises ``UsageError`` when no daemon answers (not an ocixfs mount, or daemon gone).
     """
-    path = socket_path(mountpoint)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(os.fspath(path))
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            data = _read_line(sock)
+        answer = ask(socket_path(mountpoint), cmd, timeout=timeout, **args)
     except (FileNotFoundError, ConnectionRefusedError):
         raise UsageError(f"{mountpoint}: no ocixfs daemon serves this mountpoint") from None
     except OSError as exc:
         raise UsageError(f"{mountpoint}: cannot talk to the ocixfs daemon: {exc}") from None
-    answer: dict[str, Any] = json.loads(data)
     if "error" in answer:
         raise UsageError(f"{mountpoint}: {answer['error']}")
+    return answer
+
+
+def ask(path: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Send ``cmd`` to the control socket at ``path`` and return its answer as is (an
+    ``{"error": ...}`` answer included). Raises ``OSError`` (no daemon, a timeout) and
+    ``ValueError`` (an answer that is not JSON)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        data = _read_line(sock)
+    answer: dict[str, Any] = json.loads(data)
     return answer
 
 
@@ -119,6 +129,8 @@ class ControlServer:
     def bind(self) -> trio.socket.SocketType:
         """Create the listening socket (replacing a stale one), mode 0600 in the private
         runtime directory, before the mount goes live."""
+        import trio
+
         self.path = runtime_dir(create=True) / self.path.name
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -133,6 +145,8 @@ class ControlServer:
 
     async def serve(self, sock: trio.socket.SocketType) -> None:
         """Accept and answer requests until cancelled; remove the socket file at the end."""
+        import trio
+
         listener = trio.SocketListener(sock)
         try:
             await trio.serve_listeners(self._handle, [listener])
@@ -141,6 +155,8 @@ class ControlServer:
                 self.path.unlink(missing_ok=True)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        import trio
+
         async with stream:
             try:
                 with trio.fail_after(10):

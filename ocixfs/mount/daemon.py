@@ -30,7 +30,8 @@ from ocixfs.errors import OcixError, UsageError, leaf_exceptions
 from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 
-__all__ = ["check_mountpoint", "mount_type", "open_log_file", "run_background", "run_foreground"]
+__all__ = ["check_mountpoint", "mount_type", "open_log_file", "run_background", "run_foreground",
+           "sd_notify"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def run_foreground(config: MountConfig, tree: Any, image_digest: str) -> int:
     """Serve in this process until unmounted; notify systemd when ready."""
 
     def ready() -> None:
-        _sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(config.mountpoint))
+        sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(config.mountpoint))
 
     return _serve_and_close(config, tree, image_digest, ready)
 
@@ -197,7 +198,8 @@ def _detach_stdio(log_fd: int | None) -> None:
     os.close(devnull)
 
 
-def _sd_notify(message: bytes) -> None:
+def sd_notify(message: bytes) -> None:
+    """Send ``message`` to systemd (``NOTIFY_SOCKET``), if it is listening; never raises."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return

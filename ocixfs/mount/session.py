@@ -149,6 +149,7 @@ class MountSession:
         control = ControlServer(self.config.mountpoint)
         control.register("pid", self._pid)
         control.register("stats", self._stats)
+        control.register("counters", self._counters)
         control.register("profile", self._profile)
         control.register("prefetch", self._prefetch)
         return control
@@ -163,9 +164,14 @@ class MountSession:
     async def _pid(self, _message: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
-    async def _stats(self, _message: dict[str, Any]) -> dict[str, Any]:
-        assert self._ops is not None and self._reader is not None
+    async def _stats(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``counters``, and how much of the image is in the cache (a walk of the tree)."""
         present = await trio.to_thread.run_sync(self._local_presence)
+        return {**await self._counters(message), "image_files": present}
+
+    async def _counters(self, _message: dict[str, Any]) -> dict[str, Any]:
+        """What the mount is and what it has counted; cheap (for metrics scrapes)."""
+        assert self._ops is not None and self._reader is not None
         played = self.config.profile_origin
         return {
             "mountpoint": os.fspath(self.config.mountpoint),
@@ -182,7 +188,6 @@ class MountSession:
                 "symlinks": kernelcache.symlinks_cached(),
             },
             "reader": self._reader.statistics().as_dict(),
-            "image_files": present,
             "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
             "profile_files": len(self._recorder),
             "played_profile": played.as_dict() if played is not None else None,
