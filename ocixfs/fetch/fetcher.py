@@ -441,29 +441,28 @@ class Fetcher:
     async def _claim_host_wide(self, chunk: Chunk, budget: float) -> FetchClaim | None:
         """This process's claim on fetching ``chunk`` (``Cache.claim_fetch``), or None once
         another process on the host has put it in the cache. While another process holds
-        the claim (which it holds only while transferring) this waits for the blob or the
-        claim; after ``budget``
-        seconds it fetches anyway, under a claim of no one (a holder bound by its own
-        deadlines cannot keep it longer, but this never relies on that)."""
+        the claim (only while it transfers) this waits for the blob or the claim; after
+        ``budget`` seconds it fetches anyway, under a claim of no one (a holder bound by its
+        own deadlines cannot keep it longer, but this never relies on that)."""
         give_up = trio.current_time() + budget
         pause = _CLAIM_POLL_FIRST
         waited = False
-        while (claim := self._cache.claim_fetch(chunk)) is None:
-            waited = True
-            if self._cache.contains(chunk):
-                break
+        while True:
+            claim = self._cache.claim_fetch(chunk)
+            if waited and self._cache.contains(chunk):  # (the claim may be free again by now)
+                if claim is not None:
+                    claim.release()
+                self._fetched_by_others += 1
+                return None
+            if claim is not None:
+                return claim
             if trio.current_time() >= give_up:
                 log.info("blob %s: another process has been fetching it for %.0f s; "
                          "fetching it here too", chunk.hex, budget)
                 return FetchClaim.held_by_no_one()
+            waited = True
             await trio.sleep(pause)
             pause = min(2 * pause, _CLAIM_POLL_MAX)
-        if waited and self._cache.contains(chunk):
-            self._fetched_by_others += 1
-            if claim is not None:
-                claim.release()
-            return None
-        return claim
 
     async def _fetch(self, flight: _Flight) -> None:
         chunk = flight.chunk
