@@ -13,6 +13,7 @@ import trio
 import zstandard
 
 from ocixfs.cache.blobs import Cache
+from ocixfs.cache.demand import HostDemand
 from ocixfs.config import CacheConfig, CacheQuota, FetchConfig
 from ocixfs.errors import BlobCorrupt, BlobNotFound, CacheFullError, FetchError, FetchTimeout
 from ocixfs.fetch.fetcher import Priority
@@ -431,7 +432,7 @@ async def test_two_processes_fetching_one_blob_share_one_transfer(
     server.fault(chunk.hex, Fault(stall=0.3))
     cache_dir = tmp_path / "cache"
     async with (
-        fetching([server.url], cache_dir) as (first, first_cache),
+        fetching([server.url], cache_dir) as (first, _),
         fetching([server.url], cache_dir) as (second, second_cache),
         trio.open_nursery() as nursery,
     ):
@@ -444,7 +445,6 @@ async def test_two_processes_fetching_one_blob_share_one_transfer(
     assert [s.blobs_fetched for s in stats] == [1, 0]
     assert [s.fetched_by_others for s in stats] == [0, 1]
     assert os.listdir(cache_dir / "tmp") == []  # the claim file goes with its claim
-    del first_cache
 
 
 async def test_a_claim_given_up_without_the_blob_is_taken_over(
@@ -517,8 +517,6 @@ async def test_a_held_back_prefetch_never_holds_the_blob_a_read_waits_for(
     """One process's prefetch of a blob is held back (another process reads on demand);
     a read of the same blob in a third process is served at once: the prefetch claims
     nothing before it holds a slot."""
-    from ocixfs.cache.demand import HostDemand
-
     chunk = store.chunks[2]
     cache_dir = tmp_path / "cache"
     async with (
