@@ -123,6 +123,7 @@ def main() -> None:
     manifest = generate(args.entries, version=args.version)
     data = encode(manifest)
     assert decode(data) == manifest
+    decoded = cbor2.loads(data)
     counts: dict[str, int] = {}
     for entry in manifest.entries.values():
         counts[entry.kind.value] = counts.get(entry.kind.value, 0) + 1
@@ -137,6 +138,8 @@ def main() -> None:
         ("decode", lambda: decode(data)),
         # For scale on a given machine: cbor2's C decoder on the same bytes, no validation.
         ("cbor2.loads", lambda: cbor2.loads(data)),
+        # The C route to a canonical-form check: re-encode what cbor2 decoded, compare bytes.
+        ("cbor2.dumps", lambda: cbor2.dumps(decoded, canonical=True) == data),
     ]
     for name, operation in operations:
         seconds, cpu, peak = _measure(operation, args.runs)
