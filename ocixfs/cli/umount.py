@@ -6,7 +6,6 @@ import argparse
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 NAME = "umount"
@@ -31,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ocixfs.errors import OcixError, UsageError
     from ocixfs.mount.control import request
+    from ocixfs.mount.daemon import wait_for_exit
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
     try:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if pid is None and not _is_fuse_mount(mountpoint):
         raise UsageError(f"{mountpoint}: not an ocixfs mount")
     _unmount(mountpoint, lazy=args.lazy or pid is None)
-    if pid is not None and not _wait_exit(pid, args.timeout):
+    if pid is not None and not wait_for_exit(pid, args.timeout):
         raise OcixError(f"{mountpoint}: unmounted, but daemon {pid} has not exited")
     return 0
 
@@ -63,24 +63,3 @@ def _unmount(mountpoint: Path, *, lazy: bool) -> None:
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise OcixError(f"{mountpoint}: cannot unmount: {reason}")
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if _is_zombie(pid):
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return True

@@ -96,6 +96,27 @@ def mount_type(mountpoint: Path) -> str:
     return found.decode(errors="replace")
 
 
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited (gone, or a zombie) or ``timeout`` seconds
+    have passed; whether it exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not _exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 # ----------------------------------------------------------------------------------------
 # Starting
 

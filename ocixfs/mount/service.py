@@ -220,19 +220,12 @@ def stop_service(paths: ServicePaths, *, unless_code: str | None = None) -> int 
         pid = ask_service(conn, "stop", **args).get("pid")
     if not isinstance(pid, int):
         return None
-    deadline = time.monotonic() + STOP_WAIT
-    while time.monotonic() < deadline and _running(pid):
-        time.sleep(0.01)
+    from ocixfs.mount.daemon import wait_for_exit
+
+    if not wait_for_exit(pid, STOP_WAIT):
+        raise OcixError(f"the ocixfs service (pid {pid}) was asked to stop and is still "
+                        f"running after {STOP_WAIT:g} s")
     return pid
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def _try_connect(path: Path) -> socket.socket | None:
