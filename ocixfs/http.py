@@ -318,9 +318,10 @@ DIRECT = "DIRECT"
 _ENVIRONMENT = ""  # the route of a client without a proxy group: the environment's proxy
 
 # A route failing (the proxy, or the way through it, is gone). An answer, whatever its
-# status, is not one: the proxy works and relays what the origin said.
+# status, is not one: the proxy works and relays what the origin said (``ProxyError``, a
+# CONNECT the proxy refused, is such an answer).
 ROUTE_FAILURES: tuple[type[httpx.HTTPError], ...] = (
-    httpx.NetworkError, httpx.TimeoutException, httpx.ProtocolError, httpx.ProxyError,
+    httpx.NetworkError, httpx.TimeoutException, httpx.ProtocolError,
 )
 
 
@@ -350,8 +351,10 @@ class ProxyGroup:
                 + [route for route in config.proxies if route in down])
 
     def failed(self, route: str, config: FetchConfig, why: BaseException) -> None:
-        """``route`` failed: down for ``config.proxy_down`` seconds (logged when it was up)."""
-        if route == _ENVIRONMENT:
+        """``route`` failed: down for ``config.proxy_down`` seconds (logged when it was up).
+        ``DIRECT`` is never put down: its failure is one origin's, which the fetcher's mirror
+        failover handles, not a way out that every store shares."""
+        if route in (_ENVIRONMENT, DIRECT):
             return
         now = time.monotonic()
         with self._lock:
@@ -521,24 +524,26 @@ def _client_settings(config: FetchConfig, auth: httpx.Auth, route: str) -> dict[
 
 @contextlib.contextmanager
 def stream(
-    config: FetchConfig, url: str, *, headers: Mapping[str, str]
+    config: FetchConfig, url: str, *, headers: Mapping[str, str],
+    group: ProxyGroup = PROXIES,
 ) -> Iterator[httpx.Response]:
-    """A blocking ``GET url`` by the routes of ``PROXIES.routes(config, url)``: a route that
+    """A blocking ``GET url`` by the routes of ``group.routes(config, url)``: a route that
     fails before the answer is marked down and the next one tried at once; a failure while
     the body is read marks it down and is raised (the caller's retry takes the next).
-    Raises what httpx raises for the last route."""
-    routes = PROXIES.routes(config, url)
+    Raises what httpx raises for the last route. A look that must not judge the routes
+    (a quick probe) passes a ``ProxyGroup()`` of its own."""
+    routes = group.routes(config, url)
     for number, route in enumerate(routes, 1):
         with contextlib.ExitStack() as stack:
             client = stack.enter_context(sync_client(config, route=route))
             try:
                 response = stack.enter_context(client.stream("GET", url, headers=headers))
             except ROUTE_FAILURES as exc:
-                PROXIES.failed(route, config, exc)
+                group.failed(route, config, exc)
                 if number == len(routes):
                     raise
                 continue
-            with PROXIES.watching(route, config):
+            with group.watching(route, config):
                 yield response
             return
 

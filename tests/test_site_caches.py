@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ocixfs.config import FetchConfig
-from ocixfs.errors import UsageError
+from ocixfs.errors import FetchError, UsageError
 from ocixfs.http import DIRECT, PROXIES, download, proxy_group
 from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
@@ -156,6 +156,27 @@ def test_a_manifest_download_follows_the_group(
         config = replace(FAST, proxies=(dead, proxy.url))
         assert download(url, max_bytes=1 << 20, config=config) == CONTENTS[1]
         assert proxy.requests == [url]
+
+
+def test_an_origin_that_refuses_puts_no_route_down_and_a_probe_judges_none(
+    tmp_path: Path, serve: FaultServers, no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """DIRECT failing is one origin's failure (the mirror failover's business), not a route
+    every store shares; and the store probe's short look never marks a proxy down."""
+    from ocixfs.store.remote import probe
+    from ocixfs.store.spec import parse_store
+
+    origin, dead = dead_url(serve, tmp_path / "o"), dead_url(serve, tmp_path / "p")
+    config = replace(FAST, proxies=(DIRECT, dead))
+    with pytest.raises(FetchError, match="Connection refused"):
+        download(f"{origin}/image.ocix", max_bytes=1 << 20, config=config)
+    assert PROXIES.routes(config, origin) == [DIRECT, dead]  # the dead proxy is down...
+    other = replace(FAST, proxies=(dead, DIRECT))
+    assert PROXIES.routes(other, origin) == [DIRECT, dead]  # ...DIRECT is not
+    fresh = dead_url(serve, tmp_path / "q")
+    probed = replace(FAST, proxies=(fresh, DIRECT))
+    assert probe(parse_store(origin + "/"), probed, timeout=1.0) is not None
+    assert PROXIES.routes(probed, origin) == [fresh, DIRECT]  # the probe judged no route
 
 
 # --- real site caches --------------------------------------------------------------------
