@@ -93,7 +93,11 @@ def test_broken_huge_and_foreign_files_in_the_profiles_directory_are_skipped(
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / f"{'4' * 64}.profile").write_bytes(b"\xa1not cbor")
-    (profiles / f"{'5' * 64}.profile").write_bytes(b"\0" * (BORROW_MAX_BYTES + 1))
+    # A valid profile of this very tree, but over the size limit: never read.
+    repeats = BORROW_MAX_BYTES // len(encode_profile(Profile(((NEW_TREE[0], 0),)))) + 1
+    huge = Profile(tuple((path, n) for n in range(repeats) for path in NEW_TREE))
+    assert len(encode_profile(huge)) > BORROW_MAX_BYTES
+    (profiles / f"{'5' * 64}.profile").write_bytes(encode_profile(huge))
     (profiles / "notes.profile").write_bytes(encode_profile(Profile(((NEW_TREE[0], 0),))))
     os.symlink(profiles / "notes.profile", profiles / f"{'6' * 64}.profile")
     assert borrow_profile(tmp_path, tree, DIGEST_NEW) is None

@@ -214,7 +214,8 @@ def start_together(image: Image, mountpoints: list[Path]) -> Callable[[], list[s
     def join() -> list[str]:
         for thread in threads:
             thread.join(timeout=300)
-        return problems
+        return problems + [f"{thread.name}: still reading" for thread in threads
+                           if thread.is_alive()]
 
     return join
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -64,6 +65,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_SUFFIX = ".profile"
+_HOST_PROFILE_NAME = re.compile(r"[0-9a-f]{64}\.profile")  # CACHE/profiles/<hex>.profile
 
 PROFILE_VERSION = 1
 MAX_PROFILE_BYTES = 64 << 20
@@ -225,7 +229,7 @@ class AccessRecorder:
 
 def cached_profile_path(cache_dir: Path, image_digest: str) -> Path:
     """Where a host keeps the profile it recorded for an image (keyed by manifest hash)."""
-    return cache_dir / PROFILES / f"{image_digest.removeprefix('b3:')}.profile"
+    return cache_dir / PROFILES / f"{image_digest.removeprefix('b3:')}{_SUFFIX}"
 
 
 def locate_profile(
@@ -282,7 +286,7 @@ def borrow_profile(cache_dir: Path, tree: Tree, image_digest: str) -> ChosenProf
         present = count_in_tree(profile, tree)
         if present > BORROW_MIN_SHARE * len(profile.entries) and (
                 best is None or present > best[0]):
-            best = (present, profile, "b3:" + path.name.removesuffix(".profile"))
+            best = (present, profile, "b3:" + path.name.removesuffix(_SUFFIX))
     if best is None:
         return None
     log.debug("no profile for %s: borrowing the one of %s (%d of its %d paths are here)",
@@ -306,12 +310,12 @@ def count_in_tree(profile: Profile, tree: Tree) -> int:
 def _recent_host_profiles(directory: Path, image_digest: str) -> list[Path]:
     """The newest ``BORROW_SCAN`` regular files ``<hex>.profile`` of ``directory`` other
     than ``image_digest``'s and not larger than ``BORROW_MAX_BYTES``, newest first."""
-    own = image_digest.removeprefix("b3:") + ".profile"
+    own = cached_profile_path(Path(), image_digest).name
     found: list[tuple[int, str]] = []
     try:
         with os.scandir(directory) as entries:
             for entry in entries:
-                if entry.name == own or not _is_profile_name(entry.name):
+                if entry.name == own or not _HOST_PROFILE_NAME.fullmatch(entry.name):
                     continue
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and info.st_size <= BORROW_MAX_BYTES:
@@ -320,12 +324,6 @@ def _recent_host_profiles(directory: Path, image_digest: str) -> list[Path]:
         return []
     found.sort(reverse=True)
     return [directory / name for _, name in found[:BORROW_SCAN]]
-
-
-def _is_profile_name(name: str) -> bool:
-    hex_part = name.removesuffix(".profile")
-    return (len(hex_part) == 64 and name.endswith(".profile")
-            and all(c in "0123456789abcdef" for c in hex_part))
 
 
 def profile_beside(image: str, http: FetchConfig | None = None) -> Profile | None:
