@@ -138,10 +138,15 @@ def render(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append(
             f"| {row['mode']} | {row['hosts']:.0f} | {row['requests']:.0f} "
-            f"| {row['requests_vs_one']:.2f} | {row['bytes'] / 1e6:.1f} "
-            f"| {row['bytes_vs_one']:.2f} | {row['start_median_s']:.2f} s "
+            f"| {_ratio(row['requests_vs_one'])} | {row['bytes'] / 1e6:.1f} "
+            f"| {_ratio(row['bytes_vs_one'])} | {row['start_median_s']:.2f} s "
             f"| {row['start_max_s']:.2f} s |")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    """A ratio to the one-host mode, or a dash when that mode did not run."""
+    return "–" if value is None else f"{value:.2f}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -193,11 +198,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     header = (f"{SPEC.name} image, workload `{SPEC.workload.describe()}`, {args.hosts} hosts, "
               f"link {args.link}, medians of {args.runs} runs; load average "
               f"{os.getloadavg()[0]:.2f} at the end")
-    print(header)
-    print(render(rows))
-    if args.json:
+    if args.json:  # first: the runs are kept whatever happens to the table
         args.json.write_text(json.dumps({"header": header, "summary": rows, "runs": runs},
                                         indent=1) + "\n")
+    print(header)
+    print(render(rows))
 
 
 if __name__ == "__main__":
