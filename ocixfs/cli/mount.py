@@ -173,8 +173,7 @@ def run(args: argparse.Namespace) -> int:
                                           config.cache_dir, config.stores,
                                           tls_verify=args.tls_verify == "true")
     tree = loaded.tree
-    config = replace(config, profile=chosen.profile if chosen else None, profile_origin=chosen,
-                     fill_rest=prefetch == "all", stores=stores,
+    config = replace(config, profile=chosen, fill_rest=prefetch == "all", stores=stores,
                      predict=chosen is None and prefetch in ("auto", "all"),
                      write_index=not loaded.from_index)
     if args.foreground:

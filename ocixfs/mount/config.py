@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocixfs.config import ReaderConfig
-from ocixfs.mount.profile import ChosenProfile, Profile
+from ocixfs.mount.profile import ChosenProfile
 from ocixfs.store.spec import StoreSpec
 
 __all__ = ["MountConfig"]
@@ -21,8 +21,8 @@ class MountConfig:
     ``stores`` the parsed stores in mirror order.
 
     - ``kernel_flags``: generic mount flags passed through to the kernel (``noexec``, …).
-    - ``profile``: what to prefetch, in order, and ``profile_origin`` where it came
-      from (``ocixfs stats`` says; its ``profile`` is ``profile``); ``fill_rest``: then
+    - ``profile``: what to prefetch, in order, and where it came from (``ocixfs stats``
+      says); ``fill_rest``: then
       fetch the rest of the image in the background; ``packs``: fetch the profile's
       blobs as the store's profile packs for it, when it has them (``fetch.packs``).
     - ``predict``: with no profile to play, prefetch the ELF closure of each executable
@@ -50,8 +50,7 @@ class MountConfig:
     remove_routine_log: bool = False
     debug_fuse: bool = False
     kernel_flags: frozenset[str] = frozenset()
-    profile: Profile | None = None
-    profile_origin: ChosenProfile | None = None
+    profile: ChosenProfile | None = None
     fill_rest: bool = False
     predict: bool = False
     packs: bool = True

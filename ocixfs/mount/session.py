@@ -108,15 +108,16 @@ class MountSession:
 
     def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
         """A prefetcher for the profile's plan, or None when there is nothing to prefetch."""
-        chunks = plan(self.tree, self.config.profile, fill_rest=self.config.fill_rest)
+        chosen = self.config.profile
+        profile = chosen.profile if chosen is not None else None
+        chunks = plan(self.tree, profile, fill_rest=self.config.fill_rest)
         if not chunks:
             return None
-        if self.config.profile_origin is not None:
-            log.info("%s: playing the profile %s", self.config.mountpoint,
-                     self.config.profile_origin.describe())
+        if chosen is not None:
+            log.info("%s: playing the profile %s", self.config.mountpoint, chosen.describe())
         packed: list[Chunk] = []
-        if self.config.packs and self.config.profile is not None:
-            packed = plan(self.tree, self.config.profile, fill_rest=False)
+        if self.config.packs and profile is not None:
+            packed = plan(self.tree, profile, fill_rest=False)
         return Prefetcher(reader, chunks, concurrency=self.config.prefetch_concurrency,
                           packs=reader.packs, packed=packed)
 
@@ -172,7 +173,7 @@ class MountSession:
     async def _counters(self, _message: dict[str, Any]) -> dict[str, Any]:
         """What the mount is and what it has counted; cheap (for metrics scrapes)."""
         assert self._ops is not None and self._reader is not None
-        played = self.config.profile_origin
+        played = self.config.profile
         return {
             "mountpoint": os.fspath(self.config.mountpoint),
             "image": redact(self.config.image),
