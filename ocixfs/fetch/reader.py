@@ -156,6 +156,23 @@ class Reader:
         self._bytes_read += len(data)
         return data
 
+    async def read_for_prefetch(self, blobs: Sequence[Chunk], offset: int, size: int) -> bytes:
+        """``read`` for the daemon's own look into a file (the ELF predictor): its chunks
+        come at prefetch priority, with no read-ahead, and nothing counts as a program's
+        read or wait. Raises like ``read``."""
+        layout = self._layout(blobs)
+        pieces = layout.pieces(max(offset, 0), min(offset + max(size, 0), layout.size))
+        parts = []
+        for index, lo, n in pieces:
+            await self.ensure(blobs[index], priority=Priority.PREFETCH)
+            data = await self._cache.read(blobs[index], lo, n)
+            if data is None:
+                raise CacheError(f"cache: blob {blobs[index].hex} vanished right after it "
+                                 "was fetched")
+            parts.append(data)
+        await trio.lowlevel.checkpoint()
+        return b"".join(parts)
+
     def is_cached(self, chunk: Chunk) -> bool:
         """Whether ``chunk`` is in the local cache (no network)."""
         return self._cache.contains(chunk)

@@ -14,9 +14,10 @@ the predictors that were measured and not adopted).
 
 The file's bytes are untrusted: every read is bounded (``MAX_HEADER_READ``), offsets are
 checked against the file, and anything malformed ends that file's following quietly. At
-most ``MAX_FOLLOWED`` files are followed per mount. Fetches run at background priority
-through the reader (``Reader.ensure``), so a read that waits is always served first;
-failures are counted, never raised.
+most ``MAX_FOLLOWED`` files are followed per mount. Fetches and the header reads run at
+background priority through the reader (``Reader.ensure``, ``Reader.read_for_prefetch``:
+no read-ahead, not counted as a program's reads), so a read that waits is always served
+first; failures are counted, never raised.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ DT_NULL, DT_NEEDED, DT_STRTAB, DT_STRSZ, DT_RPATH, DT_RUNPATH = 0, 1, 5, 10, 15,
 
 
 class ReadingFetcher(Protocol):
-    async def read(self, blobs: Sequence[Chunk], offset: int, size: int) -> bytes: ...
+    async def read_for_prefetch(self, blobs: Sequence[Chunk], offset: int,
+                                size: int) -> bytes: ...
 
     async def ensure(self, chunk: Chunk, *, priority: Priority = Priority.PREFETCH) -> None: ...
 
@@ -121,7 +123,7 @@ class ElfPredictor:
     async def _read(self, node: Node, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > node.size or size > MAX_HEADER_READ:
             raise ValueError(f"ELF range {offset}+{size} outside the file")
-        data = await self._reader.read(node.blobs, offset, size)
+        data = await self._reader.read_for_prefetch(node.blobs, offset, size)
         if len(data) != size:
             raise ValueError("short read")
         return data
