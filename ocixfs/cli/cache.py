@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,6 @@ Sizes: 10G, 500M, 1.5T (powers of 1024) or 20% of the filesystem holding the cac
 """
 
 CONTROL_TIMEOUT = 10.0
-MAX_ANSWER = 1 << 26
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,43 +242,12 @@ def _manifest_blobs(manifest: Manifest) -> set[str]:
 def running_mounts(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The stats of every running ocixfs daemon that uses the cache at ``root`` (found by
     their control sockets), and the sockets that took connections but did not answer."""
-    from ocixfs.mount.control import runtime_dir
+    from ocixfs.mount.control import ask_every_daemon
 
-    mounts: list[dict[str, Any]] = []
-    unanswered: list[str] = []
-    try:
-        sockets = sorted(runtime_dir().glob("*.sock"))
-    except OSError:
-        return mounts, unanswered
-    for path in sockets:
-        try:
-            answer = _ask(path, "stats")
-        except (FileNotFoundError, ConnectionRefusedError):
-            continue  # a daemon that is gone left its socket behind
-        except (OSError, ValueError):
-            unanswered.append(os.fspath(path))
-            continue
-        if "error" not in answer and _same_directory(str(answer.get("cache_dir", "")), root):
-            mounts.append(answer)
+    answers, unanswered = ask_every_daemon("stats", timeout=CONTROL_TIMEOUT)
+    mounts = [answer for answer in answers
+              if _same_directory(str(answer.get("cache_dir", "")), root)]
     return mounts, unanswered
-
-
-def _ask(path: Path, cmd: str) -> dict[str, Any]:
-    """One request on a control socket (the protocol of ``ocixfs/control.py``)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CONTROL_TIMEOUT)
-        sock.connect(os.fspath(path))
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-        data = bytearray()
-        while not data.endswith(b"\n") and len(data) < MAX_ANSWER:
-            piece = sock.recv(1 << 16)
-            if not piece:
-                break
-            data += piece
-    answer = json.loads(data)
-    if not isinstance(answer, dict):
-        raise ValueError("not a JSON object")
-    return answer
 
 
 def _same_directory(reported: str, root: Path) -> bool:

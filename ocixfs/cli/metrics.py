@@ -20,9 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ocixfs.mount.control import runtime_dir
-    from ocixfs.mount.metrics import gather, render
-    from ocixfs.mount.service import SOCKET_NAME
+    from ocixfs.mount.metrics import host_metrics
 
-    print(render(gather(runtime_dir(), skip=(SOCKET_NAME,))), end="")
+    print(host_metrics(), end="")
     return 0

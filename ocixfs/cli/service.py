@@ -101,6 +101,7 @@ def _show(answer: dict[str, Any] | None, as_json: bool) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from ocixfs.log import timestamp_lines
     from ocixfs.mount.daemon import sd_notify
+    from ocixfs.mount.metrics import host_metrics
     from ocixfs.mount.service import parse_listen, run_service
 
     listen = parse_listen(args.metrics_listen) if args.metrics_listen else None
@@ -109,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
     _warm_up()
     if args.listen_fd is not None:
         timestamp_lines()  # started by a mount: stderr is service.log
-    return run_service(_run_in_worker, _metrics, listen_fd=args.listen_fd,
+    return run_service(_run_in_worker, host_metrics, listen_fd=args.listen_fd,
                        metrics_listen=listen, ready=lambda: sd_notify(b"READY=1"))
 
 
@@ -132,9 +133,3 @@ def _run_in_worker(argv: list[str]) -> int:
     return main(argv)
 
 
-def _metrics(service: dict[str, Any]) -> str:
-    from ocixfs.mount.control import runtime_dir
-    from ocixfs.mount.metrics import gather, render
-    from ocixfs.mount.service import SOCKET_NAME
-
-    return render(gather(runtime_dir(), skip=(SOCKET_NAME,)), service)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ocixfs.errors import UsageError
+from ocixfs.errors import UnsafePathError, UsageError
 from ocixfs.safefs import private_directory
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ControlServer",
     "ask",
+    "ask_every_daemon",
     "request",
     "runtime_dir",
     "socket_path",
@@ -100,6 +102,39 @@ def ask(path: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> dict[str
         data = _read_line(sock)
     answer: dict[str, Any] = json.loads(data)
     return answer
+
+
+_DAEMON_SOCKET = re.compile(r"[0-9a-f]{20}\.sock")  # mount_id(mountpoint) + ".sock"
+
+
+def ask_every_daemon(
+    cmd: str, *, timeout: float, fallback: str | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Ask every mount daemon of this user (its control socket in ``runtime_dir``; never
+    another socket there) for ``cmd`` (``fallback`` where a daemon of an older ocixfs does
+    not know it). Returns the answers of those that answered, and the sockets that took
+    the connection but gave no answer within ``timeout``. A socket nobody listens on (a
+    daemon that died) is left out."""
+    answers: list[dict[str, Any]] = []
+    unanswered: list[str] = []
+    try:
+        directory = runtime_dir()
+        names = sorted(name for name in os.listdir(directory) if _DAEMON_SOCKET.fullmatch(name))
+    except (OSError, UnsafePathError):
+        return answers, unanswered
+    for name in names:
+        try:
+            answer = ask(directory / name, cmd, timeout=timeout)
+            if "error" in answer and fallback is not None:
+                answer = ask(directory / name, fallback, timeout=timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            continue
+        except (OSError, ValueError):
+            unanswered.append(os.fspath(directory / name))
+            continue
+        if "error" not in answer:
+            answers.append(answer)
+    return answers, unanswered
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -13,13 +13,11 @@ series is the exact one.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ocixfs.mount.control import ask
+from ocixfs.mount.control import ask_every_daemon
 
 __all__ = ["Gathered", "gather", "render"]
 
@@ -90,30 +88,17 @@ class Gathered:
     unanswered: int
 
 
-def gather(directory: Path, *, skip: Sequence[str] = ()) -> Gathered:
-    """Ask every control socket in ``directory`` (but the names in ``skip``) for its
-    counters. A socket nobody listens on (a daemon that died) is left out; one that
-    does not answer within ``CONTROL_TIMEOUT`` is counted in ``unanswered``."""
-    mounts: list[dict[str, Any]] = []
-    unanswered = 0
-    try:
-        names = sorted(name for name in os.listdir(directory)
-                       if name.endswith(".sock") and name not in skip)
-    except OSError:
-        names = []
-    for name in names:
-        try:
-            counters = ask(directory / name, "counters", timeout=CONTROL_TIMEOUT)
-            if "error" in counters:  # a daemon of an older ocixfs
-                counters = ask(directory / name, "stats", timeout=CONTROL_TIMEOUT)
-        except (FileNotFoundError, ConnectionRefusedError):
-            continue
-        except (OSError, ValueError):
-            unanswered += 1
-            continue
-        if "mountpoint" in counters:
-            mounts.append(counters)
-    return Gathered(mounts, unanswered)
+def gather() -> Gathered:
+    """The counters of every mount daemon of this user (``control.ask_every_daemon``); one
+    that does not answer within ``CONTROL_TIMEOUT`` is counted in ``unanswered``."""
+    answers, unanswered = ask_every_daemon("counters", fallback="stats",
+                                           timeout=CONTROL_TIMEOUT)
+    return Gathered([a for a in answers if "mountpoint" in a], len(unanswered))
+
+
+def host_metrics(service: dict[str, Any] | None = None) -> str:
+    """The Prometheus text of every mount of this user (and of the service, when given)."""
+    return render(gather(), service)
 
 
 def render(gathered: Gathered, service: dict[str, Any] | None = None) -> str:
