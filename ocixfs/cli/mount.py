@@ -365,12 +365,17 @@ def _load_registry_tree(
     return image, tree, loaded.profile, loaded.stores
 
 
+DAEMON_MODULES = ("ocixfs.fetch.reader", "ocixfs.mount.fs", "ocixfs.mount.session")
+
+
 def _import_daemon_modules() -> None:
     """Import what the daemon serves with, now, while the manifest downloads: the modules
-    come from disk (cold after boot) and would otherwise be read after the fork."""
-    import ocixfs.fetch.reader  # noqa: F401
-    import ocixfs.mount.fs  # noqa: F401
-    import ocixfs.mount.session  # noqa: F401
+    come from disk (cold after boot) and would otherwise be read after the fork. (The host
+    service imports them, and more, once: ``cli.service.PRELOAD``.)"""
+    import importlib
+
+    for name in DAEMON_MODULES:
+        importlib.import_module(name)
 
 
 def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> FetchConfig:

@@ -9,6 +9,8 @@ import os
 import time
 from typing import Any
 
+from ocixfs.cli.mount import DAEMON_MODULES
+
 NAME = "service"
 HELP = "run, start, stop or show the resident host service (mounts of root go through it)"
 DESCRIPTION = """\
@@ -26,10 +28,10 @@ another directory) and answers 'GET /metrics' there (Prometheus text).
 """
 
 # What a mount imports, loaded once by the service so that its workers need not.
-PRELOAD = (
-    "ocixfs.cli.mount", "ocixfs.cli.stats", "ocixfs.mount.daemon", "ocixfs.mount.session",
-    "ocixfs.mount.fs", "ocixfs.mount.profile", "ocixfs.mount.fromregistry",
-    "ocixfs.mount.metrics", "ocixfs.fetch.reader", "ocixfs.cache.index",
+PRELOAD = (  # what a mount imports (cli.mount.DAEMON_MODULES and before), imported once
+    "ocixfs.cli.mount", *DAEMON_MODULES, "ocixfs.cli.stats", "ocixfs.mount.daemon",
+    "ocixfs.mount.profile", "ocixfs.mount.fromregistry", "ocixfs.mount.metrics",
+    "ocixfs.cache.index",
     "ocixfs.image.loading", "ocixfs.store.remote", "ocixfs.store.spec", "ocixfs.http",
     "concurrent.futures", "httpx", "trio", "pyfuse3",
 )
