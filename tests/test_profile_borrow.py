@@ -22,6 +22,7 @@ from ocixfs.image.format import Entry, Kind, Manifest, manifest_digest
 from ocixfs.image.tree import Tree
 from ocixfs.mount.profile import (
     BORROW_MAX_BYTES,
+    BORROW_TOTAL_BYTES,
     Profile,
     borrow_profile,
     cached_profile_path,
@@ -240,3 +241,19 @@ def test_a_borrowed_profile_uses_packs_only_made_for_its_plan_on_this_image(
                 assert packs["blobs_delivered"] == (3 if pack_next else 0)
                 assert (mount.mountpoint / "etc/hostname").read_text() == "version N+1\n"
     assert _mounted_nothing_under(tmp_path)
+
+
+def test_borrowing_reads_no_more_than_its_total_bytes(tmp_path: Path) -> None:
+    """The look at host profiles is bounded in bytes, not only in count: older profiles
+    beyond ``BORROW_TOTAL_BYTES`` are not read, even the best match."""
+    tree = _tree(*NEW_TREE)
+    _host_profile(tmp_path, DIGEST_N, NEW_TREE[:4], mtime=1_000)  # the best, but oldest
+    assert borrow_profile(tmp_path, tree, DIGEST_NEW) is not None
+    profiles = tmp_path / "profiles"
+    filler = Profile(tuple((f"/nowhere/{n:07d}", n) for n in range(20_000)))
+    data = encode_profile(filler)
+    for index in range(BORROW_TOTAL_BYTES // len(data) + 1):  # newer, unrelated, large
+        path = profiles / f"{index + 1:064x}.profile"
+        path.write_bytes(data)
+        os.utime(path, (2_000 + index, 2_000 + index))
+    assert borrow_profile(tmp_path, tree, DIGEST_NEW) is None

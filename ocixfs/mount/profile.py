@@ -75,6 +75,7 @@ MAX_PROFILE_ENTRIES = 2_000_000
 MAX_PATH_BYTES = 4096
 BORROW_SCAN = 64  # host profiles read when borrowing: the most recently written
 BORROW_MAX_BYTES = 1 << 20  # larger host profiles are not read when borrowing
+BORROW_TOTAL_BYTES = 8 << 20  # … and no more than this in all: a first mount waits for it
 BORROW_MIN_SHARE = 0.5  # a borrowed profile's paths: more than this share are files here
 
 
@@ -309,9 +310,10 @@ def count_in_tree(profile: Profile, tree: Tree) -> int:
 
 def _recent_host_profiles(directory: Path, image_digest: str) -> list[Path]:
     """The newest ``BORROW_SCAN`` regular files ``<hex>.profile`` of ``directory`` other
-    than ``image_digest``'s and not larger than ``BORROW_MAX_BYTES``, newest first."""
+    than ``image_digest``'s and not larger than ``BORROW_MAX_BYTES``, newest first, as many
+    as fit in ``BORROW_TOTAL_BYTES``."""
     own = cached_profile_path(Path(), image_digest).name
-    found: list[tuple[int, str]] = []
+    found: list[tuple[int, str, int]] = []
     try:
         with os.scandir(directory) as entries:
             for entry in entries:
@@ -319,11 +321,17 @@ def _recent_host_profiles(directory: Path, image_digest: str) -> list[Path]:
                     continue
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and info.st_size <= BORROW_MAX_BYTES:
-                    found.append((info.st_mtime_ns, entry.name))
+                    found.append((info.st_mtime_ns, entry.name, info.st_size))
     except OSError:
         return []
     found.sort(reverse=True)
-    return [directory / name for _, name in found[:BORROW_SCAN]]
+    chosen, total = [], 0
+    for _, name, size in found[:BORROW_SCAN]:
+        total += size
+        if total > BORROW_TOTAL_BYTES:
+            break
+        chosen.append(directory / name)
+    return chosen
 
 
 def profile_beside(image: str, http: FetchConfig | None = None) -> Profile | None:
