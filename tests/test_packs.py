@@ -13,6 +13,7 @@ import errno
 import os
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ from ocixfs.image.format import Chunk
 from ocixfs.image.loading import load_image
 from ocixfs.image.tree import Tree
 from ocixfs.mount.prefetch import plan
-from ocixfs.mount.profile import Profile, encode_profile
+from ocixfs.mount.profile import Profile, decode_profile, encode_profile
 from ocixfs.store.layout import pack_name
 from ocixfs.store.pack import (
     ENTRY,
@@ -278,6 +279,45 @@ def test_a_profiled_mount_fetches_each_pack_with_one_request(
         assert [server.count(pack.name) for pack in packs] == [1] * parts
         assert prefetch["packs"]["blobs_delivered"] == len(image.chunks())
         assert_only_fetched_singly(server, image, mount, set())
+
+
+def test_profile_pack_names_the_set_in_the_profile(image: Image) -> None:
+    """``profile pack`` rewrites the profile to name its set (the plan it holds), so that
+    a mount can ask for the set before its manifest arrives; packing again changes
+    nothing."""
+    assert decode_profile(image.profile.read_bytes()).pack == ()
+    make_packs(image)
+    named = decode_profile(image.profile.read_bytes())
+    assert named.pack == tuple(image.chunks())
+    assert named.entries == tuple((p, n) for n, p in enumerate(image.order))
+    make_packs(image)
+    assert decode_profile(image.profile.read_bytes()) == named
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_the_named_set_is_asked_for_before_the_manifest_arrives(
+    image: Image, tmp_path: Path, serve: FaultServers, mounts: Mounts
+) -> None:
+    """With the manifest held back by the server, the pack set the profile names is
+    requested (and its blobs cached, each verified) while the mount command still waits;
+    the mount then serves every file, and nothing is fetched twice."""
+    packs = make_packs(image)
+    server = serve(image.ocix.parent)  # image.ocix and store/ side by side
+    server.fault(image.ocix.name, Fault(stall=3.0), times=1)
+    args = store_args([f"{server.url}/store/"], tmp_path / "cache", "--prefetch",
+                      os.fspath(image.profile))
+    mount = mounts(f"{server.url}/{image.ocix.name}", tmp_path / "mnt", *args)
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(mount.start)
+        wait_for(lambda: all(cached(tmp_path / "cache", c) for c in image.chunks()),
+                 timeout=20, what="the pack's blobs in the cache")
+        assert not started.done()  # the manifest is still held back
+        started.result(timeout=60)  # (the mounts fixture unmounts it)
+    prefetch = prefetch_finished(mount)
+    assert server.count(packs[0].name) == 1 and server.count(image.ocix.name) == 1
+    assert prefetch["packs"]["blobs_delivered"] == len(image.chunks())
+    assert_only_fetched_singly(server, image, mount, set())
 
 
 @needs_fuse

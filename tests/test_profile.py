@@ -52,11 +52,30 @@ def test_encode_decode_round_trip(names: list[str], times: list[int]) -> None:
         {"version": 1, "entries": [["/a"]]},
         {"version": 1, "entries": "nope"},
         [1, 2, 3],
+        {"version": 1, "entries": [], "pack": [[b"a" * 31, 1]]},  # not a 32-byte digest
+        {"version": 1, "entries": [], "pack": [["a" * 32, 1]]},  # text, not bytes
+        {"version": 1, "entries": [], "pack": [[b"a" * 32, 1], [b"a" * 32, 2]]},  # twice
+        {"version": 1, "entries": [], "pack": [[b"a" * 32, 1 << 48]]},
+        {"version": 1, "entries": [], "pack": [[b"a" * 32, -1]]},
+        {"version": 1, "entries": [], "pack": [[b"a" * 32]]},
+        {"version": 1, "entries": [], "pack": {"a": 1}},
     ],
 )
 def test_invalid_profiles_are_refused(body: object) -> None:
     with pytest.raises(FormatError):
         decode_profile(cbor2.dumps(body), source="p")
+
+
+def test_a_profile_names_its_pack_plan_in_order() -> None:
+    """``pack`` (the blobs of the profile's pack set, in order) survives a round trip,
+    canonically encoded; a profile without one decodes with an empty plan."""
+    plan = (Chunk(5, b"\x02" * 32), Chunk(1, b"\x01" * 32))
+    profile = Profile((("/a", 0), ("/b", 3)), plan)
+    data = encode_profile(profile)
+    assert decode_profile(data) == profile
+    assert data == cbor2.dumps(cbor2.loads(data), canonical=True)
+    assert decode_profile(encode_profile(Profile((("/a", 0),)))).pack == ()
+    assert merge([profile]).pack == ()  # a merged profile's plan is another
 
 
 @given(st.binary(max_size=200))

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     from ocixfs.config import CacheQuota, FetchConfig
     from ocixfs.image.loading import PinnedBytes
     from ocixfs.mount.config import MountConfig
-    from ocixfs.mount.profile import ChosenProfile, Profile
+    from ocixfs.mount.profile import Profile
+    from ocixfs.mount.startup import LoadedImage, PlanSeen
     from ocixfs.store.spec import StoreSpec
 
 NAME = "mount"
@@ -169,16 +171,21 @@ def run(args: argparse.Namespace) -> int:
     config = _mount_config(args, flags, values, fetch)  # every option checked: nothing slow yet
     _check_cache_directory(config.cache_dir)
     prefetch: str = values["prefetch"][-1] if "prefetch" in values else args.prefetch
-    image, loaded, chosen, stores = _load(args.image, digest, config.reader.fetch, prefetch,
-                                          config.cache_dir, config.stores,
-                                          tls_verify=args.tls_verify == "true")
-    tree = loaded.tree
-    config = replace(config, profile=chosen, fill_rest=prefetch == "all", stores=stores,
-                     predict=chosen is None and prefetch in ("auto", "all"),
-                     write_index=not loaded.from_index)
+    named = _named_profile(prefetch)
+    config = replace(config, fill_rest=prefetch == "all", predict=prefetch in ("auto", "all"))
+    loader = partial(_load, config.image, digest, config.reader.fetch, prefetch, named,
+                     config.cache_dir, config.stores, tls_verify=args.tls_verify == "true")
     if args.foreground:
-        return run_foreground(config, tree, image.digest)
-    return run_background(config, tree, image.digest)
+        return run_foreground(config, loader)
+    return run_background(config, loader)
+
+
+def _named_profile(prefetch: str) -> Profile | None:
+    """The profile ``--prefetch FILE`` names, read now (a missing or broken one is an
+    error before anything starts); None for the other modes."""
+    from ocixfs.mount.profile import read_named_profile
+
+    return None if prefetch in ("auto", "all", "none") else read_named_profile(Path(prefetch))
 
 
 def _check_cache_directory(cache_dir: Path) -> None:
@@ -262,13 +269,16 @@ def _id_shift(values: dict[str, list[str]], name: str) -> int:
 
 
 def _load(
-    source: str, digest: str | None, fetch: FetchConfig, prefetch: str, cache_dir: Path,
-    stores: Sequence[StoreSpec], *, tls_verify: bool,
-) -> tuple[PinnedBytes, LoadedTree, ChosenProfile | None, tuple[StoreSpec, ...]]:
-    """The image, its inode tree and the profile to play (borrowed from a related image
-    this host ran when there is no other: ``locate_profile``). Start-up time is the user's wait:
-    the manifest (and a profile beside it) download and decode in worker threads, and the
-    stores are probed in a third, while this thread imports what the daemon will need.
+    source: str, digest: str | None, fetch: FetchConfig, prefetch: str,
+    named: Profile | None, cache_dir: Path, stores: Sequence[StoreSpec],
+    plan_seen: PlanSeen, *, tls_verify: bool,
+) -> LoadedImage:
+    """The image, its inode tree and the profile to play (``named``, for ``--prefetch
+    FILE``; else found by ``locate_profile``, borrowed from a related image this host ran
+    when there is no other), run by the mount daemon as it starts (``mount.startup``).
+    The manifest (and a profile beside it) download and decode in worker threads, and the
+    stores are probed in a third. ``plan_seen`` hears of the profile's pack plan as soon
+    as the profile is known, before the manifest has arrived.
 
     When the manifest cannot be loaded its one-line error is all that is said (what the
     profile lookup found is held back and dropped); otherwise a store that did not answer
@@ -276,8 +286,11 @@ def _load(
     An image in a registry brings its profile, and the stores that name it come back
     pinned to the artifact's digest (``mount.fromregistry``)."""
     from ocixfs.mount.profile import locate_profile, profile_beside
+    from ocixfs.mount.startup import LoadedImage
     from ocixfs.store.spec import is_registry_ref
 
+    if named is not None and named.pack:
+        plan_seen(named.pack)
     with (
         _held_warnings("ocixfs.mount.profile") as release,
         ThreadPoolExecutor(max_workers=2 + len(stores), thread_name_prefix="ocixfs-load") as pool,
@@ -290,15 +303,24 @@ def _load(
             loading = pool.submit(_load_tree, source, digest, fetch, cache_dir, stores)
             beside = (pool.submit(profile_beside, source, fetch)
                       if prefetch in ("auto", "all") else None)
+            if beside is not None:
+                beside.add_done_callback(partial(_tell_plan, plan_seen))
         probes = [pool.submit(_probe_store, store, fetch) for store in stores]
-        _import_daemon_modules()
         image, loaded, found, stores = loading.result()
         release()
         _warn_unreachable(stores, probes)
-        profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch,
+        profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch, named=named,
                                  beside=beside.result if beside is not None else lambda: found,
                                  tree=loaded.tree)
-    return image, loaded, profile, tuple(stores)
+    return LoadedImage(image.digest, loaded.tree, profile, tuple(stores), loaded.from_index)
+
+
+def _tell_plan(plan_seen: PlanSeen, beside: Future[Profile | None]) -> None:
+    """``plan_seen`` the pack plan of the profile found beside the manifest, if it has one."""
+    if beside.exception() is None:
+        found = beside.result()
+        if found is not None and found.pack:
+            plan_seen(found.pack)
 
 
 def _probe_store(store: StoreSpec, fetch: FetchConfig) -> str | None:
@@ -366,16 +388,6 @@ def _load_registry_tree(
 
 
 DAEMON_MODULES = ("ocixfs.fetch.reader", "ocixfs.mount.fs", "ocixfs.mount.session")
-
-
-def _import_daemon_modules() -> None:
-    """Import what the daemon serves with, now, while the manifest downloads: the modules
-    come from disk (cold after boot) and would otherwise be read after the fork. (The host
-    service imports them, and more, once: ``cli.service.PRELOAD``.)"""
-    import importlib
-
-    for name in DAEMON_MODULES:
-        importlib.import_module(name)
 
 
 def _fetch_config(args: argparse.Namespace, values: dict[str, list[str]]) -> FetchConfig:

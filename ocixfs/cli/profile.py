@@ -65,8 +65,10 @@ def _add_pack_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "into the local store DIR as a profile pack set (DIR/packs/<hex>.<k>.pack): the "
         "start-up's working set in access order, in one or a few files. A mount of IMAGE "
         "that plays the same profile (--prefetch) fetches each with one plain GET instead "
-        "of one request per file, and still verifies every file by its own hash. Serve DIR "
-        "as before; mounts that find no pack fetch file by file.")
+        "of one request per file, and still verifies every file by its own hash. FILE is "
+        "rewritten to name the set, so that a mount playing it asks for the set at once, "
+        "before the manifest has arrived. Serve DIR as before; mounts that find no pack "
+        "fetch file by file.")
     pack.add_argument("profile", type=Path, metavar="FILE", help="a profile file")
     pack.add_argument("--image", required=True, metavar="IMAGE.ocix",
                       help="the image the profile is played on (a file or URL)")
@@ -113,6 +115,7 @@ def _pack(args: argparse.Namespace) -> None:
     from ocixfs.errors import UsageError
     from ocixfs.image.loading import load_image
     from ocixfs.image.tree import Tree
+    from ocixfs.mount.profile import encode_profile
     from ocixfs.store.layout import looks_like_store
     from ocixfs.tools.packs import describe, make_packs
 
@@ -121,6 +124,8 @@ def _pack(args: argparse.Namespace) -> None:
     profile = load_profile_file(args.profile)
     tree = Tree.from_manifest(load_image(args.image).manifest)
     packed = make_packs(tree, profile, args.store, parts=args.parts)
+    if packed.named_by(profile) != profile:
+        write_output(args.profile, encode_profile(packed.named_by(profile)))
     print(json.dumps(packed.as_dict(), indent=1) if args.json else describe(packed, args.store))
 
 

@@ -14,9 +14,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ocixfs.errors import OcixError, UsageError
 from ocixfs.tools.record import DEFAULT_TIMEOUT, RUN_ENVIRONMENT, Recording, RecordPlan
+
+if TYPE_CHECKING:
+    from ocixfs.mount.profile import Profile
 
 __all__ = ["add_record_parser", "record_after_build", "run_record"]
 
@@ -143,7 +147,9 @@ def record_after_build(image: Path, store: Path, lines: Sequence[str], timeout: 
     summary = _summary(destination, recording)
     if recording.profile.entries:
         tree = Tree.from_manifest(load_image(os.fspath(image)).manifest)
-        summary["packs"] = make_packs(tree, recording.profile, store).as_dict()
+        packed = make_packs(tree, recording.profile, store)
+        _write_profile(destination, packed.named_by(recording.profile))
+        summary["packs"] = packed.as_dict()
     return summary
 
 
@@ -180,7 +186,7 @@ def record_command(image: str, *, stores: Sequence[str], cache_dir: Path | None,
     if strict and failed:
         raise OcixError(f"{len(failed)} of {len(recording.runs)} runs failed (--strict): "
                         "no profile written")
-    _write_profile(destination, recording)
+    _write_profile(destination, recording.profile)
     return destination, recording
 
 
@@ -220,13 +226,13 @@ def _report_runs(recording: Recording) -> None:
                   f"({run.files} files recorded)", file=sys.stderr)
 
 
-def _write_profile(path: Path, recording: Recording) -> None:
+def _write_profile(path: Path, profile: Profile) -> None:
     """Atomically (``safefs.write_atomically``): the profile is whole or not there."""
     from ocixfs.mount.profile import encode_profile
     from ocixfs.safefs import write_atomically
 
     try:
-        write_atomically(path, encode_profile(recording.profile))
+        write_atomically(path, encode_profile(profile))
     except OSError as exc:
         raise OcixError(f"{path}: cannot write the profile: {exc.strerror}") from None
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 NAME = "umount"
@@ -30,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ocixfs.errors import OcixError, UsageError
     from ocixfs.mount.control import request
-    from ocixfs.mount.daemon import wait_for_exit
+    from ocixfs.mount.daemon import unmount, wait_for_exit
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
     try:
@@ -39,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         pid = None
     if pid is None and not _is_fuse_mount(mountpoint):
         raise UsageError(f"{mountpoint}: not an ocixfs mount")
-    _unmount(mountpoint, lazy=args.lazy or pid is None)
+    unmount(mountpoint, lazy=args.lazy or pid is None)
     if pid is not None and not wait_for_exit(pid, args.timeout):
         raise OcixError(f"{mountpoint}: unmounted, but daemon {pid} has not exited")
     return 0
@@ -51,15 +49,3 @@ def _is_fuse_mount(mountpoint: Path) -> bool:
     return mount_type(mountpoint).startswith("fuse")
 
 
-def _unmount(mountpoint: Path, *, lazy: bool) -> None:
-    from ocixfs.errors import OcixError
-
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool is not None:
-        command = [tool, "-u", *(["-z"] if lazy else []), os.fspath(mountpoint)]
-    else:
-        command = ["umount", *(["-l"] if lazy else []), os.fspath(mountpoint)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise OcixError(f"{mountpoint}: cannot unmount: {reason}")

@@ -149,23 +149,34 @@ class PackPlayer:
     async def play(self, chunks: Sequence[Chunk],
                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fetch the pack set of ``chunks`` (a plan: each blob once, in order). Reports
-        started once every blob the set brings is registered as in flight (or there is no
-        usable set); returns when every part ended. Never raises but ``Cancelled``."""
+        started once every blob of ``chunks`` that is not cached or in flight is
+        registered as in flight (before the first byte is asked for; blobs the set turns
+        out not to hold are then fetched on their own); returns when every part ended.
+        Never raises but ``Cancelled``."""
         if not self._worth_it(chunks):
             task_status.started()
             return
         planned = {chunk.digest: chunk for chunk in chunks}
         set_id = pack_set_id(chunks)
+        carrier = self._carry(planned)
+        task_status.started()
         async with trio.open_nursery() as nursery:
             for source in self._sources:
-                first = await nursery.start(self._first_part, source, set_id, planned)
+                first = await nursery.start(self._first_part, source, set_id, planned, carrier)
                 if first is not None:
                     header, carriers = first
                     for part in range(1, header.parts):
                         nursery.start_soon(self._other_part, source, header, part,
                                            carriers[part], planned)
                     break
-            task_status.started()
+                carrier = self._carry(planned)  # the next mirror: whatever is still missing
+
+    def _carry(self, planned: dict[bytes, Chunk]) -> Carrier:
+        """A new carrier holding every planned blob not cached or in flight."""
+        carrier = Carrier()
+        for chunk in planned.values():  # until a header says which parts bring what
+            self._fetcher.carry(chunk, carrier)
+        return carrier
 
     def _worth_it(self, chunks: Sequence[Chunk]) -> bool:
         missing = sum(chunk.size for chunk in chunks if not self._cache.contains(chunk))
@@ -173,17 +184,15 @@ class PackPlayer:
 
     async def _first_part(
         self, source: Source, set_id: bytes, planned: dict[bytes, Chunk],
+        own_carrier: Carrier,
         *, task_status: trio.TaskStatus[tuple[PackHeader, list[Carrier]] | None],
     ) -> None:
         """Part 0 from ``source``: once its header is in and checked, every blob of the set
-        is carried (each part's by that part's carrier) and ``(header, carriers)``
-        reported; None is reported when it is not there or unusable. Then part 0 delivers
-        its own entries."""
+        that ``own_carrier`` holds is handed to the carrier of its part and ``(header,
+        carriers)`` reported; None is reported when it is not there or unusable. Then
+        part 0 delivers its own entries."""
         name = pack_name(set_id, 0)
         reported = False
-        own_carrier = Carrier()
-        for chunk in planned.values():  # until the header says which parts bring what
-            self._fetcher.carry(chunk, own_carrier)
 
         async def claim(header: PackHeader) -> Sequence[PackEntry]:
             nonlocal reported

@@ -16,26 +16,30 @@ Nothing touches the mountpoint from the trio thread between ``pyfuse3.init`` and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ocixfs.errors import OcixError, UsageError, leaf_exceptions
 from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
+from ocixfs.mount.startup import ImageLoader, PendingLoad
 
 __all__ = ["check_mountpoint", "mount_type", "open_log_file", "run_background", "run_foreground",
-           "sd_notify"]
+           "sd_notify", "unmount", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
+_PR_SET_PDEATHSIG = 1
 
 
 def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> None:
@@ -121,26 +125,30 @@ def _exited(pid: int) -> bool:
 # Starting
 
 
-def run_foreground(config: MountConfig, tree: Any, image_digest: str) -> int:
-    """Serve in this process until unmounted; notify systemd when ready."""
+def run_foreground(config: MountConfig, loader: ImageLoader) -> int:
+    """Load the image and serve it in this process until unmounted; notify systemd when
+    ready."""
 
     def ready() -> None:
         sd_notify(b"READY=1\nSTATUS=serving " + os.fsencode(config.mountpoint))
 
-    return _serve_and_close(config, tree, image_digest, ready)
+    return _serve_and_close(config, loader, ready)
 
 
-def run_background(config: MountConfig, tree: Any, image_digest: str) -> int:
-    """Fork a daemon and return once it serves (0) or has failed (1, reason printed).
-    The log file is opened first, so a bad one is refused before anything is mounted."""
+def run_background(config: MountConfig, loader: ImageLoader) -> int:
+    """Fork a daemon that loads the image and serves it; return once it serves (0) or
+    has failed (its exit status, reason printed; nothing left mounted). The log file is
+    opened first, so a bad one is refused before anything is mounted."""
     log_fd = None if config.log_file is None else open_log_file(config.log_file)
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_fd)
         os.setsid()
         os.chdir("/")
-        status = _daemon_child(config, tree, image_digest, write_fd, log_fd)
+        _die_with_parent(parent, signal.SIGTERM)  # until it serves: a start nobody awaits
+        status = _daemon_child(config, loader, write_fd, log_fd)
         os._exit(status)
     os.close(write_fd)
     if log_fd is not None:
@@ -159,25 +167,44 @@ def open_log_file(path: Path) -> int:
         raise UsageError(f"log file {path}: {reason}") from None
 
 
-def _daemon_child(config: MountConfig, tree: Any, image_digest: str, pipe_fd: int,
+def _daemon_child(config: MountConfig, loader: ImageLoader, pipe_fd: int,
                   log_fd: int | None) -> int:
     def ready() -> None:
+        _die_with_parent(0, 0)
         os.write(pipe_fd, b"ok\n")
         os.close(pipe_fd)
         _detach_stdio(log_fd)
 
     try:
-        return _serve_and_close(config, tree, image_digest, ready)
+        return _serve_and_close(config, loader, ready)
     except BaseException as exc:
         message = _one_line(exc)
         try:
-            os.write(pipe_fd, f"error: {message}\n".encode())
+            os.write(pipe_fd, f"error {_status(exc)}: {message}\n".encode())
         except OSError:
             log.error("daemon failed: %s", message)
         return 1
     finally:  # a failed start was reported to the caller: its log holds nothing more
         if config.remove_routine_log and config.log_file and only_routine_lines(config.log_file):
             config.log_file.unlink(missing_ok=True)
+
+
+def _die_with_parent(parent: int, signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when ``parent``, the process that
+    forked it, exits (``signum`` 0: no longer). A daemon whose starter died (a killed
+    worker of the host service, an interrupted command) must not mount for nobody."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0)
+    if signum and os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signum)
+
+
+def _status(exc: BaseException) -> int:
+    """The exit status of the ``mount`` command that started a daemon failing with
+    ``exc``: what ``ocixfs`` exits with for it (2 for a usage error, else 1)."""
+    return 2 if isinstance(exc, UsageError) else 1
 
 
 def _one_line(exc: BaseException) -> str:
@@ -187,22 +214,55 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
-    with os.fdopen(read_fd, "rb") as pipe:
-        import select
+    """The daemon's word on its start: 0 once it serves, else its failure's status. Ctrl-C
+    (or SIGTERM forwarded by the host service's client) meanwhile stops it."""
+    import select
 
-        ready, _, _ = select.select([pipe], [], [], READY_TIMEOUT)
-        line = pipe.readline().decode(errors="replace").strip() if ready else ""
+    with os.fdopen(read_fd, "rb") as pipe:
+        try:
+            ready, _, _ = select.select([pipe], [], [], READY_TIMEOUT)
+            line = pipe.readline().decode(errors="replace").strip() if ready else ""
+        except BaseException:
+            _stop_child(pid, mountpoint)
+            raise
     if line == "ok":
         return 0
-    if line.startswith("error: "):
-        print(f"ocixfs: {line[7:]}", file=sys.stderr)
-    elif not ready:
+    status, _, message = line.partition(": ")
+    if status in ("error 1", "error 2") and message:
+        print(f"ocixfs: {message}", file=sys.stderr)
+        os.waitpid(pid, 0)
+        return int(status[6:])
+    if not ready:
         print(f"ocixfs: {mountpoint}: daemon did not become ready in time", file=sys.stderr)
-        os.kill(pid, signal.SIGTERM)
     else:
         print(f"ocixfs: {mountpoint}: daemon exited during start-up", file=sys.stderr)
-    os.waitpid(pid, 0)
+    _stop_child(pid, mountpoint)
     return 1
+
+
+def _stop_child(pid: int, mountpoint: Path) -> None:
+    """End a daemon that did not start (SIGTERM) and leave nothing mounted: one killed
+    after it mounted but before it could unmount leaves a dead mount, removed here."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    if mount_type(mountpoint) == "fuse.ocixfs":
+        with contextlib.suppress(OcixError):
+            unmount(mountpoint, lazy=True)
+
+
+def unmount(mountpoint: Path, *, lazy: bool) -> None:
+    """Unmount a FUSE mount (``fusermount3 -u``, else ``umount``; ``lazy``: detach it even
+    while busy). Raises ``OcixError`` with the tool's reason."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is not None:
+        command = [tool, "-u", *(["-z"] if lazy else []), os.fspath(mountpoint)]
+    else:
+        command = ["umount", *(["-l"] if lazy else []), os.fspath(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise OcixError(f"{mountpoint}: cannot unmount: {reason}")
 
 
 def _detach_stdio(log_fd: int | None) -> None:
@@ -237,14 +297,13 @@ def sd_notify(message: bytes) -> None:
 # Serving
 
 
-def _serve_and_close(
-    config: MountConfig, tree: Any, image_digest: str, ready: Callable[[], None]
-) -> int:
+def _serve_and_close(config: MountConfig, loader: ImageLoader, ready: Callable[[], None]) -> int:
+    pending = PendingLoad(loader)  # the manifest downloads while trio and the rest import
     import trio
 
     from ocixfs.mount.session import MountSession
 
-    session = MountSession(config, tree, image_digest)
+    session = MountSession(config, pending)
     try:
         trio.run(session.serve, ready)
     except BaseExceptionGroup as group:

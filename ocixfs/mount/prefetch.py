@@ -12,7 +12,9 @@ never raised: a prefetch that fails simply leaves the read to fetch on demand.
 Given a ``PackPlayer`` and the profile's part of the plan (``packed``), the prefetcher
 first plays the store's pack set for it (``fetch.packs``): the workers start once the
 set's blobs are registered as in flight, so they wait for the packs to bring those
-instead of asking for them one by one, and fetch singly only what no pack brings.
+instead of asking for them one by one, and fetch singly only what no pack brings. With
+``playing``, that set is already being played (asked for before the manifest arrived:
+``mount.startup``), and the workers just join its flights.
 """
 
 from __future__ import annotations
@@ -102,11 +104,13 @@ class Prefetcher:
         concurrency: int = DEFAULT_CONCURRENCY,
         packs: PackPlayer | None = None,
         packed: Sequence[Chunk] = (),
+        playing: bool = False,
     ) -> None:
         self._fetcher = fetcher
         self._planned = chunks
         self._packs = packs if packed else None
         self._packed = packed
+        self._playing = playing
         self._concurrency = max(1, concurrency)
         self._done_blobs = self._done_bytes = self._failed = 0
         self._started = self._finished_at = 0.0
@@ -117,7 +121,7 @@ class Prefetcher:
         self._started = time.monotonic()
         queue = iter(self._planned)
         async with trio.open_nursery() as nursery:
-            if self._packs is not None:
+            if self._packs is not None and not self._playing:
                 await nursery.start(self._packs.play, self._packed)
             for _ in range(self._concurrency):
                 nursery.start_soon(self._worker, queue)

@@ -4,15 +4,20 @@ them before they are asked for.
 A profile names paths, not hashes, so one recorded on version N of an image serves
 version N+1 too. On the wire it is canonical CBOR::
 
-    {"version": 1, "entries": [[path, ms], ...]}      ; ms = first access, ms after mount
+    {"version": 1, "entries": [[path, ms], ...],      ; ms = first access, ms after mount
+     ? "pack": [[digest, size], ...]}                  ; the plan its pack set was made for
 
-sorted by ``ms`` then path. ``merge`` combines runs (e.g. from many hosts) keeping each
-path's earliest time. Decoding is bounded like manifests are: a profile may come from the
-network (``IMAGE.ocix.profile`` beside a remote manifest), so it is read in place
-(``format.CanonicalReader``), the entry count taken from the list's header and refused
-before a single entry is built, and only canonical CBOR is accepted. A profile file is
-opened without waiting and must be a regular file; a URL's download takes at most the
-fetch ``deadline``.
+sorted by ``ms`` then path. ``pack`` (written by ``ocixfs profile pack`` and ``build
+--profile-cmd``) lists the blobs, in order, that the profile's pack set in the store
+holds (its name is ``store.pack.pack_set_id`` of them): a mount can ask for that set
+before its manifest has even arrived, since every entry is verified by its own hash.
+``merge`` combines runs (e.g. from many hosts) keeping each path's earliest time (and no
+pack: the merged profile's plan is another). Decoding is bounded like manifests are: a
+profile may come from the network (``IMAGE.ocix.profile`` beside a remote manifest), so
+it is read in place (``format.CanonicalReader``), the entry count taken from the list's
+header and refused before a single entry is built, and only canonical CBOR is accepted. A
+profile file is opened without waiting and must be a regular file; a URL's download takes
+at most the fetch ``deadline``.
 
 Where profiles live: ``locate_profile`` picks the one a mount plays (``--prefetch``), from
 a named file, ``IMAGE.profile`` beside the manifest (``profile_beside``; a URL too), the
@@ -40,7 +45,7 @@ import cbor2
 from ocixfs.cache.layout import PROFILES
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
 from ocixfs.errors import FormatError, OcixError
-from ocixfs.image.format import CanonicalReader, Limits, reading
+from ocixfs.image.format import CanonicalReader, Chunk, Limits, reading
 from ocixfs.safefs import write_atomically
 
 if TYPE_CHECKING:
@@ -60,6 +65,7 @@ __all__ = [
     "locate_profile",
     "merge",
     "profile_beside",
+    "read_named_profile",
     "read_profile_file",
     "save_profile",
 ]
@@ -81,9 +87,11 @@ BORROW_MIN_SHARE = 0.5  # a borrowed profile's paths: more than this share are f
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """Paths in first-access order, with the milliseconds after mount of each access."""
+    """Paths in first-access order, with the milliseconds after mount of each access;
+    ``pack``: the blobs of the profile's pack set, in order (empty when it names none)."""
 
     entries: tuple[tuple[str, int], ...]
+    pack: tuple[Chunk, ...] = ()
 
     @property
     def paths(self) -> list[str]:
@@ -123,7 +131,10 @@ class ChosenProfile:
 
 def encode_profile(profile: Profile) -> bytes:
     ordered = sorted(profile.entries, key=lambda e: (e[1], e[0]))
-    body = {"version": PROFILE_VERSION, "entries": [[p, ms] for p, ms in ordered]}
+    body: dict[str, object] = {"version": PROFILE_VERSION,
+                               "entries": [[p, ms] for p, ms in ordered]}
+    if profile.pack:
+        body["pack"] = [[chunk.digest, chunk.size] for chunk in profile.pack]
     return bytes(cbor2.dumps(body, canonical=True))
 
 
@@ -135,25 +146,29 @@ def decode_profile(data: bytes, *, source: str = "profile") -> Profile:
     if not data or data[0] >> 5 != 5:  # a profile is a CBOR map
         raise FormatError(f"{source}: not an ocixfs profile")
     with reading(source):
-        version, entries = _ProfileReader(data).profile()
+        version, entries, pack = _ProfileReader(data).profile()
     if version != PROFILE_VERSION or entries is None:
         raise FormatError(f"{source}: not an ocixfs profile (version {PROFILE_VERSION})")
-    return Profile(entries)
+    return Profile(entries, pack)
 
 
 _PROFILE_LIMITS = Limits(max_depth=4)
+DIGEST_SIZE = 32
 
 
 class _ProfileReader(CanonicalReader):
     def __init__(self, data: bytes) -> None:
         super().__init__(data, _PROFILE_LIMITS)
 
-    def profile(self) -> tuple[int | None, tuple[tuple[str, int], ...] | None]:
-        """``(version, entries)`` as found (either may be missing); unknown keys skipped."""
+    def profile(self) -> tuple[int | None, tuple[tuple[str, int], ...] | None,
+                               tuple[Chunk, ...]]:
+        """``(version, entries, pack)`` as found (version and entries may be missing, pack
+        is empty when missing); unknown keys skipped."""
         major, count, pos = self.head(0)
         if major != 5:
             raise self.problem(f"not an ocixfs profile (version {PROFILE_VERSION})", 0)
         version = entries = None
+        pack: tuple[Chunk, ...] = ()
         previous = b""
         for _ in range(count):
             previous, start, pos = self.key(pos, previous)
@@ -162,11 +177,36 @@ class _ProfileReader(CanonicalReader):
                 entries, pos = self.entries(pos)
             elif name == "version":
                 version, pos = self.read_uint(pos, "version")
+            elif name == "pack":
+                pack, pos = self.pack(pos)
             else:
                 pos = self.skip(pos, 1)
         if pos != self.end:
             raise self.problem(f"{self.end - pos} bytes after the profile", pos)
-        return version, entries
+        return version, entries, pack
+
+    def pack(self, pos: int) -> tuple[tuple[Chunk, ...], int]:
+        """``[[digest, size], ...]``: 32-byte digests, each once, sizes below 2**48."""
+        major, count, after = self.head(pos)
+        if major != 4 or count > MAX_PROFILE_ENTRIES:
+            raise self.problem(f"pack must be a list of at most {MAX_PROFILE_ENTRIES}", pos)
+        found: dict[bytes, Chunk] = {}
+        for _ in range(count):
+            entry_at = after
+            major, length, after = self.head(after)
+            if major != 4 or length != 2:
+                raise self.problem("bad pack entry: not [digest, size]", entry_at)
+            major, length, after = self.head(after)
+            digest = self.data[after : after + length]
+            after += length
+            if major != 2 or len(digest) != DIGEST_SIZE or digest in found:
+                raise self.problem("bad pack entry: not a 32-byte digest, or one twice",
+                                   entry_at)
+            size, after = self.read_uint(after, "size")
+            if size >= 1 << 48:
+                raise self.problem("bad pack entry: size out of range", entry_at)
+            found[digest] = Chunk(size, digest)
+        return tuple(found.values()), after
 
     def entries(self, pos: int) -> tuple[tuple[tuple[str, int], ...], int]:
         major, count, after = self.head(pos)
@@ -240,6 +280,7 @@ def locate_profile(
     image_digest: str,
     http: FetchConfig | None = None,
     *,
+    named: Profile | None = None,
     beside: Callable[[], Profile | None] | None = None,
     tree: Tree,
 ) -> ChosenProfile | None:
@@ -249,6 +290,7 @@ def locate_profile(
     error). ``auto``/``all``: ``IMAGE.profile`` beside the manifest (also for URLs), else
     the one this host recorded for the image, else the one ``borrow_profile`` picks for
     ``tree`` (the image's), else none; a broken one is logged and ignored.
+    ``named``, when given, is the file's profile (``read_named_profile``, read earlier);
     ``beside``, when given, returns the result of ``profile_beside`` (looked up earlier,
     e.g. while the manifest downloaded) instead of looking again.
     """
@@ -257,8 +299,9 @@ def locate_profile(
     from ocixfs.http import redact
 
     if mode not in ("auto", "all"):
-        named = _read_profile(Path(mode), strict=True)
-        return None if named is None else _chosen(named, "file", os.path.abspath(mode), tree)
+        if named is None:
+            named = read_named_profile(Path(mode))
+        return _chosen(named, "file", os.path.abspath(mode), tree)
     found = beside() if beside is not None else profile_beside(image, http)
     if found is not None:
         return _chosen(found, "beside", redact(image), tree)
@@ -342,6 +385,14 @@ def profile_beside(image: str, http: FetchConfig | None = None) -> Profile | Non
     if is_url(image):
         return _fetch_profile_url(image + ".profile", http or DEFAULT_FETCH_CONFIG)
     return _read_profile(Path(image + ".profile"), strict=False)
+
+
+def read_named_profile(path: Path) -> Profile:
+    """The profile file ``--prefetch FILE`` names; raises ``UsageError`` (unreadable) or
+    ``FormatError`` (not a valid profile)."""
+    profile = _read_profile(path, strict=True)
+    assert profile is not None  # strict: raised instead
+    return profile
 
 
 def _read_profile(path: Path, *, strict: bool) -> Profile | None:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
@@ -27,10 +28,13 @@ from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.predict import ElfPredictor
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
+from ocixfs.mount.startup import LoadedImage, PendingLoad
+from ocixfs.store.spec import is_registry_ref
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ocixfs.fetch.packs import PackPlayer
     from ocixfs.image.format import Chunk
     from ocixfs.image.tree import Tree
     from ocixfs.mount.config import MountConfig
@@ -41,13 +45,16 @@ log = logging.getLogger(__name__)
 
 
 class MountSession:
-    """Serve one image at one mountpoint until unmounted or signalled."""
+    """Load one image (``pending``) and serve it at one mountpoint until unmounted or
+    signalled."""
 
-    def __init__(self, config: MountConfig, tree: Tree, image_digest: str) -> None:
+    def __init__(self, config: MountConfig, pending: PendingLoad) -> None:
         self.config = config
-        self.tree = tree
-        self.image_digest = image_digest
+        self.pending = pending
         self.started = time.monotonic()
+        self.tree: Tree | None = None
+        self.image_digest = ""
+        self._early_plan: tuple[Chunk, ...] = ()
         self._ops: Operations | None = None
         self._reader: Reader | None = None
         self._recorder = AccessRecorder()
@@ -56,41 +63,80 @@ class MountSession:
         self._background_failures: Counter[str] = Counter()
 
     async def serve(self, ready: Callable[[], None]) -> None:
+        """Load the image, mount it, call ``ready`` once it serves, and serve until
+        unmounted. When the stores do not depend on the image (not a registry image), the
+        reader opens while the image loads, and a pack set the profile names is played
+        at once (``mount.startup``)."""
+        if is_registry_ref(self.config.image):
+            self._loaded(await self.pending.result())
         async with AsyncExitStack() as stack:
             reader = await stack.enter_async_context(
                 open_reader(self.config.stores, self.config.cache_dir, self.config.reader)
             )
-            self._prefetcher = self._make_prefetcher(reader)
-            if self.config.predict:
-                self._predictor = ElfPredictor(self.tree, reader)
-            ops = Operations(self.tree, reader, access_log=_AccessLogs(self._recorder,
-                                                                        self._predictor),
-                             options=FsOptions(uid_shift=self.config.uid_shift,
-                                               gid_shift=self.config.gid_shift))
-            self._ops, self._reader = ops, reader
-            control = self._control_server()
-            listening = control.bind()
-            try:
-                _fuse_mount(ops, self.config.mountpoint, self.config.fuse_options())
-            except BaseException:
-                listening.close()
-                control.path.unlink(missing_ok=True)
-                raise
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guarded, "control", control.serve, listening)
-                    nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
-                    nursery.start_soon(self._announce_when_serving, ready)
-                    if self._prefetcher is not None:
-                        nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
-                    if self._predictor is not None:
-                        nursery.start_soon(self._guarded, "predict", self._predictor.run)
-                    await pyfuse3.main()
-                    nursery.cancel_scope.cancel()
-            finally:
-                pyfuse3.close(unmount=True)
-                self._save_profiles()
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)
+            if self.tree is None:
+                if self.config.packs and reader.packs is not None:
+                    await nursery.start(self._play_early, reader.packs)
+                self._loaded(await self.pending.result())
+            await self._serve(reader, nursery, ready)
         log.info("%s: unmounted", self.config.mountpoint)
+
+    @property
+    def _tree(self) -> Tree:
+        assert self.tree is not None, "used before the image is loaded"
+        return self.tree
+
+    def _loaded(self, image: LoadedImage) -> None:
+        self.tree, self.image_digest = image.tree, image.digest
+        self.config = replace(self.config, profile=image.profile, stores=image.stores,
+                              predict=self.config.predict and image.profile is None,
+                              write_index=not image.from_index)
+
+    async def _play_early(self, packs: PackPlayer,
+                          *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+        """Play the pack set the profile names as soon as it is known (at the latest
+        when the image is loaded). Reports started once its blobs are in flight (or
+        there is none), so that nothing asks for them one by one meanwhile."""
+        self._early_plan = await self.pending.plan()
+        if self._early_plan:
+            await packs.play(self._early_plan, task_status=task_status)
+        else:
+            task_status.started()
+
+    async def _serve(self, reader: Reader, nursery: trio.Nursery,
+                     ready: Callable[[], None]) -> None:
+        assert self.tree is not None
+        self._prefetcher = self._make_prefetcher(reader)
+        if self.config.predict:
+            self._predictor = ElfPredictor(self.tree, reader)
+        ops = Operations(self.tree, reader, access_log=_AccessLogs(self._recorder,
+                                                                    self._predictor),
+                         options=FsOptions(uid_shift=self.config.uid_shift,
+                                           gid_shift=self.config.gid_shift))
+        self._ops, self._reader = ops, reader
+        control = self._control_server()
+        listening = control.bind()
+        try:
+            _fuse_mount(ops, self.config.mountpoint, self.config.fuse_options())
+        except BaseException:
+            listening.close()
+            control.path.unlink(missing_ok=True)
+            raise
+        try:
+            nursery.start_soon(self._guarded, "control", control.serve, listening)
+            nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
+            nursery.start_soon(self._announce_when_serving, ready)
+            if self._prefetcher is not None:
+                nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
+            if self._predictor is not None:
+                nursery.start_soon(self._guarded, "predict", self._predictor.run)
+            await pyfuse3.main()
+        finally:
+            nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            self._save_profiles()
 
     async def _guarded(
         self, name: str, task: Callable[..., Awaitable[None]], *args: object
@@ -108,6 +154,7 @@ class MountSession:
 
     def _make_prefetcher(self, reader: Reader) -> Prefetcher | None:
         """A prefetcher for the profile's plan, or None when there is nothing to prefetch."""
+        assert self.tree is not None
         chosen = self.config.profile
         profile = chosen.profile if chosen is not None else None
         chunks = plan(self.tree, profile, fill_rest=self.config.fill_rest)
@@ -119,7 +166,8 @@ class MountSession:
         if self.config.packs and profile is not None:
             packed = plan(self.tree, profile, fill_rest=False)
         return Prefetcher(reader, chunks, concurrency=self.config.prefetch_concurrency,
-                          packs=reader.packs, packed=packed)
+                          packs=reader.packs, packed=packed,
+                          playing=bool(packed) and tuple(packed) == self._early_plan)
 
     def _save_profiles(self) -> None:
         """Keep what this mount saw: for the next mount on this host, and where asked."""
@@ -137,7 +185,7 @@ class MountSession:
         log.info("%s: serving %s", self.config.mountpoint, redact(self.config.image))
         if self.config.write_index:
             await self._guarded("index", trio.to_thread.run_sync, write_index,
-                                self.config.cache_dir, self.image_digest, self.tree)
+                                self.config.cache_dir, self.image_digest, self._tree)
 
     async def _stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -200,7 +248,7 @@ class MountSession:
         """How much of the image's content is already in the local cache (runs in a thread)."""
         assert self._reader is not None
         files = files_local = size = size_local = 0
-        for node in self.tree.iter_files():
+        for node in self._tree.iter_files():
             files += 1
             size += node.size
             blobs = node.blobs

@@ -14,7 +14,7 @@ are held in memory while the parts are written: a start-up's working set, not an
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,19 @@ class PackPart:
 @dataclass(frozen=True, slots=True)
 class PackSet:
     """What ``make_packs`` wrote: the set's name (hex), the blobs and their content bytes,
-    and each part (its name in the store, its blobs, its size)."""
+    each part (its name in the store, its blobs, its size), and the plan it holds (the
+    blobs the set is named by, in order: what a profile that names the set lists)."""
 
     set_id: str
     blobs: int
     content_bytes: int
     parts: tuple[PackPart, ...]
+    plan: tuple[Chunk, ...]
+
+    def named_by(self, profile: Profile) -> Profile:
+        """``profile`` naming this set (its ``pack``), so that a mount can ask for the set
+        before its manifest arrives."""
+        return replace(profile, pack=self.plan)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,7 +100,7 @@ def make_packs(tree: Tree, profile: Profile, store: Path, *, parts: int = 1) -> 
         size = store_file(store, name, [header, *(bodies[index][0] for index in own)])
         written.append(PackPart(name, len(own), size))
     return PackSet(set_id.hex(), len(chunks), sum(chunk.size for chunk in chunks),
-                   tuple(reversed(written)))
+                   tuple(reversed(written)), tuple(chunks))
 
 
 def _stored(store: Path, chunk: Chunk) -> tuple[bytes, Encoding]:

@@ -391,6 +391,7 @@ def _daemon(config: MountConfig, tree: Any, image_digest: str, paths: _RunPaths)
     (SIGTERM: it unmounts), logs to ``paths.log``, tells readiness on ``paths.notify``."""
     from ocixfs.log import timestamp_lines
     from ocixfs.mount.daemon import open_log_file, run_foreground
+    from ocixfs.mount.startup import LoadedImage
 
     os.setsid()
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -402,7 +403,8 @@ def _daemon(config: MountConfig, tree: Any, image_digest: str, paths: _RunPaths)
         os.dup2(target, fd)
     timestamp_lines()
     os.environ["NOTIFY_SOCKET"] = os.fspath(paths.notify)
-    return run_foreground(config, tree, image_digest)
+    loaded = LoadedImage(image_digest, tree, None, config.stores, from_index=True)
+    return run_foreground(config, lambda _plan_seen: loaded)
 
 
 def _overlay(paths: _RunPaths) -> None:
