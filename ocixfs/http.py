@@ -65,10 +65,12 @@ __all__ = [
     "Credentials",
     "DownloadClock",
     "ProxyGroup",
+    "Validators",
     "async_client",
     "credentials_of",
     "describe",
     "download",
+    "download_if_changed",
     "load_credentials",
     "read_document",
     "redact",
@@ -567,16 +569,63 @@ def download(
     Raises ``BlobNotFound`` (404/410), ``FetchError`` (network, TLS, other status, too
     slow or past the deadline, a corrupt or unknown encoding) or ``FormatError`` (too
     large), each one line naming the redacted URL."""
+    data, _ = download_if_changed(url, None, max_bytes=max_bytes, config=config,
+                                  deadline=deadline)
+    assert data is not None  # asked unconditionally
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Validators:
+    """What a server said identifies the version of a document it sent (RFC 9110
+    ``ETag`` and ``Last-Modified``; either may be empty)."""
+
+    etag: str = ""
+    last_modified: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Validators:
+        return cls(response.headers.get("etag", "")[:1024],
+                   response.headers.get("last-modified", "")[:1024])
+
+    def conditions(self) -> dict[str, str]:
+        """The headers of a request that only wants the document if it changed."""
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+def download_if_changed(
+    url: str,
+    known: Validators | None,
+    *,
+    max_bytes: int,
+    config: FetchConfig = DEFAULT_FETCH_CONFIG,
+    deadline: float | None = None,
+) -> tuple[bytes | None, Validators]:
+    """``download``, asking the server for the document only if it changed since the
+    version ``known`` identifies: ``(None, known)`` when it answers 304 Not Modified,
+    else the body and what identifies its version. Raises as ``download`` does."""
     label = redact(url)
     clock = DownloadClock(config, config.document_deadline if deadline is None else deadline)
+    headers = {"Accept-Encoding": _DOCUMENT_ENCODINGS, **(known.conditions() if known else {})}
     try:
-        with stream(config, url, headers={"Accept-Encoding": _DOCUMENT_ENCODINGS}) as response:
+        with stream(config, url, headers=headers) as response:
             status = response.status_code
+            if status == 304 and known:
+                return None, known
             if status in (404, 410):
                 raise BlobNotFound(f"{label}: HTTP {status}")
             if status != 200:
                 raise FetchError(f"{label}: HTTP {status}")
-            return read_document(response, label, max_bytes=max_bytes, clock=clock)
+            data = read_document(response, label, max_bytes=max_bytes, clock=clock)
+            return data, Validators.of(response)
     except httpx.TimeoutException as exc:
         raise FetchError(f"{label}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:

@@ -56,6 +56,7 @@ __all__ = [
     "IndexCheck",
     "check_indexes",
     "index_path",
+    "indexed_tree",
     "LoadedTree",
     "load_tree",
     "open_tree",
@@ -120,25 +121,33 @@ def open_tree(data: bytes, digest: str, cache_dir: Path | None, *, source: str) 
     """``load_tree`` without the index write: a mount serves first and indexes after
     (``write_index`` from the daemon), so the first mount of a big image does not wait for
     it."""
-    directory = _index_directory(cache_dir, create=False)
-    if directory is not None:
-        path = directory / index_path(Path(), digest).name
-        try:
-            tree = read_index(path, digest)
-        except FileNotFoundError:
-            tree = None
-        except (OSError, FormatError, UnsafePathError) as exc:
-            LOADS.refused += 1
-            log.info("index %s not used (%s); rebuilding it from the manifest", path, exc)
-            tree = None
-        if tree is not None:
-            LOADS.from_index += 1
-            with contextlib.suppress(OSError):
-                os.utime(path, follow_symlinks=False)
-            return LoadedTree(tree, from_index=True)
+    tree = indexed_tree(digest, cache_dir)
+    if tree is not None:
+        return LoadedTree(tree, from_index=True)
     tree = Tree.from_manifest(decode(data, source=source))
     LOADS.from_manifest += 1
     return LoadedTree(tree, from_index=False)
+
+
+def indexed_tree(digest: str, cache_dir: Path | None) -> Tree | None:
+    """The tree of the manifest ``digest`` from the host's index, if there is one and it
+    passes every check (a damaged or foreign one is logged and counted, never used)."""
+    directory = _index_directory(cache_dir, create=False)
+    if directory is None:
+        return None
+    path = directory / index_path(Path(), digest).name
+    try:
+        tree = read_index(path, digest)
+    except FileNotFoundError:
+        return None
+    except (OSError, FormatError, UnsafePathError) as exc:
+        LOADS.refused += 1
+        log.info("index %s not used (%s); rebuilding it from the manifest", path, exc)
+        return None
+    LOADS.from_index += 1
+    with contextlib.suppress(OSError):
+        os.utime(path, follow_symlinks=False)
+    return tree
 
 
 def read_index(path: Path, digest: str) -> Tree:

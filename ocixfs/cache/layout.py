@@ -7,6 +7,8 @@
     CACHE/tmp/<hex>.fetch           a host-wide fetch claim, flock()ed by the fetching process
     CACHE/profiles/<hex>.profile    access profiles recorded on this host
     CACHE/index/<hex>.index         inode tables of images loaded here (``cache.index``)
+    CACHE/manifests/<hex>.json      what identifies manifests downloaded here, by URL
+                                    (``cache.manifests``)
     CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
     CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
     CACHE/demand.lock               read-locked by each process with on-demand fetches
@@ -39,6 +41,7 @@ __all__ = [
     "DEMAND_LOCK",
     "EVICT_LOCK",
     "INDEX",
+    "MANIFESTS",
     "PROFILES",
     "TMP",
     "USAGE_FILE",
@@ -61,6 +64,7 @@ BLOBS = "blobs"
 TMP = "tmp"
 PROFILES = "profiles"
 INDEX = "index"
+MANIFESTS = "manifests"
 USAGE_FILE = "usage"
 EVICT_LOCK = "evict.lock"
 DEMAND_LOCK = "demand.lock"

@@ -368,10 +368,43 @@ def _load_tree(
     stores: Sequence[StoreSpec],
 ) -> tuple[PinnedBytes, LoadedTree, Profile | None, Sequence[StoreSpec]]:
     from ocixfs.cache.index import open_tree
-    from ocixfs.image.loading import read_pinned
+    from ocixfs.image.loading import is_url, read_pinned
 
+    if is_url(source):
+        return *_load_url(source, digest, fetch, cache_dir), None, stores
     image = read_pinned(source, expected_digest=digest, http=fetch)
     return image, open_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
+
+
+def _load_url(url: str, digest: str | None, fetch: FetchConfig,
+              cache_dir: Path) -> tuple[PinnedBytes, LoadedTree]:
+    """A manifest URL, downloaded only if it changed since the last download on this host
+    (``cache.manifests``) whose tree is in the image index; else (or pinned by ``digest``
+    to another manifest) whole."""
+    from ocixfs.cache.index import LoadedTree, indexed_tree, open_tree
+    from ocixfs.cache.manifests import KnownManifest, recall, remember
+    from ocixfs.http import download_if_changed, redact, refuse_credentials
+    from ocixfs.image.format import DEFAULT_LIMITS
+    from ocixfs.image.loading import PinnedBytes, pin
+
+    refuse_credentials(url, "IMAGE")
+    known = recall(cache_dir, url)
+    if known is not None and digest not in (None, known.digest):
+        known = None
+    data, validators = download_if_changed(url, known.validators if known else None,
+                                           config=fetch, max_bytes=DEFAULT_LIMITS.max_bytes)
+    if data is None:
+        assert known is not None  # not modified: the manifest last received
+        tree = indexed_tree(known.digest, cache_dir)
+        if tree is not None:
+            unchanged = PinnedBytes(url, redact(url), known.digest, b"")
+            return unchanged, LoadedTree(tree, from_index=True)
+        data, validators = download_if_changed(url, None, config=fetch,
+                                               max_bytes=DEFAULT_LIMITS.max_bytes)
+        assert data is not None
+    image = pin(data, url, expected_digest=digest)
+    remember(cache_dir, url, KnownManifest(image.digest, validators))
+    return image, open_tree(image.data, image.digest, cache_dir, source=image.name)
 
 
 def _load_registry_tree(

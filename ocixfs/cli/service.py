@@ -31,7 +31,8 @@ another directory) and answers 'GET /metrics' there (Prometheus text).
 PRELOAD = (  # what a mount imports (cli.mount.DAEMON_MODULES and before), imported once
     "ocixfs.cli.mount", *DAEMON_MODULES, "ocixfs.cli.stats", "ocixfs.mount.daemon",
     "ocixfs.mount.profile", "ocixfs.mount.fromregistry", "ocixfs.mount.metrics",
-    "ocixfs.cache.index",
+    "ocixfs.cache.index", "ocixfs.cache.manifests", "ocixfs.mount.startup",
+    "httpcore._backends.trio", "httpcore._backends.sync", "h11", "ctypes",
     "ocixfs.image.loading", "ocixfs.store.remote", "ocixfs.store.spec", "ocixfs.http",
     "concurrent.futures", "httpx", "trio", "pyfuse3",
 )
@@ -127,6 +128,19 @@ def _warm_up() -> None:
     parser_for(["mount"])
     ssl_context(None)  # keyed on SSL_CERT_FILE/DIR: a caller with others makes its own
     kernelcache.enable(pyfuse3.__file__)  # patches this process's pyfuse3 (idempotent)
+    _import_transports()
+
+
+def _import_transports() -> None:
+    """httpx imports its transports (httpcore, h11, anyio, certifi, idna) on first use: a
+    client of each kind, made and closed here, has every mount inherit them imported
+    instead of reading dozens of modules from disk (cold after boot) while it starts."""
+    import httpx
+
+    httpx.Client().close()
+    client = httpx.AsyncClient()
+    del client  # (closing needs an event loop; it never connected)
+    "ocixfs".encode("idna")
 
 
 def _run_in_worker(argv: list[str]) -> int:

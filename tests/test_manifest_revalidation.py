@@ -1,0 +1,100 @@
+"""A manifest URL mounted again is only asked for if it changed (``cache.manifests``):
+real nginx (ETag, Last-Modified, 304), real mounts. An unchanged manifest costs a 304 and
+the tree comes from the image index; a changed one is downloaded and served; a pin to
+another digest, or a lost index, downloads it whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from ocixfs.cache.index import index_path
+from ocixfs.image.format import manifest_digest
+from tests.mounting import Mounts, needs_fuse, run_ocixfs, wait_for
+from tests.nginx import Nginx
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+
+def build(site: Path, text: str, version: int = 1) -> Path:
+    """An image whose /etc/motd says ``text``, as ``site/image.ocix`` with its store in
+    ``site/store`` (shared by every version); ``version`` sets its mtime apart (nginx's
+    ETag is made of the mtime and the size, and both texts have the same size)."""
+    source = site.parent / f"src-{time.monotonic_ns()}"
+    (source / "etc").mkdir(parents=True)
+    (source / "etc" / "motd").write_text(text)
+    image = site / "image.ocix"
+    built = site / "image.ocix.new"
+    run_ocixfs("build", f"dir:{source}", "--store", os.fspath(site / "store"), "--output",
+               os.fspath(built))
+    os.utime(built, (1_700_000_000 + 100 * version,) * 2)
+    built.replace(image)
+    return image
+
+
+def manifest_statuses(server: Nginx) -> list[str]:
+    """The status of every GET of the manifest, in order."""
+    log = (server.work / "access.log").read_text().splitlines()
+    return [line.split('"')[2].split()[0] for line in log if "GET /image.ocix " in line]
+
+
+def mount_and_read(mounts: Mounts, server: Nginx, tmp_path: Path, *more: str) -> str:
+    mountpoint = tmp_path / "mnt"
+    with mounts(f"{server.url}image.ocix", mountpoint, "--store", f"{server.url}store/",
+                "--cache-dir", os.fspath(tmp_path / "cache"), *more):
+        return (mountpoint / "etc" / "motd").read_text()
+
+
+def wait_for_index(cache: Path, image: Path) -> None:
+    path = index_path(cache, manifest_digest(image.read_bytes()))
+    wait_for(path.exists, what="the image index")
+
+
+def test_an_unchanged_manifest_costs_a_304_and_a_changed_one_is_served(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    image = build(site, "version 1\n")
+    with Nginx(site, tmp_path / "nginx") as server:
+        assert mount_and_read(mounts, server, tmp_path) == "version 1\n"
+        wait_for_index(tmp_path / "cache", image)
+        assert mount_and_read(mounts, server, tmp_path) == "version 1\n"
+        assert manifest_statuses(server) == ["200", "304"]
+        records = list((tmp_path / "cache" / "manifests").iterdir())
+        assert len(records) == 1 and records[0].stat().st_mode & 0o077 == 0
+        record = json.loads(records[0].read_text())
+        assert record["url"] == f"{server.url}image.ocix"
+        assert record["digest"] == manifest_digest(image.read_bytes())
+
+        build(site, "version 2\n", version=2)
+        assert mount_and_read(mounts, server, tmp_path) == "version 2\n"
+        assert manifest_statuses(server) == ["200", "304", "200"]
+
+
+def test_a_pin_to_another_digest_or_a_lost_index_downloads_the_manifest_whole(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    image = build(site, "pinned\n")
+    digest = manifest_digest(image.read_bytes())
+    cache = tmp_path / "cache"
+    with Nginx(site, tmp_path / "nginx") as server:
+        assert mount_and_read(mounts, server, tmp_path, "--digest", digest) == "pinned\n"
+        wait_for_index(cache, image)
+        shutil.rmtree(cache / "index")  # the record stays, its tree is gone
+        assert mount_and_read(mounts, server, tmp_path) == "pinned\n"
+        assert manifest_statuses(server) == ["200", "304", "200"]
+        # A record of another manifest (planted: a server that once sent another) is not
+        # trusted for a pinned mount: it asks unconditionally.
+        record = next((cache / "manifests").iterdir())
+        planted = json.loads(record.read_text()) | {"digest": "b3:" + "0" * 64}
+        record.write_text(json.dumps(planted))
+        assert mount_and_read(mounts, server, tmp_path, "--digest", digest) == "pinned\n"
+        assert manifest_statuses(server)[-1] == "200"
