@@ -55,11 +55,15 @@ def wait_for_index(cache: Path, image: Path) -> None:
     wait_for(path.exists, what="the image index")
 
 
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    (tmp_path / "site").mkdir()
+    return tmp_path / "site"
+
+
 def test_an_unchanged_manifest_costs_a_304_and_a_changed_one_is_served(
-    tmp_path: Path, mounts: Mounts
+    tmp_path: Path, site: Path, mounts: Mounts
 ) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
     image = build(site, "version 1\n")
     with Nginx(site, tmp_path / "nginx") as server:
         assert mount_and_read(mounts, server, tmp_path) == "version 1\n"
@@ -78,10 +82,8 @@ def test_an_unchanged_manifest_costs_a_304_and_a_changed_one_is_served(
 
 
 def test_a_pin_to_another_digest_or_a_lost_index_downloads_the_manifest_whole(
-    tmp_path: Path, mounts: Mounts
+    tmp_path: Path, site: Path, mounts: Mounts
 ) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
     image = build(site, "pinned\n")
     digest = manifest_digest(image.read_bytes())
     cache = tmp_path / "cache"
