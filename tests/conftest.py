@@ -50,7 +50,7 @@ def _no_host_service_left() -> Iterator[None]:
     if os.geteuid() != 0:
         return
     from ocixfs.errors import OcixError
-    from ocixfs.mount.control import runtime_dir
+    from ocixfs.mount.runtime import runtime_dir
     from ocixfs.mount.service import ServicePaths, ask_service, connect, identity, stop_service
 
     paths = ServicePaths(runtime_dir())

@@ -238,3 +238,33 @@ async def test_discard(tmp_path: Path) -> None:
         assert await cache.discard(chunk)
         assert not await cache.discard(chunk)
         assert await cache.read(chunk, 0, 4) is None
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (util-linux ``fincore``)."""
+    result = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                             os.fspath(path)], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip())
+
+
+async def test_warm_reads_cached_blobs_into_memory_and_skips_missing_ones(
+    tmp_path: Path,
+) -> None:
+    """``Cache.warm`` queues the reads of cached blobs (out of the page cache first:
+    POSIX_FADV_DONTNEED, after a sync); a blob that is not cached is skipped."""
+    with Cache(tmp_path) as cache:
+        chunk = await fill(cache, os.urandom(3 << 20))
+        path = cache.path_of(chunk)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if resident_bytes(path) != 0:
+            pytest.skip(f"{path}: this file system keeps it in memory anyway")
+        await cache.warm([chunk_of(b"not cached"), chunk])
+        deadline = time.monotonic() + 10  # (the reads are queued, not waited for)
+        while resident_bytes(path) < chunk.size * 0.9 and time.monotonic() < deadline:
+            await trio.sleep(0.01)
+        assert resident_bytes(path) >= chunk.size * 0.9  # (advice: the kernel may trim)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ocixfs.mount.control import mount_id
 from ocixfs.mount.profile import Profile, encode_profile
+from ocixfs.mount.runtime import mount_id
 from tests.mounting import OCIXFS, Mounts, is_mounted, needs_fuse, run_ocixfs
 from tests.reliabilitykit import Image, mount_args, write_image
 from tests.servers import FaultServers

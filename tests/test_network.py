@@ -220,6 +220,27 @@ def test_tls_trusts_the_system_store() -> None:
         assert ours.get_ca_certs()
 
 
+def test_the_store_the_environment_names_is_part_of_the_context_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SSL_CERT_FILE``/``SSL_CERT_DIR`` naming the default store's files (as many
+    environments do) share the context made without them (the host service's); naming
+    another store makes another context, which trusts that store."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    default = ssl_context()
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile is None or paths.capath is None:
+        pytest.skip("no default CA store on this host")
+    monkeypatch.setenv("SSL_CERT_FILE", os.path.realpath(paths.cafile))
+    monkeypatch.setenv("SSL_CERT_DIR", os.path.realpath(paths.capath))
+    assert ssl_context() is default
+    monkeypatch.setenv("SSL_CERT_FILE", os.fspath(tmp_path / "none.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", os.fspath(tmp_path))
+    other = ssl_context()
+    assert other is not default and other.get_ca_certs() == []
+
+
 @needs_openssl
 async def test_tls_with_an_unknown_ca_is_refused(
     tmp_path: Path, store: Store, certs: Certs, serve: FaultServers

@@ -228,6 +228,37 @@ def test_foreground_and_no_service_mount_in_their_own_process(
         foreground.wait(timeout=60)
 
 
+def test_abbreviated_in_process_options_keep_the_mount_in_process(
+    tmp_path: Path, host: Host, image: tuple[Path, Path]
+) -> None:
+    """The client hands ``mount`` to the service before parsing anything: an option that
+    keeps it in-process still does when argparse would take it (a unique prefix)."""
+    ocix, store = image
+    (tmp_path / "own").mkdir()
+    host.mountpoints.append(tmp_path / "own")
+    result = host.run("mount", "--no-serv", os.fspath(ocix), os.fspath(tmp_path / "own"),
+                      *mount_args(store, tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert_serves(tmp_path / "own")
+    assert host.service_pid() is None
+
+
+def test_a_usage_error_through_the_service_is_that_of_argparse_in_process(
+    tmp_path: Path, host: Host, image: tuple[Path, Path]
+) -> None:
+    ocix, store = image
+    (tmp_path / "mnt").mkdir()
+    args = [os.fspath(ocix), os.fspath(tmp_path / "mnt"), "--no-such-option",
+            *mount_args(store, tmp_path / "cache")]
+    through = host.run("mount", *args)
+    alone = host.run("mount", *args, env={"OCIXFS_NO_SERVICE": "1"})
+    assert host.service_pid() is not None
+    assert (through.returncode, through.stdout, through.stderr) == (
+        alone.returncode, alone.stdout, alone.stderr)
+    assert through.returncode == 2 and "--no-such-option" in through.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
 # -- errors, environment ---------------------------------------------------------------------
 
 
@@ -449,6 +480,7 @@ def test_a_non_root_caller_is_refused_with_one_line() -> None:
         assert host.run("service", "start").returncode == 0
         sock = host.directory / "service.sock"
         # The command itself says so...
+        _import_service_status()
         status, output = as_nobody(_service_status)
         assert status == 2 and "serves root only" in output, output
         # ...and the service refuses a direct connection even when the socket is reachable.
@@ -465,6 +497,17 @@ def _service_status() -> int:
     from ocixfs.cli import main
 
     return main(["service", "status"])
+
+
+def _import_service_status() -> None:
+    """Import, as root, what ``_service_status`` runs: the user it runs as cannot read
+    this interpreter's files."""
+    import ocixfs.errors
+    import ocixfs.log
+    from ocixfs.cli import parser_for
+
+    parser_for(["service", "status"])
+    assert ocixfs.errors and ocixfs.log
 
 
 def _connect_and_read(path: str) -> int:

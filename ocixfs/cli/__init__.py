@@ -10,12 +10,14 @@ quietly, with the status 141 a shell gives a process killed by SIGPIPE.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
-from collections.abc import Sequence
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from types import ModuleType
 
 __all__ = ["main"]
 
@@ -40,6 +42,8 @@ COMMANDS = (
 
 
 def _load_commands(names: Sequence[str] = COMMANDS) -> list[ModuleType]:
+    import importlib
+
     modules = []
     for name in names:
         try:
@@ -73,6 +77,8 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="ocixfs",
         description=(
@@ -110,16 +116,52 @@ def _stop_writing_stdout() -> None:
     os.close(devnull)
 
 
+# Options that keep a mount in this process (argparse also takes unambiguous prefixes).
+_IN_PROCESS = ("--foreground", "--no-service", "--help")
+
+
+def _mount_through_service(argv: Sequence[str]) -> int | None:
+    """``ocixfs mount …`` by root, in the background: handed to the host service before
+    anything else is imported or parsed (its worker parses the command line and says
+    what is wrong with it); the exit status, or None to run the command here."""
+    if not argv or argv[0] != "mount" or os.geteuid() != 0:
+        return None
+    for arg in argv[1:]:
+        name = arg.partition("=")[0]
+        if arg == "--":
+            break
+        if (arg.startswith("-") and not arg.startswith("--") and "f" in arg[1:].split("o")[0]
+                or len(name) > 2 and any(full.startswith(name) for full in _IN_PROCESS)
+                or arg == "-h"):
+            return None
+    from ocixfs.mount.service import mount_through_service
+
+    return _reporting_errors(lambda: mount_through_service(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from ocixfs.errors import OcixError, UsageError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    through_service = _mount_through_service(argv)
+    if through_service is not None:
+        return through_service
     from ocixfs.log import setup_logging
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser_for(argv).parse_args(argv)
     args.command_line = argv  # what ``mount`` hands to the host service
+    args.service_asked = argv[:1] == ["mount"]  # (and it declined)
     setup_logging(debug=args.debug)
+    status = _reporting_errors(lambda: int(args._run(args)))
+    assert status is not None
+    return status
+
+
+def _reporting_errors(command: Callable[[], int | None]) -> int | None:
+    """``command()``'s status; an error the user made or met is one line on stderr and
+    the status 2 (usage), 1 (anything else), 130 (Ctrl-C) or 141 (closed pipe)."""
+    from ocixfs.errors import OcixError, UsageError
+
     try:
-        status: int = args._run(args)
+        status = command()
         sys.stdout.flush()
         return status
     except BrokenPipeError:

@@ -150,9 +150,10 @@ def parse_mount_options(text: list[str]) -> tuple[set[str], dict[str, list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Through the host service when it takes the mount (root, in the background: the
-    client imports nothing heavy before that), else here."""
-    if not (args.foreground or args.no_service) and os.geteuid() == 0:
+    """Through the host service when it takes the mount (root, in the background; ``main``
+    asks it before anything is parsed, so ``service_asked`` means it declined), else
+    here."""
+    if not (args.foreground or args.no_service or args.service_asked) and os.geteuid() == 0:
         from ocixfs.mount.service import mount_through_service
 
         status = mount_through_service(args.command_line)
@@ -462,7 +463,7 @@ def _cache_quota(args: argparse.Namespace, values: dict[str, list[str]]) -> Cach
 
 
 def _default_log_file(mountpoint: Path) -> Path:
-    from ocixfs.mount.control import mount_id, runtime_dir
+    from ocixfs.mount.runtime import mount_id, runtime_dir
 
     return runtime_dir(create=True) / f"{mount_id(mountpoint)}.log"
 

@@ -173,6 +173,11 @@ class Reader:
         await trio.lowlevel.checkpoint()
         return b"".join(parts)
 
+    async def warm(self, chunks: Sequence[Chunk]) -> None:
+        """Queue the reads of the cached ones of ``chunks`` into the page cache, in order
+        (``Cache.warm``), so that the reads they will get are served from memory."""
+        await self._cache.warm(chunks)
+
     def is_cached(self, chunk: Chunk) -> bool:
         """Whether ``chunk`` is in the local cache (no network)."""
         return self._cache.contains(chunk)

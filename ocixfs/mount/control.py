@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ocixfs.errors import UnsafePathError, UsageError
-from ocixfs.safefs import private_directory
+from ocixfs.mount.runtime import mount_id, runtime_dir
 
 if TYPE_CHECKING:
     import trio
@@ -34,7 +34,6 @@ __all__ = [
     "ask",
     "ask_every_daemon",
     "request",
-    "runtime_dir",
     "socket_path",
 ]
 
@@ -45,30 +44,6 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 SOCKET_MODE = 0o600
-
-
-def runtime_dir(*, create: bool = False) -> Path:
-    """Where control sockets and daemon logs live for this user, checked as a
-    ``private_directory`` (owned by this user, writable by nobody else, tightened to
-    0700) whenever it exists, and made so first with ``create``. Raises
-    ``UnsafePathError``: a directory another user controls could hold a fake daemon's
-    socket or a symlink where the daemon appends its log."""
-    if os.geteuid() == 0:
-        path = Path("/run/ocixfs")
-    else:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        path = Path(xdg) / "ocixfs" if xdg else Path(f"/tmp/ocixfs-{os.geteuid()}")
-    if create or os.path.lexists(path):
-        return private_directory(path, what="runtime directory")
-    return path
-
-
-def mount_id(mountpoint: Path) -> str:
-    """A short stable name for a mountpoint (its absolute path, hashed)."""
-    absolute = os.path.abspath(mountpoint)
-    import hashlib  # here: the service's client imports this module for runtime_dir
-
-    return hashlib.sha256(os.fsencode(absolute)).hexdigest()[:20]
 
 
 def socket_path(mountpoint: Path) -> Path:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -41,13 +40,17 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ocixfs.errors import OcixError
-from ocixfs.mount.control import runtime_dir
+from ocixfs.mount.runtime import runtime_dir
 from ocixfs.safefs import private_directory
+
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any
 
 __all__ = [
     "BYPASS_ENV",
@@ -62,7 +65,13 @@ __all__ = [
     "stop_service",
 ]
 
-log = logging.getLogger(__name__)
+def _log() -> logging.Logger:
+    """This module's logger; ``logging`` is imported only when something is said (the
+    client, which is every root ``ocixfs mount``, imports as little as it can)."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 SERVICE_DIR_ENV = "OCIXFS_SERVICE_DIR"
 SOCKET_NAME = "service.sock"
@@ -168,10 +177,10 @@ def mount_through_service(argv: Sequence[str]) -> int | None:
                 status = _delegate(conn, argv, code)
             if status != _STALE:
                 return status
-            log.debug("the ocixfs service runs older code; starting it anew")
+            _log().debug("the ocixfs service runs older code; starting it anew")
             stop_service(paths, unless_code=code)
     except (OSError, ValueError) as exc:  # a read-only /run, an answer cut short...
-        log.debug("no ocixfs service (%s); mounting in this process", exc)
+        _log().debug("no ocixfs service (%s); mounting in this process", exc)
     return None
 
 
@@ -294,7 +303,7 @@ def _start_service(paths: ServicePaths) -> None:
         listener = bind(paths.socket)
     except OSError as exc:
         os.close(log_fd)
-        log.debug("cannot start the ocixfs service: %s", exc)
+        _log().debug("cannot start the ocixfs service: %s", exc)
         return
     env = {"PATH": os.environ.get("PATH", _CLEAN_PATH)}
     for name in ("PYTHONPATH", SERVICE_DIR_ENV):
@@ -338,7 +347,7 @@ def _delegate(conn: socket.socket, argv: Sequence[str], code: str) -> int | None
     try:
         fds = _stdio_and_cwd()
     except OSError as exc:
-        log.debug("cannot hand this process's files to the service (%s)", exc)
+        _log().debug("cannot hand this process's files to the service (%s)", exc)
         return None
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
@@ -349,13 +358,13 @@ def _delegate(conn: socket.socket, argv: Sequence[str], code: str) -> int | None
         if worker is not None:
             conn.sendall(b"go\n")
     except (OSError, ValueError) as exc:
-        log.debug("the ocixfs service did not answer (%s); mounting in this process", exc)
+        _log().debug("the ocixfs service did not answer (%s); mounting in this process", exc)
         return None
     finally:
         for fd in fds[3:]:
             os.close(fd)
     if worker is None:
-        log.debug("the ocixfs service declined (%s); mounting in this process", answer)
+        _log().debug("the ocixfs service declined (%s); mounting in this process", answer)
         return None
     return _wait_for_worker(conn, worker)
 
@@ -469,7 +478,7 @@ def run_service(
     state = _State(listeners, run_command, metrics)
     service_pid = os.getpid()
     try:
-        log.info("service %d listening on %s", service_pid, paths.socket)
+        _log().info("service %d listening on %s", service_pid, paths.socket)
         ready()
         _loop(state)
     finally:
@@ -479,7 +488,7 @@ def run_service(
             with contextlib.suppress(OSError):
                 if bound is not None and os.stat(paths.socket).st_ino == bound:
                     paths.socket.unlink()
-    log.info("service %d stopped (%d workers still running on their own)",
+    _log().info("service %d stopped (%d workers still running on their own)",
              service_pid, len(state.children))
     return 0
 
@@ -593,7 +602,7 @@ def _child(state: _State, conn: socket.socket, kind: str, private: tuple[int, ..
             return 1  # the TCP port serves metrics, nothing else
         return _dispatch(state, conn, json.loads(data), fds)
     except Exception as exc:
-        log.warning("service request failed: %s: %s", type(exc).__name__, exc)
+        _log().warning("service request failed: %s: %s", type(exc).__name__, exc)
         return 1
 
 
@@ -702,6 +711,8 @@ def _become_caller(request: dict[str, Any], fds: list[int]) -> None:
     sys.stdout = open(1, "w", closefd=False, errors="surrogateescape",  # noqa: SIM115
                       buffering=1 if os.isatty(1) else -1)
     sys.stderr = open(2, "w", closefd=False, errors="backslashreplace", buffering=1)  # noqa: SIM115
+    import logging
+
     logging.getLogger("ocixfs").handlers.clear()
 
 
