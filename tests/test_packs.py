@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import zstandard
 
+import ocixfs
+from ocixfs.config import PACK_ZSTD_LEVEL
 from ocixfs.errors import FormatError
 from ocixfs.image.format import Chunk
 from ocixfs.image.loading import load_image
@@ -39,7 +42,8 @@ from ocixfs.store.pack import (
     parse_entries,
     parse_header,
 )
-from tests.faultserver import Fault, FaultServer
+from ocixfs.tools.packs import _stored as stored_entry
+from tests.faultserver import Fault, FaultServer, make_store
 from tests.mounting import Mount, Mounts, needs_fuse, run_ocixfs, store_args, wait_for
 from tests.servers import FaultServers
 
@@ -238,6 +242,8 @@ def test_profile_pack_bad_inputs_are_one_line_errors_and_write_nothing(
                                                       os.fspath(tmp_path))
     assert "--parts" in _fails_cleanly(profile, "--image", ocix, "--store", store,
                                        "--parts", "0")
+    assert "--zstd-level" in _fails_cleanly(profile, "--image", ocix, "--store", store,
+                                            "--zstd-level", "23")
     victim = image.chunks()[5]
     (image.store / "blobs" / "blake3" / victim.hex).write_bytes(b"damaged")
     assert victim.hex in _fails_cleanly(profile, "--image", ocix, "--store", store,
@@ -279,6 +285,19 @@ def test_a_profiled_mount_fetches_each_pack_with_one_request(
         assert [server.count(pack.name) for pack in packs] == [1] * parts
         assert prefetch["packs"]["blobs_delivered"] == len(image.chunks())
         assert_only_fetched_singly(server, image, mount, set())
+
+
+def test_entries_are_compressed_at_the_level_asked_for(tmp_path: Path) -> None:
+    """Source text (this package's own) stored at zstd level 19, the default, is smaller
+    than at level 1 and than the store's own ``.zst`` (level 3); it unpacks to the blob."""
+    sources = sorted(Path(ocixfs.__file__).parent.rglob("*.py"))
+    text = b"".join(path.read_bytes() for path in sources)
+    chunk = make_store(tmp_path, [text], zstd=True)[0]
+    stored = (tmp_path / "blobs" / "blake3" / f"{chunk.hex}.zst").read_bytes()
+    fast, encoding = stored_entry(tmp_path, chunk, level=1)
+    best, _ = stored_entry(tmp_path, chunk, level=PACK_ZSTD_LEVEL)
+    assert encoding is Encoding.ZSTD and len(best) < min(len(fast), len(stored))
+    assert zstandard.ZstdDecompressor().decompress(best) == text
 
 
 def test_profile_pack_names_the_set_in_the_profile(image: Image) -> None:

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ocixfs.config import PACK_ZSTD_LEVEL
+
 if TYPE_CHECKING:
     from ocixfs.mount.profile import Profile
 
@@ -77,6 +79,10 @@ def _add_pack_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                       "are written into it (atomically)")
     pack.add_argument("--parts", type=int, default=1, metavar="N",
                       help="split the set into N packs, fetched in parallel (default 1)")
+    pack.add_argument("--zstd-level", type=int, default=PACK_ZSTD_LEVEL, metavar="N",
+                      help="compress each file at zstd level N, 1-22 (default "
+                      f"{PACK_ZSTD_LEVEL}: packs are made once and fetched by every start-up; "
+                      "the store's own .zst is used when smaller)")
     pack.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -123,7 +129,7 @@ def _pack(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.store}: not a local blob store directory")
     profile = load_profile_file(args.profile)
     tree = Tree.from_manifest(load_image(args.image).manifest)
-    packed = make_packs(tree, profile, args.store, parts=args.parts)
+    packed = make_packs(tree, profile, args.store, parts=args.parts, level=args.zstd_level)
     if packed.named_by(profile) != profile:
         write_output(args.profile, encode_profile(packed.named_by(profile)))
     print(json.dumps(packed.as_dict(), indent=1) if args.json else describe(packed, args.store))

@@ -3,10 +3,10 @@ from a local store, written back into it as one pack set (``store.pack``) that a
 playing the same profile on the same image fetches with one GET per part.
 
 The set holds ``mount.prefetch.plan(tree, profile)`` (the profile's files, in access
-order, each blob once). Each entry is stored as the blob's ``.zst`` sibling when the store
-has one and it is smaller, else compressed here when that helps, else as it is; every
-blob is read from the store and checked against its hash first (a damaged or missing one
-is an error: a pack never carries bytes that do not verify). Parts are written with
+order, each blob once). Each entry is stored compressed at ``PACK_ZSTD_LEVEL`` (or as
+the blob's ``.zst`` sibling when the store has a smaller one) when that helps, else as it
+is; every blob is read from the store and checked against its hash first (a damaged or
+missing one is an error: a pack never carries bytes that do not verify). Parts are written with
 ``store.writer.store_file`` (atomic), part 0, which names the others, last. The entries
 are held in memory while the parts are written: a start-up's working set, not an image.
 """
@@ -14,13 +14,16 @@ are held in memory while the parts are written: a start-up's working set, not an
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import blake3
 import zstandard
 
+from ocixfs.config import PACK_ZSTD_LEVEL
 from ocixfs.errors import StoreError, UsageError
 from ocixfs.image.format import Chunk
 from ocixfs.image.loading import open_regular
@@ -37,7 +40,7 @@ from ocixfs.store.pack import (
     encode_header,
     pack_set_id,
 )
-from ocixfs.store.writer import DEFAULT_ZSTD_LEVEL, store_file
+from ocixfs.store.writer import store_file
 
 __all__ = ["PackSet", "describe", "make_packs"]
 
@@ -76,16 +79,22 @@ class PackSet:
         }
 
 
-def make_packs(tree: Tree, profile: Profile, store: Path, *, parts: int = 1) -> PackSet:
+def make_packs(tree: Tree, profile: Profile, store: Path, *, parts: int = 1,
+               level: int = PACK_ZSTD_LEVEL) -> PackSet:
     """Write the pack set of ``profile`` played on ``tree`` into the local store ``store``,
-    in at most ``parts`` parts. Raises ``UsageError`` (nothing to pack, bad ``parts``) or
-    ``StoreError`` (a blob missing or damaged in the store, a failed write)."""
+    in at most ``parts`` parts, each blob compressed at zstd ``level`` (in worker threads,
+    one per CPU) unless the store's ``.zst`` is smaller. Raises ``UsageError`` (nothing to
+    pack, bad ``parts`` or ``level``) or ``StoreError`` (a blob missing or damaged in the
+    store, a failed write)."""
     if not 1 <= parts <= MAX_PARTS:
         raise UsageError(f"--parts must be between 1 and {MAX_PARTS}")
+    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise UsageError(f"--zstd-level must be between 1 and {zstandard.MAX_COMPRESSION_LEVEL}")
     chunks = plan(tree, profile, fill_rest=False)
     if not chunks:
         raise UsageError("the profile names no regular file of the image: nothing to pack")
-    bodies = [_stored(store, chunk) for chunk in chunks]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        bodies = list(pool.map(partial(_stored, store, level=level), chunks))
     dealt = deal([len(body) for body, _ in bodies], parts)
     count = max(dealt) + 1
     set_id = pack_set_id(chunks)
@@ -103,17 +112,20 @@ def make_packs(tree: Tree, profile: Profile, store: Path, *, parts: int = 1) -> 
                    tuple(reversed(written)), tuple(chunks))
 
 
-def _stored(store: Path, chunk: Chunk) -> tuple[bytes, Encoding]:
-    """The bytes an entry stores for ``chunk``, and how; checked against its hash."""
+def _stored(store: Path, chunk: Chunk, *, level: int) -> tuple[bytes, Encoding]:
+    """The bytes an entry stores for ``chunk``, and how: the smallest of the blob, its
+    ``.zst`` in the store, and the blob compressed at ``level``; checked against its
+    hash."""
     plain = _read_blob(store, chunk, zstd=False)
     if plain is None:
         raise StoreError(f"{store}: blob {chunk.hex} is not in the store")
     if len(plain) != chunk.size or blake3.blake3(plain).digest() != chunk.digest:
         raise StoreError(f"{store}: blob {chunk.hex} is damaged (its content does not match "
                          "its name)")
-    packed = _read_blob(store, chunk, zstd=True)
-    if packed is None or not _unpacks_to(packed, plain):
-        packed = zstandard.ZstdCompressor(level=DEFAULT_ZSTD_LEVEL).compress(plain)
+    packed = zstandard.ZstdCompressor(level=level).compress(plain)
+    stored = _read_blob(store, chunk, zstd=True)
+    if stored is not None and len(stored) < len(packed) and _unpacks_to(stored, plain):
+        packed = stored
     if len(packed) < len(plain):
         return packed, Encoding.ZSTD
     return plain, Encoding.NONE
