@@ -132,11 +132,7 @@ class MountSession:
         try:
             nursery.start_soon(self._guarded, "control", control.serve, listening)
             nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
-            nursery.start_soon(self._announce_when_serving, ready)
-            if self._prefetcher is not None:
-                nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
-            if self._predictor is not None:
-                nursery.start_soon(self._guarded, "predict", self._predictor.run)
+            nursery.start_soon(self._announce_when_serving, ready, nursery)
             await pyfuse3.main()
         finally:
             nursery.cancel_scope.cancel()
@@ -196,10 +192,19 @@ class MountSession:
         if self.config.record_profile is not None:
             save_profile(self.config.record_profile, recorded)
 
-    async def _announce_when_serving(self, ready: Callable[[], None]) -> None:
+    async def _announce_when_serving(self, ready: Callable[[], None],
+                                     nursery: trio.Nursery) -> None:
+        """Call ``ready`` once the mount answers; then start the prefetcher and the
+        predictor (their first steps, a look at the cache for every planned blob, would
+        hold up the trio thread while the kernel's first requests wait) and keep the
+        index of a tree decoded from its manifest."""
         await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
         ready()
         log.info("%s: serving %s", self.config.mountpoint, redact(self.config.image))
+        if self._prefetcher is not None:
+            nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
+        if self._predictor is not None:
+            nursery.start_soon(self._guarded, "predict", self._predictor.run)
         if self.config.write_index:
             await self._guarded("index", trio.to_thread.run_sync, write_index,
                                 self.config.cache_dir, self.image_digest, self._tree)
