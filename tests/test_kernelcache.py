@@ -9,6 +9,7 @@ pyfuse3 filesystem in a child process lists correctly with caching off.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,88 @@ def test_second_walk_is_served_by_the_kernel(tmp_path: Path, mounts: object) -> 
         assert after["fs"]["listings"] == before["fs"]["listings"]
         assert after["fs"]["readlinks"] == before["fs"]["readlinks"]
         assert after["fs"]["errors"] == {}
+
+
+def make_varied_tree(root: Path) -> None:
+    """Owners, modes, a hardlink pair, symlinks, a FIFO, and one directory whose listing
+    takes several READDIRPLUS requests."""
+    big = root / "big"
+    big.mkdir(parents=True)
+    for number in range(400):
+        path = big / f"entry-with-a-longish-name-{number:04}"
+        path.write_bytes(b"x" * number)
+        os.chown(path, 1000 + number % 7, 2000 + number % 5)
+        path.chmod(0o600 | (number % 8) * 0o010)
+    special = root / "special"
+    special.mkdir(mode=0o750)
+    (special / "setuid").write_text("s\n")
+    (special / "setuid").chmod(0o4755)
+    (special / "sticky").mkdir()
+    (special / "sticky").chmod(0o1777)
+    (special / "linked").write_text("one inode, two names\n")
+    os.link(special / "linked", special / "linked-too")
+    (special / "to-setuid").symlink_to("setuid")
+    (special / "dangling").symlink_to("../nowhere/at/all")
+    os.mkfifo(special / "fifo", 0o640)
+    os.utime(special / "setuid", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+
+
+def list_only(root: Path) -> list[str]:
+    """Every path under root, sorted, found by listing alone (``d_type``, no ``stat``)."""
+    found: list[str] = []
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                found.append(os.fspath(Path(entry.path).relative_to(root)))
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+    return sorted(found)
+
+
+def lstat_all(root: Path, paths: list[str]) -> dict[str, tuple[int, ...]]:
+    """What ``find -ls`` shows of each path (relative to root), and the inode number."""
+    found: dict[str, tuple[int, ...]] = {}
+    for path in paths:
+        info = os.lstat(root / path)
+        found[path] = (info.st_ino, info.st_mode, info.st_nlink, info.st_uid, info.st_gid,
+                       info.st_size, info.st_blocks, info.st_mtime_ns, info.st_rdev)
+    return found
+
+
+def test_stat_after_a_listing_is_what_a_lookup_gives(tmp_path: Path, mounts: object) -> None:
+    """The attributes READDIRPLUS hands the kernel (every lstat after a listing is answered
+    from them: no LOOKUP reaches the daemon) are exactly those a LOOKUP gives on a mount that
+    never listed, and match the source tree, owner shift included."""
+    tree, store = tmp_path / "tree", tmp_path / "store"
+    make_varied_tree(tree)
+    image = tmp_path / "image.ocix"
+    run_ocixfs("build", f"dir:{tree}", "--store", os.fspath(store), "--output", os.fspath(image))
+    paths = sorted(os.fspath(path.relative_to(tree)) for path in tree.rglob("*"))
+    options = ("--store", os.fspath(store), "--cache-dir", os.fspath(tmp_path / "cache"),
+               "-o", "uidshift=100000,gidshift=200000")
+    with mounts(image, tmp_path / "listed", *options) as listed:  # type: ignore[operator]
+        before = listed.stats()["fs"]
+        walked = list_only(listed.mountpoint)
+        by_listing = lstat_all(listed.mountpoint, paths)
+        after = listed.stats()["fs"]
+    assert walked == paths
+    assert after["lookups"] == before["lookups"]  # type: ignore[index]
+    assert after["listings"] >= 4 and after["errors"] == {}  # type: ignore[index,operator]
+    with mounts(image, tmp_path / "looked-up", *options) as looked_up:  # type: ignore[operator]
+        by_lookup = lstat_all(looked_up.mountpoint, paths)
+        assert looked_up.stats()["fs"]["listings"] == 0  # type: ignore[index]
+    assert by_listing == by_lookup
+
+    source = lstat_all(tree, paths)
+    for path, (_, mode, nlink, uid, gid, size, _, mtime_ns, rdev) in source.items():
+        ino, m_mode, m_nlink, m_uid, m_gid, m_size, m_blocks, m_mtime, m_rdev = by_listing[path]
+        assert (m_mode, m_uid, m_gid, m_rdev) == (mode, uid + 100000, gid + 200000, rdev), path
+        if not stat.S_ISDIR(mode):
+            assert (m_nlink, m_size, m_mtime, m_blocks) == (
+                nlink, size, mtime_ns, (size + 511) // 512), path
+    assert by_listing["special/linked"][0] == by_listing["special/linked-too"][0]
+    assert by_listing["special/linked"][2] == 2
 
 
 CHILD = """

@@ -351,11 +351,20 @@ class Operations(pyfuse3.Operations):
             return
         listing = directory.listing()
         first = max(start_id - _FIRST_CHILD_NEXT_ID + 1, 0)
+        # The hot loop of a first `find`: one iteration per entry, so no method calls
+        # beyond the reply itself when the attributes are cached.
+        # (Indexing, not a slice: a big directory is resumed many times.)
+        cached = self._attributes_cache
+        counts = self._lookup_counts
         for index in range(first, len(listing)):
             name, node = listing[index]
-            if not reply(token, name, self._attributes(node), index + _FIRST_CHILD_NEXT_ID):
+            ino = node.ino
+            attributes = cached.get(ino)
+            if attributes is None:
+                attributes = self._attributes(node)
+            if not reply(token, name, attributes, index + _FIRST_CHILD_NEXT_ID):
                 return
-            self._remember(node.ino)
+            counts[ino] = counts.get(ino, 0) + 1
 
     @_request
     async def releasedir(self, fh: FileHandleT) -> None:
