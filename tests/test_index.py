@@ -67,6 +67,27 @@ def test_index_tree_equals_the_manifest_tree(name: str, tmp_path: Path) -> None:
     assert signature(lazy) == expected
 
 
+def test_a_path_lookup_in_an_unpacked_tree_makes_only_the_nodes_on_its_path() -> None:
+    data = encode(generate(3000))
+    eager = Tree.from_manifest(decode(data))
+    lazy = unpack(pack(eager))
+    paths = list(decode(data).entries)
+    probes = [*paths[::7], "/", "/nowhere", "//", "/usr/", "usr", paths[-1] + "/x",
+              paths[-1] + "x", "/\udcff", "/\ud800", "/" + "a" * 300]
+    deep = max(paths, key=lambda path: path.count("/"))
+    found = lazy.node_by_path(deep)
+    assert found is not None and found.path == eager.node_by_path(deep).path  # type: ignore[union-attr]
+    made = sum(node is not None for node in lazy._nodes)
+    assert made <= deep.count("/") + 2  # the root, each directory on the way, the file
+    assert lazy.root.unfold is not None  # no directory was unfolded
+    for path in probes:
+        expected = eager.node_by_path(path)
+        got = lazy.node_by_path(path)
+        assert (got is None) == (expected is None), path
+        assert got is None or expected is None or (got.ino, got.path) == (expected.ino,
+                                                                          expected.path)
+
+
 def test_second_load_uses_the_index_not_the_manifest(tmp_path: Path) -> None:
     data = MANIFESTS["sample"]()
     digest = manifest_digest(data)
