@@ -1,12 +1,15 @@
 """Property tests for ocixfs.image.format: round trips on generated trees, and hostile input.
 
 Hostile input (random bytes, mutated manifests, random CBOR in every field) may only ever
-give ``FormatError`` or a manifest that is itself valid.
+give ``FormatError`` or a manifest that is itself valid, and the decoder's fast path for
+common entries must give exactly what its general reader gives: the same manifest or the
+same error (every fuzz test here decodes both ways).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -14,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocixfs.errors import FormatError
+from ocixfs.image import format as fmt
 from ocixfs.image.format import (
     MAX_DEVICE_MAJOR,
     MAX_DEVICE_MINOR,
@@ -23,6 +27,7 @@ from ocixfs.image.format import (
     Chunk,
     Entry,
     Kind,
+    Limits,
     Manifest,
     decode,
     encode,
@@ -128,11 +133,22 @@ def test_encode_decode_round_trip(manifest: Manifest) -> None:
     assert cbor2.dumps(cbor2.loads(data), canonical=True) == data  # cbor2 agrees: canonical
 
 
-def _decode_or_format_error(data: bytes) -> Manifest | None:
-    try:
-        manifest = decode(data)
-    except FormatError as exc:
-        assert "\n" not in str(exc)
+def _both_ways(data: bytes, limits: Limits = fmt.DEFAULT_LIMITS) -> Manifest | str:
+    """The manifest (or the error) of ``data``, the same with and without the fast path."""
+    outcomes: list[Manifest | str] = []
+    for fast in (True, False):
+        try:
+            outcomes.append(fmt._decode(data, limits, "manifest", fast=fast))
+        except FormatError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    return outcomes[0]
+
+
+def _decode_or_format_error(data: bytes, limits: Limits = fmt.DEFAULT_LIMITS) -> Manifest | None:
+    manifest = _both_ways(data, limits)
+    if isinstance(manifest, str):
+        assert "\n" not in manifest
         return None
     assert decode(encode(manifest)) == manifest  # whatever decodes is a valid manifest
     return manifest
@@ -220,6 +236,66 @@ def test_random_cbor_in_entries_only_gives_format_error(
     data = cbor2.dumps(cbor2.CBORTag(OCIX_TAG, {"version": version, "files": files}),
                        canonical=True)
     _decode_or_format_error(data)
+
+
+# Entries of the shapes the fast path reads, with values at and past every bound it checks.
+MODE_TRUE = [[True] * 3] * 3 + [False] * 3
+NEAR_FAST = {
+    "mode": st.just(MODE_TRUE) | st.just([[True] * 3] * 3 + [False, 1, False]),
+    "uid": st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]),
+    "gid": st.integers(0, 2**33),
+    "username": st.text(max_size=30) | st.just("\u00e9" * 12),
+    "groupname": st.text(st.sampled_from("a\u00e9\0"), max_size=26),
+    "atime": st.sampled_from(["2020-01-01T00:00:00Z", "2020-02-30T00:00:00Z", "x" * 20,
+                              "2020-01-01T00:00:00.123456789+01:00", "9999-12-31T23:59:59Z"]),
+    "mtime": st.sampled_from(["2020-01-01T00:00:00Z", "2020-01-01T00:00:00.5Z", "0" * 24,
+                              "2020-01-01T24:00:00Z", "1970-01-01T00:00:00.000000001Z"]),
+    "symlink": st.lists(st.text(st.sampled_from("ab/\u00e9"), min_size=1, max_size=40),
+                        min_size=1, max_size=1)
+    | st.lists(st.text(st.sampled_from("ab/\0\u00e9"), max_size=40), max_size=2),
+    "regularfile": st.tuples(st.sampled_from([0, 23, 24, 100, 101, 2**32, 2**50, 2**50 + 1]),
+                             DIGESTS).map(list)
+    | st.lists(st.integers(0, 2**64 - 1) | st.binary(min_size=31, max_size=33), max_size=3),
+    "directory": st.just([]) | st.just([]) | st.just([0]),
+    "xattrs": st.just({"user.a": b"1"}),
+}
+
+
+@st.composite
+def near_fast_entries(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["regularfile", "directory", "symlink"]))
+    keys = draw(st.lists(st.sampled_from(sorted(NEAR_FAST)), unique=True, max_size=4))
+    entry = {key: draw(NEAR_FAST[key]) for key in keys}
+    entry.setdefault("mode", MODE_TRUE)
+    entry["type"] = kind if draw(st.integers(0, 9)) else draw(st.sampled_from(
+        ["regularfile", "directory", "symlink", "fifo"]))
+    entry.setdefault(kind, draw(NEAR_FAST[kind]))
+    return entry
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["/", "/a", "/a/b", "/b"]), near_fast_entries(),
+                       min_size=1, max_size=3),
+       st.sampled_from([0, 1]), st.booleans())
+def test_the_fast_path_gives_what_the_general_reader_gives(
+    files: dict[str, Any], version: int, small: bool
+) -> None:
+    data = cbor2.dumps(cbor2.CBORTag(OCIX_TAG, {"version": version, "files": files}),
+                       canonical=True)
+    limits = Limits(max_symlink_bytes=3, max_file_size=100) if small else fmt.DEFAULT_LIMITS
+    _decode_or_format_error(data, limits)
+
+
+def test_the_fast_path_reads_most_entries_and_agrees_on_the_corpus() -> None:
+    from scripts.bench_format import generate
+
+    data = encode(generate(3000))
+    reader = fmt._Reader(data, fmt.DEFAULT_LIMITS)
+    version, entries = reader.manifest()
+    assert len(reader.unchecked) < len(entries) // 10
+    assert Manifest(version, entries) == fmt._decode(data, fmt.DEFAULT_LIMITS, "m", fast=False)
+    for case in sorted((Path(__file__).parent / "hostile").glob("*.ocix")):
+        _both_ways(case.read_bytes())
 
 
 GO_RFC3339NANO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{0,8}[1-9])?Z")

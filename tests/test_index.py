@@ -1,6 +1,7 @@
 """The host's image index: the tree it gives equals the manifest's, a second load uses it,
-a damaged, foreign or planted index is rebuilt, concurrent writers never tear it, and a
-real mount of an image seen before serves the tree from the index."""
+a damaged, foreign or planted index (or one under another host key) is rebuilt,
+concurrent writers never tear it, and a real mount of an image seen before serves the
+tree from the index."""
 
 from __future__ import annotations
 
@@ -66,6 +67,27 @@ def test_index_tree_equals_the_manifest_tree(name: str, tmp_path: Path) -> None:
     assert signature(lazy) == expected
 
 
+def test_a_path_lookup_in_an_unpacked_tree_makes_only_the_nodes_on_its_path() -> None:
+    data = encode(generate(3000))
+    eager = Tree.from_manifest(decode(data))
+    lazy = unpack(pack(eager))
+    paths = list(decode(data).entries)
+    probes = [*paths[::7], "/", "/nowhere", "//", "/usr/", "usr", paths[-1] + "/x",
+              paths[-1] + "x", "/\udcff", "/\ud800", "/" + "a" * 300]
+    deep = max(paths, key=lambda path: path.count("/"))
+    found = lazy.node_by_path(deep)
+    assert found is not None and found.path == eager.node_by_path(deep).path  # type: ignore[union-attr]
+    made = sum(node is not None for node in lazy._nodes)
+    assert made <= deep.count("/") + 2  # the root, each directory on the way, the file
+    assert lazy.root.unfold is not None  # no directory was unfolded
+    for path in probes:
+        expected = eager.node_by_path(path)
+        got = lazy.node_by_path(path)
+        assert (got is None) == (expected is None), path
+        assert got is None or expected is None or (got.ino, got.path) == (expected.ino,
+                                                                          expected.path)
+
+
 def test_second_load_uses_the_index_not_the_manifest(tmp_path: Path) -> None:
     data = MANIFESTS["sample"]()
     digest = manifest_digest(data)
@@ -90,8 +112,16 @@ def test_a_bad_manifest_is_refused_and_leaves_no_index(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "index").exists() or not os.listdir(tmp_path / "cache/index")
 
 
-def _frame(digest: str, payload: bytes) -> bytes:
-    return index._index_file(digest, payload)
+FOREIGN_KEY = bytes(range(32))
+
+
+def _frame(digest: str, payload: bytes, key: bytes = FOREIGN_KEY) -> bytes:
+    """An index file as a writer with ``key`` makes it (by default not this host's)."""
+    return index._index_file(digest, payload, key)
+
+
+def _host_key(path: Path) -> bytes:
+    return index._read_key(path.parent / index.HOST_KEY)
 
 
 def _other_tree_payload() -> bytes:
@@ -112,13 +142,21 @@ def _damage(kind: str, path: Path, digest: str) -> None:
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "other-digest":
-        path.write_bytes(_frame("b3:" + "ab" * 32, _other_tree_payload()))
+        path.write_bytes(_frame("b3:" + "ab" * 32, _other_tree_payload(), _host_key(path)))
+    elif kind == "other-key":  # a good index of this manifest, from another host
+        path.write_bytes(_frame(digest, good[index._HEADER.size:]))
+    elif kind == "key-replaced":
+        (path.parent / index.HOST_KEY).write_bytes(FOREIGN_KEY)
+    elif kind == "key-removed":
+        (path.parent / index.HOST_KEY).unlink()
+    elif kind == "key-readable":
+        (path.parent / index.HOST_KEY).chmod(0o644)
+    elif kind == "key-short":
+        (path.parent / index.HOST_KEY).write_bytes(_host_key(path)[:16])
     elif kind == "other-version":
         path.write_bytes(good[:8] + struct.pack("<I", index.FORMAT_VERSION + 1) + good[12:])
-    elif kind == "hostile-payload":  # a valid checksum over a forward parent reference
-        columns = read_columns(memoryview(_other_tree_payload()))
-        columns["parent"][3] = 20
-        path.write_bytes(_frame(digest, serialize(columns)))
+    elif kind == "hostile-payload":  # a forward parent reference, without the host key
+        path.write_bytes(_frame(digest, _hostile_payload()))
     elif kind == "symlink":
         elsewhere = path.with_name("elsewhere")
         elsewhere.write_bytes(_frame(digest, _other_tree_payload()))
@@ -134,8 +172,15 @@ def _damage(kind: str, path: Path, digest: str) -> None:
         raise AssertionError(kind)
 
 
-DAMAGES = ["payload-byte", "header-byte", "truncated", "empty", "other-digest",
-           "other-version", "hostile-payload", "symlink", "fifo", "other-owner"]
+def _hostile_payload() -> bytes:
+    columns = read_columns(memoryview(_other_tree_payload()))
+    columns["parent"][3] = 20
+    return serialize(columns)
+
+
+DAMAGES = ["payload-byte", "header-byte", "truncated", "empty", "other-digest", "other-key",
+           "key-replaced", "key-removed", "key-readable", "key-short", "other-version",
+           "hostile-payload", "symlink", "fifo", "other-owner"]
 
 
 @pytest.mark.parametrize("kind", DAMAGES)
@@ -151,6 +196,7 @@ def test_a_damaged_or_planted_index_is_rebuilt(kind: str, tmp_path: Path) -> Non
     assert signature(load_tree(data, digest, cache, source="m")) == expected
     assert (LOADS.refused, LOADS.from_manifest) == (1, 2)
     assert not path.is_symlink() and path.stat().st_uid == os.geteuid()
+    assert (path.parent / index.HOST_KEY).stat().st_mode & 0o777 == 0o600
     assert signature(read_index(path, digest)) == expected  # rebuilt, good again
     assert signature(load_tree(data, digest, cache, source="m")) == expected
     assert LOADS.from_index == 1
@@ -161,8 +207,10 @@ def test_every_truncation_and_byte_flip_is_refused(tmp_path: Path) -> None:
     checksum-covered payload, a checksum mismatch)."""
     data = MANIFESTS["sample"]()
     digest = manifest_digest(data)
-    good = _frame(digest, pack(Tree.from_manifest(decode(data))))
     path = tmp_path / "x.index"
+    good = _frame(digest, pack(Tree.from_manifest(decode(data))), index._host_key(tmp_path))
+    path.write_bytes(good)
+    assert signature(read_index(path, digest)) == signature(Tree.from_manifest(decode(data)))
     for cut in range(0, len(good), 7):
         path.write_bytes(good[:cut])
         with pytest.raises(FormatError):
@@ -216,7 +264,8 @@ def test_concurrent_writers_never_tear_the_index(tmp_path: Path) -> None:
             writer.join(60)
     assert all(writer.exitcode == 0 for writer in writers)
     assert signature(read_index(index_path(cache, digest), digest)) == expected
-    assert [name for name in os.listdir(cache / "index")] == [index_path(cache, digest).name]
+    assert sorted(os.listdir(cache / "index")) == sorted([index_path(cache, digest).name,
+                                                          index.HOST_KEY])
 
 
 def test_old_indexes_beyond_the_count_are_removed(tmp_path: Path) -> None:
@@ -224,7 +273,7 @@ def test_old_indexes_beyond_the_count_are_removed(tmp_path: Path) -> None:
     for seed in range(index.KEEP_INDEXES + 3):
         data = encode(generate(20, seed=seed))
         load_tree(data, manifest_digest(data), cache, source="m")
-    assert len(os.listdir(cache / "index")) == index.KEEP_INDEXES
+    assert len(os.listdir(cache / "index")) == index.KEEP_INDEXES + 1  # and the key
 
 
 def test_fsck_removes_bad_indexes_and_keeps_good_ones(tmp_path: Path) -> None:
@@ -238,8 +287,33 @@ def test_fsck_removes_bad_indexes_and_keeps_good_ones(tmp_path: Path) -> None:
     os.mkfifo(cache / "index" / "stray")
     result = run_ocixfs("cache", "fsck", "--cache-dir", os.fspath(cache), "--json", check=False)
     assert result.returncode == 1, result.stderr
-    assert sorted(os.listdir(cache / "index")) == [index_path(cache, manifest_digest(data)).name]
+    assert sorted(os.listdir(cache / "index")) == sorted([
+        index_path(cache, manifest_digest(data)).name, index.HOST_KEY])
     assert check_indexes(cache).good == 1
+
+
+def test_fsck_checks_the_payload_even_under_the_host_key(tmp_path: Path) -> None:
+    """A load trusts what the host key authenticates; ``fsck`` re-checks every bound, so
+    a payload only a key holder could plant is still found and removed there."""
+    data = MANIFESTS["sample"]()
+    digest = manifest_digest(data)
+    cache = tmp_path / "cache"
+    load_tree(data, digest, cache, source="m")
+    path = index_path(cache, digest)
+    path.write_bytes(_frame(digest, _hostile_payload(), _host_key(path)))
+    with pytest.raises(FormatError, match="a parent after its child"):
+        read_index(path, digest, check=True)
+    assert check_indexes(cache) == index.IndexCheck(0, (str(path),))
+    assert sorted(os.listdir(cache / "index")) == [index.HOST_KEY]
+
+
+def test_racing_writers_share_one_host_key(tmp_path: Path) -> None:
+    """The key is linked into place, never renamed over: the first maker's key stays."""
+    directory = tmp_path / "index"
+    directory.mkdir(mode=0o700)
+    first = index._host_key(directory)
+    assert index._host_key(directory) == first and len(first) == 32
+    assert sorted(os.listdir(directory)) == [index.HOST_KEY]
 
 
 # ---- a real mount --------------------------------------------------------------------
@@ -265,11 +339,12 @@ def test_a_mount_of_an_image_seen_before_serves_the_tree_from_its_index(
         assert (mountpoint / "etc" / "hostname").read_text() == "indexed\n"
     path = index_path(cache, digest)
     built = signature(read_index(path, digest))
-    # A second mount reads the index: one re-signed for this digest with an extra
+    # A second mount reads the index: one re-signed (host key) for this digest with an extra
     # directory shows it (the manifest has no such directory).
     manifest = decode(image.read_bytes())
     entries = {**manifest.entries, "/from-the-index": Entry(Kind.DIRECTORY, mode=0o755)}
-    path.write_bytes(_frame(digest, pack(Tree.from_manifest(Manifest(1, entries)))))
+    path.write_bytes(_frame(digest, pack(Tree.from_manifest(Manifest(1, entries))),
+                            _host_key(path)))
     with mounts(image, mountpoint, *args):
         assert (mountpoint / "from-the-index").is_dir()
     # A damaged one is not used: the mount serves the manifest's tree and rebuilds it.

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import gc
 import re
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from functools import cache, lru_cache
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 from ocixfs.errors import FormatError
 
@@ -361,11 +362,28 @@ def decode(data: bytes, *, limits: Limits = DEFAULT_LIMITS, source: str = "manif
     """
     if len(data) > limits.max_bytes:
         raise FormatError(f"{source}: {len(data)} bytes exceed the limit of {limits.max_bytes}")
+    return _decode(data, limits, source, fast=True)
+
+
+def _decode(data: bytes, limits: Limits, source: str, *, fast: bool) -> Manifest:
+    """``decode`` once the size is checked; ``fast`` False reads every entry with the
+    general reader (the fast path must give the same result or the same error: a test
+    compares them)."""
     if not isinstance(data, bytes):
         data = bytes(data)
-    with reading(source):
-        version, entries = _Reader(data, limits).manifest()
-        _check_manifest(version, entries, limits)
+    # Hundreds of thousands of long-lived objects made in one go: the cyclic collector
+    # would re-scan them over and over as they grow (a tenth of the decode), and a
+    # decode makes no cycles.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with reading(source):
+            reader = _Reader(data, limits, fast=fast)
+            version, entries = reader.manifest()
+            _check_manifest(version, entries, limits, reader.unchecked)
+    finally:
+        if collecting:
+            gc.enable()
     return Manifest(version, entries)
 
 
@@ -529,10 +547,14 @@ class _Reader(CanonicalReader):
     The common small forms are decoded inline: this loop runs for every item of every entry.
     """
 
-    def __init__(self, data: bytes, limits: Limits) -> None:
+    def __init__(self, data: bytes, limits: Limits, *, fast: bool = True) -> None:
         super().__init__(data, limits)
         self.times: dict[bytes, int] = {}
         self.modes = _ModeCodes()
+        self.fast = fast
+        self.unchecked: set[str] = set()
+        """Paths whose entries the general reader decoded: ``_check_manifest`` checks
+        these entries; the fast path checked its own (``fast_entry``)."""
 
     def manifest(self) -> tuple[int, dict[str, Entry]]:
         major, tag, pos = self.head(0)
@@ -570,15 +592,116 @@ class _Reader(CanonicalReader):
             raise _Problem(f"{count} entries exceed the limit of {self.limits.max_entries}")
         entries: dict[str, Entry] = {}
         previous = b""
+        fast_entry = self.fast_entry if self.fast else _no_entry
+        unchecked = self.unchecked
+        data, end = self.data, self.end
         for _ in range(count):
-            previous, start, after = self.key(pos, previous)
+            # Inline: a path of 24 to 255 bytes after one that sorts lower (else ``key``).
+            after = pos + 2 + (data[pos + 1] if pos + 1 < end else 0)
+            encoded = data[pos:after]
+            if (after <= end and data[pos] == 0x78 and encoded[1] >= 24
+                    and (len(encoded) > len(previous)
+                         or (len(encoded) == len(previous) and encoded > previous))):
+                previous, start = encoded, pos + 2
+            else:
+                previous, start, after = self.key(pos, previous)
             path = self.utf8(start, after)
+            fast = fast_entry(after)
+            if fast is not None:
+                entries[path], pos = fast
+                continue
+            unchecked.add(path)
             try:
                 entries[path], pos = self.read_entry(after)
             except _Problem as problem:
                 problem.path = path
                 raise
         return entries, pos
+
+    def fast_entry(self, pos: int) -> tuple[Entry, int] | None:
+        """The entry at ``pos`` and the offset after it when it has the common shape
+        (``_FAST_ENTRY``: a directory, a regular file of one blob or a symlink; mode,
+        optional ids, owner names of up to 23 bytes and times; no xattrs or chunks) and
+        every value passes ``_check_entry``; else None, and the general reader reads it
+        (and reports any problem). One regular expression checks the bytes in C: its keys
+        are the canonical order, its integers and lengths the shortest forms."""
+        match = _FAST_ENTRY.match(self.data, pos)
+        if match is None:
+            return None
+        groups = match.groups()
+        head, gid, uid, mode, kind_item, atime, btime, ctime, mtime = groups[:9]
+        symlink, username, directory, groupname, regular = groups[9:]
+        kind = _KIND_BY_ENCODING[kind_item]
+        end = match.end()
+        target = digest = None
+        size = 0
+        if kind is _REGULAR_KIND:
+            if regular is None or directory is not None:
+                return None
+            if regular[0] == 0x82:
+                size, digest = _uint_item(regular[1:-34]), regular[-32:]
+                if size > self.limits.max_file_size:
+                    return None
+        elif kind is _DIRECTORY_KIND:
+            if directory is None or regular is not None:
+                return None
+        elif symlink is None:
+            return None
+        else:
+            target, end = self.fast_symlink(symlink, end)
+            if target is None:
+                return None
+        if head[0] - 0xA0 != len(groups) - 1 - groups.count(None):
+            return None  # more pairs than the expression knows: the general reader
+        if atime is None and btime is None and ctime is None:
+            atime_ns = btime_ns = ctime_ns = None
+        else:
+            atime_ns, btime_ns, ctime_ns = map(self.fast_time, (atime, btime, ctime))
+            if atime_ns is False or btime_ns is False or ctime_ns is False:
+                return None
+        mtime_ns = self.fast_time(mtime)
+        if mtime_ns is False:
+            return None
+        try:
+            user = None if username is None else username[1:].decode()
+            group = None if groupname is None else groupname[1:].decode()
+        except UnicodeDecodeError:
+            return None
+        return _new_entry(
+            kind, self.modes[mode], None if uid is None else _uint_item(uid),
+            None if gid is None else _uint_item(gid), user, group, atime_ns, btime_ns,
+            ctime_ns, mtime_ns, size, digest, None, target), end
+
+    def fast_symlink(self, head: bytes, pos: int) -> tuple[str | None, int]:
+        """A symlink target whose text head ``fast_entry`` matched and whose bytes start
+        at ``pos``, if it passes ``_check_symlink``: ``(target, offset after it)``, or
+        ``(None, pos)``."""
+        after = pos + (head[0] - 0x60 if len(head) == 1 else head[1])
+        if after > self.end or after - pos > self.limits.max_symlink_bytes:
+            return None, pos
+        try:
+            target = self.data[pos:after].decode()
+        except UnicodeDecodeError:
+            return None, pos
+        if "\0" in target:
+            return None, pos
+        return target, after
+
+    def fast_time(self, item: bytes | None) -> int | None | bool:
+        """The instant of a time text item (as ``read_time`` reads it; remembered per
+        item), None for None, or False if it is not valid RFC 3339 (the general reader
+        then reports it)."""
+        if item is None:
+            return None
+        ns = self.times.get(item)
+        if ns is not None:
+            return ns
+        try:
+            ns = _parse_time(item[2 if item[0] == 0x78 else 1 :].decode())
+        except (UnicodeDecodeError, _Problem):
+            return False
+        self.times[item] = ns
+        return ns
 
     def read_entry(self, pos: int) -> tuple[Entry, int]:
         initial = self.data[pos] if pos < self.end else 0
@@ -823,34 +946,55 @@ def _new_entry(
     rdev: tuple[int, int] | None = None,
     xattrs: Mapping[str, bytes] | None = None,
 ) -> Entry:
-    """``Entry(...)`` at half the cost: a frozen dataclass's ``__init__`` goes through
-    ``object.__setattr__`` for each field, while this sets the slots directly. It must list
-    exactly Entry's fields with the same defaults (a test checks)."""
-    entry: Entry = object.__new__(Entry)
-    _set_kind(entry, kind)
-    _set_mode(entry, mode)
-    _set_uid(entry, uid)
-    _set_gid(entry, gid)
-    _set_username(entry, username)
-    _set_groupname(entry, groupname)
-    _set_atime(entry, atime)
-    _set_btime(entry, btime)
-    _set_ctime(entry, ctime)
-    _set_mtime(entry, mtime)
-    _set_size(entry, size)
-    _set_digest(entry, digest)
-    _set_chunks(entry, chunks)
-    _set_target(entry, target)
-    _set_rdev(entry, rdev)
-    _set_xattrs(entry, xattrs)
-    return entry
+    """``Entry(...)`` at a third of the cost: a frozen dataclass's ``__init__`` goes
+    through ``object.__setattr__`` for each field, while this fills an ``_EntryLayout``
+    (the same slots, plain attribute stores) and makes it an ``Entry``: a class change
+    Python allows between classes of one layout. It must list exactly Entry's fields with
+    the same defaults (a test checks)."""
+    entry = _EntryLayout()
+    entry.kind = kind
+    entry.mode = mode
+    entry.uid = uid
+    entry.gid = gid
+    entry.username = username
+    entry.groupname = groupname
+    entry.atime = atime
+    entry.btime = btime
+    entry.ctime = ctime
+    entry.mtime = mtime
+    entry.size = size
+    entry.digest = digest
+    entry.chunks = chunks
+    entry.target = target
+    entry.rdev = rdev
+    entry.xattrs = xattrs
+    entry.__class__ = Entry  # type: ignore[assignment]
+    return cast(Entry, entry)
 
 
-(
-    _set_kind, _set_mode, _set_uid, _set_gid, _set_username, _set_groupname, _set_atime,
-    _set_btime, _set_ctime, _set_mtime, _set_size, _set_digest, _set_chunks, _set_target,
-    _set_rdev, _set_xattrs,
-) = (getattr(Entry, item.name).__set__ for item in dataclass_fields(Entry))
+class _EntryLayout:
+    """``Entry``'s slots, writable: what ``_new_entry`` fills before it becomes an Entry."""
+
+    __slots__ = tuple(item.name for item in dataclass_fields(Entry))
+    kind: Kind
+    mode: int | None
+    uid: int | None
+    gid: int | None
+    username: str | None
+    groupname: str | None
+    atime: int | None
+    btime: int | None
+    ctime: int | None
+    mtime: int | None
+    size: int
+    digest: bytes | None
+    chunks: tuple[Chunk, ...] | None
+    target: str | None
+    rdev: tuple[int, int] | None
+    xattrs: Mapping[str, bytes] | None
+
+
+assert _EntryLayout.__slots__ == Entry.__slots__
 
 
 _ENTRY_READERS: dict[str, Callable[[_Reader, int, str], tuple[Any, int]]] = {
@@ -886,6 +1030,59 @@ _SHAPES = {
 }
 
 
+
+
+def _no_entry(pos: int) -> None:
+    """``fast_entry`` when the fast path is off."""
+    return None
+
+
+def _uint_item(item: bytes) -> int:
+    """The value of a shortest-form unsigned integer item ``_FAST_UINT`` matched."""
+    return item[0] if item[0] < 24 else int.from_bytes(item[1:], "big")
+
+
+def _fast_text(lengths: range) -> bytes:
+    """A text item of one of ``lengths`` (each below 256 bytes), in its shortest form."""
+    heads = [(bytes((0x60 + n,)) if n < 24 else bytes((0x78, n)), n) for n in lengths]
+    return b"(?:" + b"|".join(re.escape(head) + b".{%d}" % n for head, n in heads) + b")"
+
+
+def _short_text(text: str) -> bytes:
+    """The pattern of a text item of at most 23 bytes (a key, a type)."""
+    return re.escape(bytes((0x60 + len(text),)) + text.encode())
+
+
+def _fast_pair(key: str, value: bytes, *, optional: bool = True) -> bytes:
+    """The pattern of one map pair, its value captured."""
+    pair = _short_text(key) + b"(" + value + b")"
+    return b"(?:" + pair + b")?" if optional else pair
+
+
+_FAST_UINT32 = rb"[\x00-\x17]|\x18[\x18-\xff]|\x19[\x01-\xff].|\x1a(?!\x00\x00)...."
+_FAST_UINT = _FAST_UINT32 + rb"|\x1b(?!\x00\x00\x00\x00)........"
+_FAST_TIME = _fast_text(range(20, 36))  # RFC3339Nano text: 20 to 35 bytes
+_FAST_NAME = _fast_text(range(24))
+_FAST_ENTRY = re.compile(
+    b"(?s)([\xa2-\xb7])"  # a map of 2 to 23 pairs, then its keys in canonical order
+    + _fast_pair("gid", _FAST_UINT32) + _fast_pair("uid", _FAST_UINT32)
+    + _fast_pair("mode", rb"\x86(?:\x83[\xf4\xf5]{3}){3}[\xf4\xf5]{3}", optional=False)
+    + _fast_pair("type", b"|".join(_short_text(kind.value) for kind in
+                                   (Kind.REGULAR, Kind.DIRECTORY, Kind.SYMLINK)),
+                 optional=False)
+    + b"".join(_fast_pair(name, _FAST_TIME) for name in ("atime", "btime", "ctime", "mtime"))
+    # a symlink's target text follows its head (read by ``fast_symlink``), and ends the
+    # entry; else the remaining keys of a directory or a regular file
+    + b"(?:" + _short_text("symlink") + rb"\x81([\x61-\x77]|\x78[\x18-\xff])|"
+    + _fast_pair("username", _FAST_NAME) + _fast_pair("directory", rb"\x80")
+    + _fast_pair("groupname", _FAST_NAME)
+    + _fast_pair("regularfile", rb"\x82(?:" + _FAST_UINT + rb")\x58\x20.{32}|\x81\x00")
+    + b")"
+)
+_REGULAR_KIND = Kind.REGULAR
+_DIRECTORY_KIND = Kind.DIRECTORY
+
+
 # ---------------------------------------------------------------------------------------
 # Validation of the model (shared by decode and encode)
 
@@ -908,7 +1105,11 @@ _ALLOWED_CONTENT = {
 }
 
 
-def _check_manifest(version: object, entries: object, limits: Limits) -> None:
+def _check_manifest(
+    version: object, entries: object, limits: Limits, unchecked: set[str] | None = None
+) -> None:
+    """Check a whole manifest; with ``unchecked``, only the entries of those paths are
+    checked (the others were, as they were decoded), every path still is."""
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise _Problem(f"unsupported version {_show(version)}")
     if not isinstance(entries, Mapping):
@@ -918,7 +1119,8 @@ def _check_manifest(version: object, entries: object, limits: Limits) -> None:
     for path, entry in entries.items():
         try:
             _check_path(path, limits)
-            _check_entry(entry, version, limits)
+            if unchecked is None or path in unchecked:
+                _check_entry(entry, version, limits)
         except _Problem as problem:
             problem.path = path
             raise

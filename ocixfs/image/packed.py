@@ -203,11 +203,15 @@ def _pad(out: bytearray) -> None:
 # Unpacking
 
 
-def unpack(payload: bytes | memoryview) -> Tree:
+def unpack(payload: bytes | memoryview, *, trusted: bool = False) -> Tree:
     """A lazy ``Tree`` from ``pack``'s bytes; ``FormatError`` (one line) if they are not a
-    consistent packed tree."""
+    consistent packed tree. ``trusted``: the caller authenticated ``payload`` as the
+    output of ``pack`` (``cache.index``), so only its framing is checked, not the bounds
+    of every index (the bulk of an unpack's time); never pass it for bytes that could
+    come from anywhere else."""
     columns = read_columns(memoryview(payload))
-    _check(columns)
+    if not trusted:
+        _check(columns)
     return _Unpacked(columns).tree
 
 
@@ -315,6 +319,7 @@ class _Unpacked:
             self.nodes,
             entry_count=counts[0],
             fill=self.node,
+            find=self.find,
             totals=TreeTotals(**dict(zip(_COUNTS, counts, strict=True))),
         )
         ends = columns["string_ends"]
@@ -372,6 +377,27 @@ class _Unpacked:
             assert child is not None  # checked: within the table
             found[self.text(name)] = child
         return found
+
+    def find(self, directory: Node, name: str) -> Node | None:
+        """The child ``name`` of ``directory``, by binary search in its entries (sorted
+        by encoded name, as ``pack`` wrote them), making no other node; None if absent."""
+        try:
+            key = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return None
+        c = self.c
+        names = c["dirent_name"]
+        low = c["dirent_start"][directory.ino - ROOT_INO]
+        end = high = low + c["dirent_count"][directory.ino - ROOT_INO]
+        while low < high:
+            middle = (low + high) // 2
+            if self.raw(names[middle]) < key:
+                low = middle + 1
+            else:
+                high = middle
+        if low == end or self.raw(names[low]) != key:
+            return None
+        return self.tree.get(c["dirent_ino"][low])
 
     def entry(self, index: int) -> Entry:
         c = self.c

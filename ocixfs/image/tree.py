@@ -252,7 +252,9 @@ class Tree:
     Immutable once built.
 
     ``nodes`` holds every inode in order; a lazily unpacked tree holds ``None`` for the
-    ones not made yet, and ``fill(ino)`` makes one (and files it in ``nodes``).
+    ones not made yet, ``fill(ino)`` makes one (and files it in ``nodes``), and
+    ``find(directory, name)`` looks one name up in a directory not unfolded yet (the
+    node, made through ``fill``, or None).
     ``entry_count`` counts names (every hardlink name, each implicit directory).
     """
 
@@ -262,11 +264,13 @@ class Tree:
         *,
         entry_count: int,
         fill: Callable[[int], Node] | None = None,
+        find: Callable[[Node, str], Node | None] | None = None,
         totals: TreeTotals | None = None,
     ) -> None:
         self._nodes = nodes
         self._entry_count = entry_count
         self._fill = fill
+        self._find = find
         self._totals = totals
 
     @classmethod
@@ -300,13 +304,22 @@ class Tree:
 
     def node_by_path(self, path: str) -> Node | None:
         """The node an absolute path names (a hardlink's path gives its target's node);
-        None unless ``path`` is canonical and exists."""
+        None unless ``path`` is canonical and exists. In an unpacked tree a directory not
+        unfolded yet is searched (``find``) rather than unfolded: a lookup makes only the
+        nodes on its path."""
         node = self.root
         if path == "/":
             return node
         if not path.startswith("/"):
             return None
+        find = self._find
         for name in path[1:].split("/"):
+            if find is not None and node.unfold is not None:
+                found = find(node, name)
+                if found is None:
+                    return None
+                node = found
+                continue
             children = node.children
             found = None if children is None else children.get(name)
             if found is None:
