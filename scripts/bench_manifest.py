@@ -57,7 +57,7 @@ def _bench(size: int, runs: int) -> None:
             ("tree build", lambda: Tree.from_manifest(manifest)),
             ("index pack", lambda: pack(tree)),
             ("index write (pack + file)", lambda: index.write_index(cache, digest, tree)),
-            ("index load (read, check)", lambda: index.read_index(
+            ("index load (read, authenticate)", lambda: index.read_index(
                 index.index_path(cache, digest), digest)),
             ("second load: load_tree", lambda: index.load_tree(data, digest, cache,
                                                                  source="m").root),
