@@ -235,8 +235,9 @@ def _lxc_execute(
     lxcpath.mkdir(exist_ok=True)
     log = tmp_path / f"{name}.log"
     command = ["lxc-execute", "-n", name, "-P", os.fspath(lxcpath), "-f", os.fspath(config)]
-    try:
-        result = _run(*command, "-o", os.fspath(log), "--", "/bin/sh", "-c", script)
+    try:  # (at DEBUG, LXC's log holds what the hooks print: ocixfs's one-line errors)
+        result = _run(*command, "-o", os.fspath(log), "-l", "DEBUG", "--", "/bin/sh", "-c",
+                      script)
     finally:
         _run("lxc-stop", "-k", "-n", name, "-P", os.fspath(lxcpath), timeout=30)
     if result.returncode != 0:
