@@ -50,7 +50,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -581,10 +581,14 @@ def download(
 @dataclass(frozen=True, slots=True)
 class Validators:
     """What a server said identifies the version of a document it sent (RFC 9110
-    ``ETag`` and ``Last-Modified``; either may be empty)."""
+    ``ETag`` and ``Last-Modified``; either may be empty), and for how many seconds from
+    its answer that version stays current without asking again (``max_age``, RFC 9111:
+    ``Cache-Control: max-age``, else ``Expires`` − ``Date``; 0 when it said nothing, or
+    ``no-cache``/``no-store``: ask every time)."""
 
     etag: str = ""
     last_modified: str = ""
+    max_age: float = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.etag or self.last_modified)
@@ -592,7 +596,8 @@ class Validators:
     @classmethod
     def of(cls, response: httpx.Response) -> Validators:
         return cls(response.headers.get("etag", "")[:1024],
-                   response.headers.get("last-modified", "")[:1024])
+                   response.headers.get("last-modified", "")[:1024],
+                   freshness_lifetime(response.headers))
 
     def conditions(self) -> dict[str, str]:
         """The headers of a request that only wants the document if it changed."""
@@ -604,6 +609,47 @@ class Validators:
         return headers
 
 
+_MAX_FRESHNESS = 365 * 86400.0
+
+
+def freshness_lifetime(headers: Mapping[str, str]) -> float:
+    """Seconds a response stays fresh for a private cache (RFC 9111 §4.2.1): ``max-age``
+    of ``Cache-Control``, else ``Expires`` minus ``Date``; 0 for ``no-store``,
+    ``no-cache``, anything unparsable and a server that said nothing (no heuristic
+    freshness: a manifest URL is a tag that may move), less the ``Age`` a shared cache on
+    the way says the response already has."""
+    age = headers.get("age", "").strip()
+    return max(_lifetime(headers) - (float(age) if age.isdigit() else 0.0), 0.0)
+
+
+def _lifetime(headers: Mapping[str, str]) -> float:
+    directives: dict[str, str] = {}
+    for item in headers.get("cache-control", "").lower().split(","):
+        name, _, value = item.strip().partition("=")
+        directives.setdefault(name.strip(), value.strip().strip('"'))
+    if "no-store" in directives or "no-cache" in directives:
+        return 0.0
+    if "max-age" in directives:
+        value = directives["max-age"]
+        return min(float(value), _MAX_FRESHNESS) if value.isdigit() else 0.0
+    expires, date = _http_date(headers.get("expires")), _http_date(headers.get("date"))
+    if expires is None or date is None:
+        return 0.0
+    return min(max(expires - date, 0.0), _MAX_FRESHNESS)
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP date as a POSIX time, or None (absent or invalid)."""
+    import email.utils
+
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 def download_if_changed(
     url: str,
     known: Validators | None,
@@ -613,8 +659,9 @@ def download_if_changed(
     deadline: float | None = None,
 ) -> tuple[bytes | None, Validators]:
     """``download``, asking the server for the document only if it changed since the
-    version ``known`` identifies: ``(None, known)`` when it answers 304 Not Modified,
-    else the body and what identifies its version. Raises as ``download`` does."""
+    version ``known`` identifies: ``(None, known)`` (with the freshness this answer gave)
+    when it answers 304 Not Modified, else the body and what identifies its version.
+    Raises as ``download`` does."""
     label = redact(url)
     clock = DownloadClock(config, config.document_deadline if deadline is None else deadline)
     headers = {"Accept-Encoding": _DOCUMENT_ENCODINGS, **(known.conditions() if known else {})}
@@ -622,7 +669,7 @@ def download_if_changed(
         with stream(config, url, headers=headers) as response:
             status = response.status_code
             if status == 304 and known:
-                return None, known
+                return None, replace(known, max_age=freshness_lifetime(response.headers))
             if status in (404, 410):
                 raise BlobNotFound(f"{label}: HTTP {status}")
             if status != 200:

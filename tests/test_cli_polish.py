@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,6 +223,35 @@ def test_a_store_that_refuses_connections_is_a_warning_and_cached_files_still_wo
     mount.stop()
 
 
+@needs_fuse
+@pytest.mark.mount
+def test_a_store_that_never_answers_does_not_hold_up_a_warm_mount(
+    tmp_path: Path, image: Image, serve: FaultServers, mounts: Mounts
+) -> None:
+    """The mount is ready before the look at the silent store gives up (2 s per step), so
+    nothing is printed; the warning reaches the daemon's log once the look has ended."""
+    server = serve(image.store)
+    cache = tmp_path / "cache"
+    with mounts(image.ocix, tmp_path / "warm", *mount_args(server.url, cache)) as m:
+        assert (m.mountpoint / "etc/hostname").read_bytes() == FILES["/etc/hostname"]
+    with socket.socket() as silent:  # connections complete in the backlog, never answered
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        mountpoint, log_file = tmp_path / "mnt", tmp_path / "daemon.log"
+        mountpoint.mkdir()
+        result = run_ocixfs("mount", os.fspath(image.ocix), os.fspath(mountpoint),
+                            *mount_args(store, cache), "--log-file", os.fspath(log_file),
+                            check=False)
+        mount = mounts(image.ocix, mountpoint)
+        assert result.returncode == 0 and is_mounted(mountpoint), result.stderr
+        assert "did not answer" not in result.stderr
+        assert (mountpoint / "etc/hostname").read_bytes() == FILES["/etc/hostname"]  # cached
+        deadline = time.monotonic() + 30
+        while f"store {store} did not answer" not in log_file.read_text():
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.1)
+        mount.stop()
 @needs_fuse
 @pytest.mark.mount
 def test_stats_text_and_the_daemon_log(tmp_path: Path, image: Image, mounts: Mounts) -> None:

@@ -8,6 +8,7 @@ pyfuse3 filesystem in a child process lists correctly with caching off.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -144,6 +145,32 @@ def test_stat_after_a_listing_is_what_a_lookup_gives(tmp_path: Path, mounts: obj
                 nlink, size, mtime_ns, (size + 511) // 512), path
     assert by_listing["special/linked"][0] == by_listing["special/linked-too"][0]
     assert by_listing["special/linked"][2] == 2
+
+
+def test_files_are_opened_by_the_kernel_and_read_by_inode(tmp_path: Path, mounts: object) -> None:
+    """After the first OPEN (answered ENOSYS) no OPEN reaches the daemon; READ finds the
+    file by its inode; every file reads right, each is counted as read once, reading it
+    again through a new descriptor is served from the kept page cache, and opening one for
+    writing is still refused."""
+    tree, store = tmp_path / "tree", tmp_path / "store"
+    make_tree(tree)
+    image = tmp_path / "image.ocix"
+    run_ocixfs("build", f"dir:{tree}", "--store", os.fspath(store), "--output", os.fspath(image))
+    files = sorted(path.relative_to(tree) for path in tree.rglob("*.txt"))
+    with mounts(image, tmp_path / "mnt", "--store", os.fspath(store),  # type: ignore[operator]
+                "--cache-dir", os.fspath(tmp_path / "cache")) as mount:
+        for path in files:
+            assert (mount.mountpoint / path).read_bytes() == (tree / path).read_bytes()
+        first = mount.stats()["fs"]
+        assert first["opens"] == 1 and first["open_files"] == 0, first
+        assert first["files_read"] == len(files) and first["errors"] == {}, first
+        for path in files:
+            assert (mount.mountpoint / path).read_bytes() == (tree / path).read_bytes()
+        again = mount.stats()["fs"]
+        assert (again["opens"], again["reads"]) == (1, first["reads"]), again
+        with pytest.raises(OSError) as refused:
+            open(mount.mountpoint / files[0], "r+b")  # noqa: SIM115 (refused before any use)
+        assert refused.value.errno == errno.EROFS
 
 
 CHILD = """

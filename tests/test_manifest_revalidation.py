@@ -16,7 +16,7 @@ import pytest
 from ocixfs.cache.index import index_path
 from ocixfs.image.format import manifest_digest
 from tests.mounting import Mounts, needs_fuse, run_ocixfs, wait_for
-from tests.nginx import Nginx
+from tests.nginx import CONFIG, Nginx
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -93,10 +93,47 @@ def test_a_pin_to_another_digest_or_a_lost_index_downloads_the_manifest_whole(
         shutil.rmtree(cache / "index")  # the record stays, its tree is gone
         assert mount_and_read(mounts, server, tmp_path) == "pinned\n"
         assert manifest_statuses(server) == ["200", "304", "200"]
+        wait_for_index(cache, image)
+        # Pinned to a manifest the index holds: nothing to ask the server.
+        assert mount_and_read(mounts, server, tmp_path, "--digest", digest) == "pinned\n"
+        assert manifest_statuses(server) == ["200", "304", "200"]
         # A record of another manifest (planted: a server that once sent another) is not
-        # trusted for a pinned mount: it asks unconditionally.
+        # trusted for a pinned mount whose manifest is not indexed: it asks unconditionally.
+        shutil.rmtree(cache / "index")
         record = next((cache / "manifests").iterdir())
         planted = json.loads(record.read_text()) | {"digest": "b3:" + "0" * 64}
         record.write_text(json.dumps(planted))
         assert mount_and_read(mounts, server, tmp_path, "--digest", digest) == "pinned\n"
-        assert manifest_statuses(server)[-1] == "200"
+        assert manifest_statuses(server) == ["200", "304", "200", "200"]
+
+
+FRESH_FOR_A_WHILE = CONFIG.replace("location / {{ }}", """\
+location / {{ }}
+        location = /image.ocix {{ add_header Cache-Control "{cache_control}"; }}""")
+
+
+@pytest.mark.parametrize("cache_control", ["max-age=600", "public, max-age=0", "no-cache"])
+def test_a_manifest_is_not_asked_for_while_the_server_says_it_is_fresh(
+    tmp_path: Path, site: Path, mounts: Mounts, cache_control: str
+) -> None:
+    """RFC 9111 freshness: within ``max-age`` of the last answer a mount of the URL asks
+    nothing; once it has passed (the record's clock moved back here), a 304 refreshes it;
+    ``max-age=0`` and ``no-cache`` ask every time."""
+    image = build(site, "fresh\n")
+    cache = tmp_path / "cache"
+    with Nginx(site, tmp_path / "nginx", config=FRESH_FOR_A_WHILE,
+               cache_control=cache_control) as server:
+        assert mount_and_read(mounts, server, tmp_path) == "fresh\n"
+        wait_for_index(cache, image)
+        assert mount_and_read(mounts, server, tmp_path) == "fresh\n"
+        fresh = cache_control == "max-age=600"
+        assert manifest_statuses(server) == (["200"] if fresh else ["200", "304"])
+        record_path = next((cache / "manifests").iterdir())
+        record = json.loads(record_path.read_text())
+        assert record["max_age"] == (600 if fresh else 0)
+        record_path.write_text(json.dumps(record | {"checked": record["checked"] - 601}))
+        assert mount_and_read(mounts, server, tmp_path) == "fresh\n"
+        assert manifest_statuses(server)[-1] == "304"
+        if fresh:  # the 304 made it fresh again
+            assert mount_and_read(mounts, server, tmp_path) == "fresh\n"
+            assert manifest_statuses(server) == ["200", "304"]

@@ -27,7 +27,7 @@ import zstandard
 
 from ocixfs.config import FetchConfig
 from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
-from ocixfs.http import download, load_credentials, redact, ssl_context
+from ocixfs.http import download, freshness_lifetime, load_credentials, redact, ssl_context
 from ocixfs.mount.profile import profile_beside
 from tests.faultserver import Fault, FaultServer, make_store
 from tests.forwardproxy import ForwardProxy
@@ -209,6 +209,29 @@ async def test_redirect_from_https_to_http_is_refused(
 
 
 # --- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({}, 0.0),
+    ({"cache-control": "max-age=60"}, 60.0),
+    ({"cache-control": "public, MAX-AGE=\"120\""}, 120.0),
+    ({"cache-control": "max-age=60", "age": "45"}, 15.0),
+    ({"cache-control": "max-age=60", "age": "90"}, 0.0),
+    ({"cache-control": "max-age=60, no-cache"}, 0.0),
+    ({"cache-control": "no-store, max-age=60"}, 0.0),
+    ({"cache-control": "max-age=-5"}, 0.0),
+    ({"cache-control": "max-age=soon"}, 0.0),
+    ({"cache-control": "max-age=99999999999"}, 365 * 86400.0),
+    ({"expires": "Sat, 05 Dec 2026 12:10:00 GMT", "date": "Sat, 05 Dec 2026 12:00:00 GMT"}, 600.0),
+    ({"expires": "0", "date": "Sat, 05 Dec 2026 12:00:00 GMT"}, 0.0),
+    ({"expires": "Sat, 05 Dec 2026 12:10:00 GMT"}, 0.0),  # no Date: no basis
+    ({"cache-control": "max-age=5", "expires": "Sat, 05 Dec 2026 12:10:00 GMT",
+      "date": "Sat, 05 Dec 2026 12:00:00 GMT"}, 5.0),
+])
+def test_freshness_follows_rfc_9111_without_heuristics(
+    headers: dict[str, str], seconds: float
+) -> None:
+    assert freshness_lifetime(headers) == seconds
 
 
 def test_tls_trusts_the_system_store() -> None:

@@ -2,7 +2,9 @@
 the manifest last received from it and what identifies that version on the server
 (``http.Validators``), so that a later mount of the same URL asks only whether it changed
 (a 304 answer is a round trip instead of the whole manifest) and loads the tree from the
-image index (``cache.index``) by that digest.
+image index (``cache.index``) by that digest. While the version is fresh (the server's
+``Cache-Control: max-age`` or ``Expires``, counted from its last answer) it does not even
+ask.
 
 One small JSON file per URL, ``CACHE/manifests/<hex>.json`` (``hex`` = BLAKE3 of the
 URL), written atomically; one that cannot be read, is too large, malformed or names
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +37,17 @@ _DIGEST_PREFIX = "b3:"
 
 @dataclass(frozen=True, slots=True)
 class KnownManifest:
-    """The manifest last downloaded from a URL: its digest, and its version's validators."""
+    """The manifest last downloaded from a URL: its digest, its version's validators, and
+    when the server last said that version was current (POSIX time)."""
 
     digest: str
     validators: Validators
+    checked: float
+
+    def fresh(self) -> bool:
+        """Whether that version is still current without asking (``Validators.max_age``
+        from ``checked``; never when the clock is before ``checked``)."""
+        return 0.0 <= time.time() - self.checked < self.validators.max_age
 
 
 def _record_path(cache_dir: Path, url: str) -> Path:
@@ -54,24 +64,31 @@ def recall(cache_dir: Path, url: str) -> KnownManifest | None:
         with open_regular(path) as file:
             record = json.loads(read_limited(file, _MAX_RECORD))
         digest, etag, modified = record["digest"], record["etag"], record["last_modified"]
+        checked, max_age = record.get("checked", 0.0), record.get("max_age", 0.0)
         if (record["url"] != url or not isinstance(digest, str)
                 or not digest.startswith(_DIGEST_PREFIX) or len(digest) != 67
-                or not isinstance(etag, str) or not isinstance(modified, str)):
+                or not isinstance(etag, str) or not isinstance(modified, str)
+                or not all(isinstance(n, float | int) and not isinstance(n, bool)
+                           for n in (checked, max_age))):
             return None
-        validators = Validators(etag, modified)
-        return KnownManifest(digest, validators) if validators else None
-    except (OSError, ValueError, KeyError, TypeError, UnsafePathError):
+        validators = Validators(etag, modified, float(max_age))
+        if not (validators or validators.max_age > 0):
+            return None
+        return KnownManifest(digest, validators, float(checked))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnsafePathError):
         return None
 
 
 def remember(cache_dir: Path, url: str, known: KnownManifest) -> None:
-    """Record ``known`` for ``url`` (nothing without validators); a failure is logged,
-    never raised: the next mount just downloads the manifest whole."""
-    if not known.validators:
+    """Record ``known`` for ``url`` (nothing when it can be neither revalidated nor fresh);
+    a failure is logged, never raised: the next mount just downloads the manifest whole."""
+    validators = known.validators
+    if not (validators or validators.max_age > 0):
         return
     path = _record_path(cache_dir, url)
-    record = {"url": url, "digest": known.digest, "etag": known.validators.etag,
-              "last_modified": known.validators.last_modified}
+    record = {"url": url, "digest": known.digest, "etag": validators.etag,
+              "last_modified": validators.last_modified, "checked": known.checked,
+              "max_age": validators.max_age}
     try:
         private_directory(path.parent, what="manifest records")
         write_atomically(path, json.dumps(record).encode(), mode=0o600)

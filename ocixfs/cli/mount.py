@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -48,8 +47,8 @@ FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "defa
               "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty",
               "nopacks"}
 KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
-# How long the look at the stores may hold up a mount whose manifest is already here
-# (each network step; a refused connection answers at once).
+# How long each network step of the first look at a store may take (it holds up no mount:
+# a store that has not answered when the mount is ready is logged when it does).
 STORE_PROBE_TIMEOUT = 2.0
 VALUE_OPTIONS = {"store", "cache", "cache_dir", "digest", "deadline", "log", "prefetch",
                  "store_auth", "ca_file", "timeout", "cache_max_size", "uidshift", "gidshift",
@@ -72,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quota of the cache: 10G, 500M, 20%% (of its filesystem) or "
                         "unlimited; least recently used blobs are evicted beyond it (default "
                         "10%% of the filesystem, at most 20G; also -o cache_max_size=SIZE)")
-    parser.add_argument("--digest", metavar="b3:HEX", help="refuse a manifest with another hash")
+    parser.add_argument("--digest", metavar="b3:HEX",
+                        help="refuse a manifest with another hash; one the image index "
+                        "holds is mounted without asking the server")
     parser.add_argument("--deadline", type=float, default=30.0, metavar="SECONDS",
                         help="a read that cannot be served within this time fails with EIO "
                         "(default 30)")
@@ -278,23 +279,27 @@ def _load(
     FILE``; else found by ``locate_profile``, borrowed from a related image this host ran
     when there is no other), run by the mount daemon as it starts (``mount.startup``).
     The manifest (and a profile beside it) download and decode in worker threads, and the
-    stores are probed in a third. ``plan_seen`` hears of the profile's pack plan as soon
-    as the profile is known, before the manifest has arrived.
+    stores are probed in others (``StoreChecks``, reported once the mount is ready).
+    ``plan_seen`` hears of the profile's pack plan as soon as the profile is known, before
+    the manifest has arrived.
 
     When the manifest cannot be loaded its one-line error is all that is said (what the
     profile lookup found is held back and dropped); otherwise a store that did not answer
-    is one warning line on stderr, and the mount goes on (what is cached still works).
+    is one warning line, and the mount goes on (what is cached still works).
     An image in a registry brings its profile, and the stores that name it come back
     pinned to the artifact's digest (``mount.fromregistry``)."""
     from ocixfs.mount.profile import locate_profile, profile_beside
-    from ocixfs.mount.startup import LoadedImage
+    from ocixfs.mount.startup import LoadedImage, StoreChecks
     from ocixfs.store.spec import is_registry_ref
 
     if named is not None and named.pack:
         plan_seen(named.pack)
+    probed = tuple(stores)
+    checks = StoreChecks([store.label for store in probed],
+                         lambda index: _probe_store(probed[index], fetch))
     with (
         _held_warnings("ocixfs.mount.profile") as release,
-        ThreadPoolExecutor(max_workers=2 + len(stores), thread_name_prefix="ocixfs-load") as pool,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocixfs-load") as pool,
     ):
         if is_registry_ref(source):
             loading = pool.submit(_load_registry_tree, source, digest, fetch, cache_dir,
@@ -306,14 +311,13 @@ def _load(
                       if prefetch in ("auto", "all") else None)
             if beside is not None:
                 beside.add_done_callback(partial(_tell_plan, plan_seen))
-        probes = [pool.submit(_probe_store, store, fetch) for store in stores]
         image, loaded, found, stores = loading.result()
         release()
-        _warn_unreachable(stores, probes)
         profile = locate_profile(prefetch, source, cache_dir, image.digest, fetch, named=named,
                                  beside=beside.result if beside is not None else lambda: found,
                                  tree=loaded.tree)
-    return LoadedImage(image.digest, loaded.tree, profile, tuple(stores), loaded.from_index)
+    return LoadedImage(image.digest, loaded.tree, profile, tuple(stores), loaded.from_index,
+                       store_checks=checks)
 
 
 def _tell_plan(plan_seen: PlanSeen, beside: Future[Profile | None]) -> None:
@@ -328,15 +332,6 @@ def _probe_store(store: StoreSpec, fetch: FetchConfig) -> str | None:
     from ocixfs.store.remote import probe
 
     return probe(store, fetch, timeout=STORE_PROBE_TIMEOUT)
-
-
-def _warn_unreachable(stores: Sequence[StoreSpec], probes: list[Future[str | None]]) -> None:
-    """One line on stderr for each store that did not answer its probe."""
-    for store, found in zip(stores, probes, strict=True):
-        problem = found.result()
-        if problem is not None:
-            print(f"ocixfs: warning: store {store.label} did not answer ({problem}); files "
-                  "not in the cache cannot be read until it does", file=sys.stderr)
 
 
 @contextmanager
@@ -379,32 +374,48 @@ def _load_tree(
 
 def _load_url(url: str, digest: str | None, fetch: FetchConfig,
               cache_dir: Path) -> tuple[PinnedBytes, LoadedTree]:
-    """A manifest URL, downloaded only if it changed since the last download on this host
-    (``cache.manifests``) whose tree is in the image index; else (or pinned by ``digest``
-    to another manifest) whole."""
+    """A manifest URL, without asking the server when the manifest is pinned (``digest``)
+    to one in the image index, or was received from this URL and is still fresh; else
+    downloaded only if it changed since the last download on this host
+    (``cache.manifests``) whose tree is in the image index; else whole."""
+    import time
+
     from ocixfs.cache.index import LoadedTree, indexed_tree, open_tree
     from ocixfs.cache.manifests import KnownManifest, recall, remember
     from ocixfs.http import download_if_changed, redact, refuse_credentials
     from ocixfs.image.format import DEFAULT_LIMITS
     from ocixfs.image.loading import PinnedBytes, pin
 
+    def indexed(known_digest: str) -> tuple[PinnedBytes, LoadedTree] | None:
+        tree = indexed_tree(known_digest, cache_dir)
+        if tree is None:
+            return None
+        return PinnedBytes(url, redact(url), known_digest, b""), LoadedTree(tree, from_index=True)
+
     refuse_credentials(url, "IMAGE")
     known = recall(cache_dir, url)
     if known is not None and digest not in (None, known.digest):
         known = None
+    current = digest or (known.digest if known is not None and known.fresh() else None)
+    found = indexed(current) if current is not None else None
+    if found is not None:
+        return found
+    asked = time.time()
     data, validators = download_if_changed(url, known.validators if known else None,
                                            config=fetch, max_bytes=DEFAULT_LIMITS.max_bytes)
     if data is None:
         assert known is not None  # not modified: the manifest last received
-        tree = indexed_tree(known.digest, cache_dir)
-        if tree is not None:
-            unchanged = PinnedBytes(url, redact(url), known.digest, b"")
-            return unchanged, LoadedTree(tree, from_index=True)
+        found = indexed(known.digest)
+        if found is not None:
+            if validators.max_age > 0:
+                remember(cache_dir, url, KnownManifest(known.digest, validators, asked))
+            return found
+        asked = time.time()
         data, validators = download_if_changed(url, None, config=fetch,
                                                max_bytes=DEFAULT_LIMITS.max_bytes)
         assert data is not None
     image = pin(data, url, expected_digest=digest)
-    remember(cache_dir, url, KnownManifest(image.digest, validators))
+    remember(cache_dir, url, KnownManifest(image.digest, validators, asked))
     return image, open_tree(image.data, image.digest, cache_dir, source=image.name)
 
 

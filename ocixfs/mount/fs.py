@@ -13,7 +13,9 @@ class holds no business logic, only FUSE semantics:
   ``EROFS``.
 - **Caching.** Nothing ever changes, so entries, attributes and negative lookups are cached by
   the kernel for ``FsOptions`` timeouts, and files are opened with ``keep_cache``. The inode
-  number doubles as the file handle and the directory handle.
+  number doubles as the file handle and the directory handle. Where ``kernelcache`` allows
+  it, OPEN and OPENDIR answer ``ENOSYS`` once: the kernel then opens files and directories
+  itself (keeping their pages and listings) and hands the inode to READ and READDIRPLUS.
 - **Lookup counts.** ``lookup`` and each entry ``readdir_reply`` accepts add one, ``forget``
   subtracts. Nothing is ever deleted, so the counts only feed statistics and debugging.
 
@@ -93,7 +95,7 @@ class BlobReader(Protocol):
 
 
 class AccessLog(Protocol):
-    """Told about the first open of each inode (profile recording); must be cheap."""
+    """Told about the first read of each inode (profile recording); must be cheap."""
 
     def note_access(self, node_path: str, ino: int) -> None: ...
 
@@ -120,6 +122,9 @@ class FsStatistics:
     lookups: int
     negative_lookups: int
     opens: int
+    """OPEN requests; once the kernel opens files itself (``kernelcache``), just the first."""
+    files_read: int
+    """Distinct files read through this mount."""
     reads: int
     read_bytes: int
     xattr_misses: int
@@ -129,6 +134,7 @@ class FsStatistics:
     readlinks: int
     """READLINK requests: the same for symlink targets."""
     open_files: int
+    """Files open through OPEN now (none while the kernel opens files itself)."""
     known_inodes: int
     """Inodes with a non-zero lookup count (the kernel holds a reference)."""
     errors: Mapping[str, int]
@@ -234,7 +240,7 @@ class Operations(pyfuse3.Operations):
         self._counters = _Counters()
         self._lookup_counts: dict[int, int] = {}
         self._open_handles: dict[int, int] = {}
-        self._opened_once: set[int] = set()
+        self._read_once: set[int] = set()
         self._attributes_cache: dict[int, EntryAttributes] = {}
         self._negative = EntryAttributes()
         self._negative.st_ino = 0
@@ -377,8 +383,9 @@ class Operations(pyfuse3.Operations):
         """Open for reading with ``keep_cache``; the inode is the handle.
 
         ``EROFS`` for any write access (or ``O_TRUNC``/``O_CREAT``), ``EISDIR`` for a
-        directory, ``ENOENT`` if unknown. The first open of each inode is told to the
-        access log. No lookup-count change.
+        directory, ``ENOENT`` if unknown; else ``ENOSYS`` once ``kernelcache`` passes the
+        inode to ``read`` itself: the kernel then opens every file without asking. No
+        lookup-count change.
         """
         node = self._node(inode)
         if flags & _WRITE_FLAGS:
@@ -386,10 +393,9 @@ class Operations(pyfuse3.Operations):
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
         self._counters.opens += 1
+        if kernelcache.opens_in_kernel():
+            raise FUSEError(errno.ENOSYS)
         self._open_handles[node.ino] = self._open_handles.get(node.ino, 0) + 1
-        if node.ino not in self._opened_once:
-            self._opened_once.add(node.ino)
-            self._note_access(node)
         return FileInfo(fh=node.ino, keep_cache=True)
 
     @_request
@@ -397,12 +403,15 @@ class Operations(pyfuse3.Operations):
         """Up to ``size`` bytes at ``off``, short only at end of file (``b""`` past it).
 
         ``EIO`` when the reader fails (fetch, verification, cache), ``EBADF`` for an unknown
-        handle.
+        handle. The first read of each inode is told to the access log.
         """
         node = self._tree.get(fh)
         if node is None:
             raise FUSEError(errno.EBADF)
         self._counters.reads += 1
+        if fh not in self._read_once:
+            self._read_once.add(fh)
+            self._note_access(node)
         end = min(off + size, node.size)
         if off >= end:
             return b""
@@ -539,6 +548,7 @@ class Operations(pyfuse3.Operations):
             lookups=counters.lookups,
             negative_lookups=counters.negative_lookups,
             opens=counters.opens,
+            files_read=len(self._read_once),
             reads=counters.reads,
             read_bytes=counters.read_bytes,
             xattr_misses=counters.xattr_misses,

@@ -1,12 +1,15 @@
-"""Let the kernel keep directory listings and symlink targets of an immutable tree.
+"""Let the kernel keep directory listings and symlink targets of an immutable tree, and
+open its files without asking.
 
 The kernel can list a FUSE directory from its page cache without asking the daemon, and
 answer ``readlink`` the same way, if the filesystem allows it. For a tree that never
 changes both are always right: a second ``find`` over the mount then costs what it costs
-on local disk. pyfuse3 3.5 allows neither: its OPENDIR reply carries no flags from Python
-and its INIT handler wants a fixed set of capabilities.
+on local disk. Likewise it can open files itself (no OPEN, no RELEASE: two requests less
+for every file a start-up opens, and the page cache is kept, as ``keep_cache`` would).
+pyfuse3 3.5 allows none of it: its OPENDIR reply carries no flags from Python, its INIT
+handler wants a fixed set of capabilities, and its READ passes on only the handle.
 
-``enable()`` adds both without changing pyfuse3's code, through libfuse's stable ABI:
+``enable()`` adds all three without changing pyfuse3's code, through libfuse's stable ABI:
 
 - It redirects the one call pyfuse3's extension makes to ``fuse_session_new`` (its jump
   slot in the procedure linkage table) to a wrapper that edits the operations table just
@@ -18,15 +21,20 @@ and its INIT handler wants a fixed set of capabilities.
   ``FUSE_CAP_NO_OPENDIR_SUPPORT``, after which the kernel never sends OPENDIR or
   RELEASEDIR again and caches every listing (``FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE``, its
   default for filesystems without OPENDIR).
+- The wrapped READ handler does the same for files, so that ``Operations.open`` may answer
+  ``ENOSYS`` on kernels that offer ``FUSE_CAP_NO_OPEN_SUPPORT``: the kernel then opens
+  every file itself with ``FOPEN_KEEP_CACHE``, sends no RELEASE, and READ carries handle 0.
 
 Every assumption is checked before anything is written (ELF64 x86-64 extension, the jump
 slot, pyfuse3's own handlers at the expected places of the table), and only a check that
-passed switches anything on; ``listings_cached()`` says whether INIT ran through the
-wrapper on such a kernel, and ``Operations.opendir`` answers ``ENOSYS`` only then. When a
-check fails the mount behaves exactly as without this module.
+passed switches anything on; ``listings_cached()`` (``opens_in_kernel()``) says whether
+INIT ran through the wrapper on such a kernel, and ``Operations.opendir`` (``open``)
+answers ``ENOSYS`` only then. When a check fails the mount behaves exactly as without this
+module.
 
 Layout facts relied on, all part of libfuse 3's stable ABI: ``struct fuse_lowlevel_ops``
-has ``init`` at index 0, ``opendir`` at 20 and ``readdirplus`` at 41 (pointers);
+has ``init`` at index 0, ``open`` at 14, ``read`` at 15, ``opendir`` at 20 and
+``readdirplus`` at 41 (pointers);
 ``struct fuse_file_info`` has ``uint64_t fh`` at byte 16; ``struct fuse_conn_info`` starts
 with seven ``unsigned`` fields, ``capable`` the sixth and ``want`` the seventh.
 """
@@ -45,10 +53,11 @@ from typing import TYPE_CHECKING
 
 log = logging.getLogger(__name__)
 
-_OPS_INIT, _OPS_OPENDIR, _OPS_READDIRPLUS = 0, 20, 41
+_OPS_INIT, _OPS_OPEN, _OPS_READ, _OPS_OPENDIR, _OPS_READDIRPLUS = 0, 14, 15, 20, 41
 _FILE_INFO_FH_OFFSET = 16
 _CONN_CAPABLE_OFFSET = 5 * 4
 _CONN_WANT_OFFSET = 6 * 4
+_CAP_NO_OPEN_SUPPORT = 1 << 17
 _CAP_CACHE_SYMLINKS = 1 << 23
 _CAP_NO_OPENDIR_SUPPORT = 1 << 24
 _RTLD_DI_LINKMAP = 2
@@ -65,6 +74,7 @@ _PyInit = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _PyReaddirplus = ctypes.PYFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64, ctypes.c_void_p
 )
+_PyRead = _PyReaddirplus  # the same signature: (request, inode, size, offset, file info)
 _Init = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _Readdirplus = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64, ctypes.c_void_p
@@ -76,6 +86,8 @@ if TYPE_CHECKING:
 _PYFUSE3_SYMBOLS = {
     "ops": "__pyx_v_7pyfuse3_fuse_ops",
     "init": "__pyx_f_7pyfuse3_fuse_init",
+    "open": "__pyx_f_7pyfuse3_fuse_open",
+    "read": "__pyx_f_7pyfuse3_fuse_read",
     "opendir": "__pyx_f_7pyfuse3_fuse_opendir",
     "readdirplus": "__pyx_f_7pyfuse3_fuse_readdirplus",
 }
@@ -86,6 +98,7 @@ class _State:
     tried: bool = False
     listings: bool = False
     symlinks: bool = False
+    opens: bool = False
     keep_alive: list[object] = field(default_factory=list)
 
 
@@ -113,6 +126,12 @@ def listings_cached() -> bool:
     return _state.listings
 
 
+def opens_in_kernel() -> bool:
+    """True once INIT found the wrappers in place and a kernel that opens files without
+    OPEN (Linux 5.1+): OPEN may then answer ``ENOSYS``."""
+    return _state.opens
+
+
 def symlinks_cached() -> bool:
     """True once INIT asked the kernel to cache symlink targets (when it can)."""
     return _state.symlinks
@@ -138,18 +157,21 @@ def _redirect_session_new(extension: str) -> None:
 
 
 def _wrap_handlers(ops: int, ops_size: int, expected: dict[str, int]) -> None:
-    """Wrap INIT and READDIRPLUS in pyfuse3's table if they are where they should be."""
+    """Wrap INIT, READ and READDIRPLUS in pyfuse3's table if they (and OPEN, OPENDIR) are
+    where they should be."""
     table = (ctypes.c_void_p * (ops_size // ctypes.sizeof(ctypes.c_void_p))).from_address(ops)
     if len(table) <= _OPS_READDIRPLUS or any(
         table[index] != expected[key]
         for index, key in (
-            (_OPS_INIT, "init"), (_OPS_OPENDIR, "opendir"), (_OPS_READDIRPLUS, "readdirplus")
+            (_OPS_INIT, "init"), (_OPS_OPEN, "open"), (_OPS_READ, "read"),
+            (_OPS_OPENDIR, "opendir"), (_OPS_READDIRPLUS, "readdirplus"),
         )
     ):
         log.debug("pyfuse3's operations table is not as expected: caching left off")
         return
     init = _PyInit(expected["init"])
     readdirplus = _PyReaddirplus(expected["readdirplus"])
+    read = _PyRead(expected["read"])
 
     def init_caching(userdata: int, conn: int) -> None:
         init(userdata, conn)
@@ -159,14 +181,22 @@ def _wrap_handlers(ops: int, ops_size: int, expected: dict[str, int]) -> None:
             want.value |= _CAP_CACHE_SYMLINKS
             _state.symlinks = True
         _state.listings = bool(capable & _CAP_NO_OPENDIR_SUPPORT)
+        _state.opens = bool(capable & _CAP_NO_OPEN_SUPPORT)
 
     def readdirplus_by_inode(request: int, inode: int, size: int, offset: int, info: int) -> None:
         ctypes.c_uint64.from_address(info + _FILE_INFO_FH_OFFSET).value = inode
         readdirplus(request, inode, size, offset, info)
 
+    def read_by_inode(request: int, inode: int, size: int, offset: int, info: int) -> None:
+        ctypes.c_uint64.from_address(info + _FILE_INFO_FH_OFFSET).value = inode
+        read(request, inode, size, offset, info)
+
     wrapped_init, wrapped_readdirplus = _Init(init_caching), _Readdirplus(readdirplus_by_inode)
-    _state.keep_alive += [init, readdirplus, wrapped_init, wrapped_readdirplus]
+    wrapped_read = _Readdirplus(read_by_inode)
+    _state.keep_alive += [init, readdirplus, read, wrapped_init, wrapped_readdirplus,
+                          wrapped_read]
     table[_OPS_INIT] = _address(wrapped_init)
+    table[_OPS_READ] = _address(wrapped_read)
     table[_OPS_READDIRPLUS] = _address(wrapped_readdirplus)
 
 

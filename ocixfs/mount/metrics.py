@@ -39,9 +39,11 @@ METRICS = (
     _Metric("reads_total", "counter", "READ requests answered", ("fs", "reads")),
     _Metric("read_bytes_total", "counter", "bytes returned to READ requests",
             ("fs", "read_bytes")),
-    _Metric("opens_total", "counter", "files opened", ("fs", "opens")),
+    _Metric("opens_total", "counter", "OPEN requests (the kernel opens files itself where it "
+            "can: then only the first)", ("fs", "opens")),
+    _Metric("files_read_total", "counter", "distinct files read", ("fs", "files_read")),
     _Metric("lookups_total", "counter", "LOOKUP requests answered", ("fs", "lookups")),
-    _Metric("open_files", "gauge", "files open now", ("fs", "open_files")),
+    _Metric("open_files", "gauge", "files open through OPEN now", ("fs", "open_files")),
     _Metric("request_errors_total", "counter", "requests answered with an error, by errno",
             ("fs", "errors"), label="errno"),
     _Metric("cache_hits_total", "counter", "chunks read that were in the cache",

@@ -28,7 +28,7 @@ from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.predict import ElfPredictor
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
-from ocixfs.mount.startup import LoadedImage, PendingLoad
+from ocixfs.mount.startup import LoadedImage, PendingLoad, StoreChecks
 from ocixfs.store.spec import is_registry_ref
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class MountSession:
         self._prefetcher: Prefetcher | None = None
         self._predictor: ElfPredictor | None = None
         self._background_failures: Counter[str] = Counter()
+        self._store_checks: StoreChecks | None = None
 
     async def serve(self, ready: Callable[[], None]) -> None:
         """Load the image, mount it, call ``ready`` once it serves, and serve until
@@ -92,6 +93,7 @@ class MountSession:
 
     def _loaded(self, image: LoadedImage) -> None:
         self.tree, self.image_digest = image.tree, image.digest
+        self._store_checks = image.store_checks
         self.config = replace(self.config, profile=image.profile, stores=image.stores,
                               predict=self.config.predict and image.profile is None,
                               write_index=not image.from_index)
@@ -199,6 +201,8 @@ class MountSession:
         hold up the trio thread while the kernel's first requests wait) and keep the
         index of a tree decoded from its manifest."""
         await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
+        if self._store_checks is not None:
+            self._store_checks.report()
         ready()
         log.info("%s: serving %s", self.config.mountpoint, redact(self.config.image))
         if self._prefetcher is not None:

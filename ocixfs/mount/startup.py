@@ -13,10 +13,13 @@ for that; the plan the manifest then yields decides what is used (``Prefetcher``
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,20 +28,68 @@ if TYPE_CHECKING:
     from ocixfs.mount.profile import ChosenProfile
     from ocixfs.store.spec import StoreSpec
 
-__all__ = ["ImageLoader", "LoadedImage", "PendingLoad"]
+__all__ = ["ImageLoader", "LoadedImage", "PendingLoad", "StoreChecks"]
+
+log = logging.getLogger(__name__)
+
+
+class StoreChecks:
+    """A first look at each store (``check`` returns None when it answered, else why
+    not), each in a thread of its own started now, told of when the mount is ready.
+
+    A warm mount must not wait on the network for a warning, so ``report`` waits for
+    nothing: a store that has not answered by then is one warning line on stderr (the
+    caller of ``mount`` reads it); one still being asked is logged when it has answered
+    (the daemon's log). A refused connection answers at once, well before any mount is
+    ready."""
+
+    def __init__(self, labels: list[str], check: Callable[[int], str | None]) -> None:
+        self._labels = labels
+        self._results: list[Future[str | None]] = [Future() for _ in labels]
+        for index in range(len(labels)):
+            threading.Thread(target=self._run, args=(check, index), daemon=True,
+                             name="ocixfs-probe").start()
+
+    def _run(self, check: Callable[[int], str | None], index: int) -> None:
+        try:
+            self._results[index].set_result(check(index))
+        except BaseException as exc:  # a failed look is an answer of its own
+            self._results[index].set_result(f"{type(exc).__name__}: {exc}")
+
+    def report(self) -> None:
+        """Warn now of every store that did not answer; later of the ones still asked."""
+        for label, result in zip(self._labels, self._results, strict=True):
+            if result.done():
+                self._warn(label, result, late=False)
+            else:
+                result.add_done_callback(partial(self._warn, label, late=True))
+
+    @staticmethod
+    def _warn(label: str, result: Future[str | None], *, late: bool) -> None:
+        problem = result.result()
+        if problem is None:
+            return
+        line = (f"store {label} did not answer ({problem}); files not in the cache cannot "
+                "be read until it does")
+        if late:
+            log.warning("%s", line)
+        else:
+            print(f"ocixfs: warning: {line}", file=sys.stderr)
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedImage:
     """A validated image: its manifest's digest, its tree, the profile to play (None:
     none), the stores (pinned when the image came from a registry), and whether the tree
-    came from the host's image index (else the daemon writes one once serving)."""
+    came from the host's image index (else the daemon writes one once serving), and the
+    look at the stores, reported once the mount is ready."""
 
     digest: str
     tree: Tree
     profile: ChosenProfile | None
     stores: tuple[StoreSpec, ...]
     from_index: bool
+    store_checks: StoreChecks | None = field(default=None, compare=False)
 
 
 PlanSeen = Callable[[tuple["Chunk", ...]], None]
