@@ -22,7 +22,7 @@ from ocixfs.cache.index import write_index
 from ocixfs.errors import OcixError, leaf_exceptions
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
-from ocixfs.mount import kernelcache
+from ocixfs.mount import fusetrio, kernelcache
 from ocixfs.mount.control import ControlServer
 from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.predict import ElfPredictor
@@ -303,6 +303,7 @@ def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
     to open /dev/fuse: Permission denied``) caught and turned into the one-line
     ``OcixError`` a failure raises; on success that text goes to the log."""
     kernelcache.enable(pyfuse3.__file__)
+    fusetrio.install()
     with tempfile.TemporaryFile() as captured:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
