@@ -11,6 +11,7 @@
     ├── UnsafePathError          a path another user could change under us was refused
     ├── FetchError               no source delivered a verified blob (HTTP, file://)
     │   ├── BlobNotFound         every source answered "not there"
+    │   │   └── DocumentAbsent   a manifest or profile URL answered 404/410
     │   ├── BlobCorrupt          a source delivered bytes whose hash did not match
     │   └── FetchTimeout         the overall deadline passed
     └── UsageError               the user asked for something impossible (bad option, ...)
@@ -29,6 +30,7 @@ __all__ = [
     "BuildError",
     "CacheError",
     "CacheFullError",
+    "DocumentAbsent",
     "FetchError",
     "FetchTimeout",
     "FormatError",
@@ -75,6 +77,15 @@ class FetchError(OcixError):
 
 class BlobNotFound(FetchError):
     """Every source said the blob does not exist."""
+
+
+class DocumentAbsent(BlobNotFound):
+    """A server said the document at a URL is not there (404/410); ``max_age`` is how many
+    seconds that answer stays current (RFC 9111, as ``http.Validators.max_age``)."""
+
+    def __init__(self, message: str, max_age: float = 0.0) -> None:
+        super().__init__(message)
+        self.max_age = max_age
 
 
 class BlobCorrupt(FetchError):

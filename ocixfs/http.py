@@ -56,7 +56,7 @@ from typing import Any
 import httpx
 
 from ocixfs.config import DEFAULT_FETCH_CONFIG, FetchConfig
-from ocixfs.errors import BlobNotFound, FetchError, FormatError, UsageError
+from ocixfs.errors import DocumentAbsent, FetchError, FormatError, UsageError
 
 __all__ = [
     "DIRECT",
@@ -661,7 +661,7 @@ def download_if_changed(
     """``download``, asking the server for the document only if it changed since the
     version ``known`` identifies: ``(None, known)`` (with the freshness this answer gave)
     when it answers 304 Not Modified, else the body and what identifies its version.
-    Raises as ``download`` does."""
+    Raises as ``download`` does (a 404/410 as ``DocumentAbsent``, with its freshness)."""
     label = redact(url)
     clock = DownloadClock(config, config.document_deadline if deadline is None else deadline)
     headers = {"Accept-Encoding": _DOCUMENT_ENCODINGS, **(known.conditions() if known else {})}
@@ -671,7 +671,8 @@ def download_if_changed(
             if status == 304 and known:
                 return None, replace(known, max_age=freshness_lifetime(response.headers))
             if status in (404, 410):
-                raise BlobNotFound(f"{label}: HTTP {status}")
+                raise DocumentAbsent(f"{label}: HTTP {status}",
+                                     freshness_lifetime(response.headers))
             if status != 200:
                 raise FetchError(f"{label}: HTTP {status}")
             data = read_document(response, label, max_bytes=max_bytes, clock=clock)

@@ -48,7 +48,7 @@ http {{
             add_header Cache-Control "public, max-age=31536000, immutable";
         }}
         location / {{
-            add_header Cache-Control "public, max-age=60";
+            add_header Cache-Control "public, max-age=60" always;
         }}
     }}
 }}

@@ -15,6 +15,7 @@ import pytest
 
 from ocixfs.cache.index import index_path
 from ocixfs.image.format import manifest_digest
+from ocixfs.mount.profile import Profile, encode_profile, profile_beside
 from tests.mounting import Mounts, needs_fuse, run_ocixfs, wait_for
 from tests.nginx import CONFIG, Nginx
 
@@ -137,3 +138,86 @@ def test_a_manifest_is_not_asked_for_while_the_server_says_it_is_fresh(
         if fresh:  # the 304 made it fresh again
             assert mount_and_read(mounts, server, tmp_path) == "fresh\n"
             assert manifest_statuses(server) == ["200", "304"]
+
+
+FRESH_EVERYWHERE = CONFIG.replace(
+    "location / {{ }}", 'location / {{ add_header Cache-Control "max-age=600" always; }}')
+
+
+def document_statuses(server: Nginx) -> list[tuple[str, str]]:
+    """(path, status) of every GET of the manifest or of a profile beside it, in order."""
+    log = (server.work / "access.log").read_text().splitlines()
+    return [(line.split('"')[1].split()[1], line.split('"')[2].split()[0]) for line in log
+            if "GET /image.ocix" in line]
+
+
+def played_profile(mounts: Mounts, server: Nginx, tmp_path: Path) -> object:
+    with mounts(f"{server.url}image.ocix", tmp_path / "mnt", "--store", f"{server.url}store/",
+                "--cache-dir", os.fspath(tmp_path / "cache")) as mount:
+        assert (mount.mountpoint / "etc" / "motd").read_text() == "profiled\n"
+        return mount.stats()["played_profile"]
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["profile", "no-profile"])
+def test_a_profile_beside_a_url_is_remembered_like_the_manifest(
+    tmp_path: Path, site: Path, mounts: Mounts, published: bool
+) -> None:
+    """The profile beside a manifest URL follows the manifest's rules: while the server's
+    answer is fresh (a 404 too) a mount asks nothing at all and plays the copy kept in the
+    cache; after that a 304 keeps it, and a changed profile is played."""
+    image = build(site, "profiled\n")
+    profile = site / "image.ocix.profile"
+    if published:
+        profile.write_bytes(encode_profile(Profile((("/etc/motd", 0),))))
+    cache = tmp_path / "cache"
+    with Nginx(site, tmp_path / "nginx", config=FRESH_EVERYWHERE) as server:
+        first = played_profile(mounts, server, tmp_path)
+        assert (first is not None) == published
+        wait_for_index(cache, image)
+        again = played_profile(mounts, server, tmp_path)
+        if published:  # (else the host's own recording of the first mount plays)
+            assert again == first
+        statuses = [("/image.ocix", "200"),
+                    ("/image.ocix.profile", "200" if published else "404")]
+        assert sorted(document_statuses(server)) == statuses
+        if not published:
+            return
+        records = sorted((cache / "manifests").glob("*.json"))
+        for path in records:  # a server's answer that has grown stale
+            record = json.loads(path.read_text())
+            path.write_text(json.dumps(record | {"checked": record["checked"] - 601}))
+        assert played_profile(mounts, server, tmp_path) == first
+        assert sorted(document_statuses(server)[2:]) == [("/image.ocix", "304"),
+                                                        ("/image.ocix.profile", "304")]
+
+        profile.write_bytes(encode_profile(Profile((("/etc/motd", 0), ("/nothing", 1)))))
+        os.utime(profile, (1_700_000_900,) * 2)
+        for path in records:
+            record = json.loads(path.read_text())
+            path.write_text(json.dumps(record | {"checked": record["checked"] - 601}))
+        changed = played_profile(mounts, server, tmp_path)
+        assert isinstance(changed, dict) and changed["paths"] == 2
+        assert document_statuses(server)[-2:] in (
+            [("/image.ocix", "304"), ("/image.ocix.profile", "200")],
+            [("/image.ocix.profile", "200"), ("/image.ocix", "304")])
+
+
+def test_a_kept_profile_that_does_not_hash_to_its_record_is_downloaded_again(
+    tmp_path: Path, site: Path
+) -> None:
+    build(site, "profiled\n")
+    played = Profile((("/etc/motd", 0),))
+    (site / "image.ocix.profile").write_bytes(encode_profile(played))
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    with Nginx(site, tmp_path / "nginx", config=FRESH_EVERYWHERE) as server:
+        url = f"{server.url}image.ocix"
+        assert profile_beside(url, cache_dir=cache) == played
+        assert profile_beside(url, cache_dir=cache) == played
+        assert [s for _, s in document_statuses(server)] == ["200"]
+        (kept,) = (cache / "manifests").glob("*.body")
+        kept.write_bytes(encode_profile(Profile((("/etc/shadow", 0),))))
+        assert profile_beside(url, cache_dir=cache) == played
+        assert [s for _, s in document_statuses(server)] == ["200", "200"]
+        assert profile_beside(url) == played  # no cache named: asks every time
+        assert len(document_statuses(server)) == 3

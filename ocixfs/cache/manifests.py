@@ -1,15 +1,18 @@
-"""What this host knows of the manifests it downloaded: for a manifest URL, the digest of
-the manifest last received from it and what identifies that version on the server
-(``http.Validators``), so that a later mount of the same URL asks only whether it changed
-(a 304 answer is a round trip instead of the whole manifest) and loads the tree from the
-image index (``cache.index``) by that digest. While the version is fresh (the server's
-``Cache-Control: max-age`` or ``Expires``, counted from its last answer) it does not even
-ask.
+"""What this host knows of the documents it downloaded from URLs, manifests and the
+profiles beside them: for a URL, the digest of what it last sent (or that it had nothing
+there) and what identifies that version on the server (``http.Validators``), so that a
+later mount of the same URL asks only whether it changed (a 304 answer is a round trip
+instead of the whole document) and takes a manifest's tree from the image index
+(``cache.index``) by that digest, a profile from the copy kept here. While the version is
+fresh (the server's ``Cache-Control: max-age`` or ``Expires``, counted from its last
+answer; for a 404 too) it does not even ask.
 
 One small JSON file per URL, ``CACHE/manifests/<hex>.json`` (``hex`` = BLAKE3 of the
-URL), written atomically; one that cannot be read, is too large, malformed or names
-another URL counts as absent. A server's 304 can only bring back a manifest this host
-accepted from that URL before (and ``--digest`` is checked against it as against any)."""
+URL), and for a profile its bytes in ``<hex>.body``, each written atomically; one that
+cannot be read, is too large, malformed, names another URL or (a body) does not hash to
+the recorded digest counts as absent. A server's 304 can only bring back a document this
+host accepted from that URL before (and ``--digest`` is checked against it as against
+any)."""
 
 from __future__ import annotations
 
@@ -27,18 +30,19 @@ from ocixfs.http import Validators
 from ocixfs.image.loading import open_regular, read_limited
 from ocixfs.safefs import private_directory, write_atomically
 
-__all__ = ["KnownManifest", "recall", "remember"]
+__all__ = ["KnownDocument", "recall", "recall_body", "remember"]
 
 log = logging.getLogger(__name__)
 
 _MAX_RECORD = 8192
 _DIGEST_PREFIX = "b3:"
+ABSENT = ""
 
 
 @dataclass(frozen=True, slots=True)
-class KnownManifest:
-    """The manifest last downloaded from a URL: its digest, its version's validators, and
-    when the server last said that version was current (POSIX time)."""
+class KnownDocument:
+    """What a URL last sent: its digest (``ABSENT``: a 404/410), its version's validators,
+    and when the server last said that version was current (POSIX time)."""
 
     digest: str
     validators: Validators
@@ -54,7 +58,16 @@ def _record_path(cache_dir: Path, url: str) -> Path:
     return cache_dir / MANIFESTS / f"{blake3.blake3(url.encode()).hexdigest()}.json"
 
 
-def recall(cache_dir: Path, url: str) -> KnownManifest | None:
+def _body_path(cache_dir: Path, url: str) -> Path:
+    return _record_path(cache_dir, url).with_suffix(".body")
+
+
+def digest_of(body: bytes) -> str:
+    """The digest a record names ``body`` by."""
+    return _DIGEST_PREFIX + blake3.blake3(body).hexdigest()
+
+
+def recall(cache_dir: Path, url: str) -> KnownDocument | None:
     """What was recorded for ``url`` (None: nothing usable)."""
     path = _record_path(cache_dir, url)
     try:
@@ -66,7 +79,8 @@ def recall(cache_dir: Path, url: str) -> KnownManifest | None:
         digest, etag, modified = record["digest"], record["etag"], record["last_modified"]
         checked, max_age = record.get("checked", 0.0), record.get("max_age", 0.0)
         if (record["url"] != url or not isinstance(digest, str)
-                or not digest.startswith(_DIGEST_PREFIX) or len(digest) != 67
+                or digest != ABSENT and not (digest.startswith(_DIGEST_PREFIX)
+                                             and len(digest) == 67)
                 or not isinstance(etag, str) or not isinstance(modified, str)
                 or not all(isinstance(n, float | int) and not isinstance(n, bool)
                            for n in (checked, max_age))):
@@ -74,14 +88,28 @@ def recall(cache_dir: Path, url: str) -> KnownManifest | None:
         validators = Validators(etag, modified, float(max_age))
         if not (validators or validators.max_age > 0):
             return None
-        return KnownManifest(digest, validators, float(checked))
+        return KnownDocument(digest, validators, float(checked))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnsafePathError):
         return None
 
 
-def remember(cache_dir: Path, url: str, known: KnownManifest) -> None:
-    """Record ``known`` for ``url`` (nothing when it can be neither revalidated nor fresh);
-    a failure is logged, never raised: the next mount just downloads the manifest whole."""
+def recall_body(cache_dir: Path, url: str, known: KnownDocument, max_bytes: int) -> bytes | None:
+    """The body kept for ``url`` (``remember(..., body=)``) if it is what ``known`` names
+    and at most ``max_bytes`` long; else None."""
+    if known.digest == ABSENT:
+        return None
+    try:
+        with open_regular(_body_path(cache_dir, url)) as file:
+            body = read_limited(file, max_bytes)
+    except (OSError, ValueError):
+        return None
+    return body if digest_of(body) == known.digest else None
+
+
+def remember(cache_dir: Path, url: str, known: KnownDocument, body: bytes | None = None) -> None:
+    """Record ``known`` for ``url`` (nothing when it can be neither revalidated nor fresh),
+    with ``body`` kept beside it when given (a profile; a manifest's tree is in the index);
+    a failure is logged, never raised: the next mount just downloads the document whole."""
     validators = known.validators
     if not (validators or validators.max_age > 0):
         return
@@ -91,6 +119,8 @@ def remember(cache_dir: Path, url: str, known: KnownManifest) -> None:
               "max_age": validators.max_age}
     try:
         private_directory(path.parent, what="manifest records")
+        if body is not None:
+            write_atomically(_body_path(cache_dir, url), body, mode=0o600)
         write_atomically(path, json.dumps(record).encode(), mode=0o600)
     except (OSError, UnsafePathError) as exc:
         log.info("cannot record %s: %s", path, exc)

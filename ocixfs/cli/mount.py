@@ -307,7 +307,7 @@ def _load(
             beside = None
         else:
             loading = pool.submit(_load_tree, source, digest, fetch, cache_dir, stores)
-            beside = (pool.submit(profile_beside, source, fetch)
+            beside = (pool.submit(profile_beside, source, fetch, cache_dir)
                       if prefetch in ("auto", "all") else None)
             if beside is not None:
                 beside.add_done_callback(partial(_tell_plan, plan_seen))
@@ -381,7 +381,7 @@ def _load_url(url: str, digest: str | None, fetch: FetchConfig,
     import time
 
     from ocixfs.cache.index import LoadedTree, indexed_tree, open_tree
-    from ocixfs.cache.manifests import KnownManifest, recall, remember
+    from ocixfs.cache.manifests import ABSENT, KnownDocument, recall, remember
     from ocixfs.http import download_if_changed, redact, refuse_credentials
     from ocixfs.image.format import DEFAULT_LIMITS
     from ocixfs.image.loading import PinnedBytes, pin
@@ -394,7 +394,7 @@ def _load_url(url: str, digest: str | None, fetch: FetchConfig,
 
     refuse_credentials(url, "IMAGE")
     known = recall(cache_dir, url)
-    if known is not None and digest not in (None, known.digest):
+    if known is not None and (known.digest == ABSENT or digest not in (None, known.digest)):
         known = None
     current = digest or (known.digest if known is not None and known.fresh() else None)
     found = indexed(current) if current is not None else None
@@ -408,14 +408,14 @@ def _load_url(url: str, digest: str | None, fetch: FetchConfig,
         found = indexed(known.digest)
         if found is not None:
             if validators.max_age > 0:
-                remember(cache_dir, url, KnownManifest(known.digest, validators, asked))
+                remember(cache_dir, url, KnownDocument(known.digest, validators, asked))
             return found
         asked = time.time()
         data, validators = download_if_changed(url, None, config=fetch,
                                                max_bytes=DEFAULT_LIMITS.max_bytes)
         assert data is not None
     image = pin(data, url, expected_digest=digest)
-    remember(cache_dir, url, KnownManifest(image.digest, validators, asked))
+    remember(cache_dir, url, KnownDocument(image.digest, validators, asked))
     return image, open_tree(image.data, image.digest, cache_dir, source=image.name)
 
 

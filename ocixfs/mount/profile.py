@@ -377,13 +377,16 @@ def _recent_host_profiles(directory: Path, image_digest: str) -> list[Path]:
     return chosen
 
 
-def profile_beside(image: str, http: FetchConfig | None = None) -> Profile | None:
+def profile_beside(image: str, http: FetchConfig | None = None,
+                   cache_dir: Path | None = None) -> Profile | None:
     """``IMAGE.profile`` next to the manifest (a file, or a URL fetched with ``http``), or
-    None when there is none or it is unusable (logged)."""
+    None when there is none or it is unusable (logged). With ``cache_dir``, a URL's answer
+    is remembered there (``cache.manifests``): asked again only when it is no longer fresh,
+    and then only whether it changed."""
     from ocixfs.image.loading import is_url
 
     if is_url(image):
-        return _fetch_profile_url(image + ".profile", http or DEFAULT_FETCH_CONFIG)
+        return _fetch_profile_url(image + ".profile", http or DEFAULT_FETCH_CONFIG, cache_dir)
     return _read_profile(Path(image + ".profile"), strict=False)
 
 
@@ -421,18 +424,42 @@ def read_profile_file(path: Path) -> bytes:
         return read_limited(file, MAX_PROFILE_BYTES)
 
 
-def _fetch_profile_url(url: str, http: FetchConfig) -> Profile | None:
-    from ocixfs.errors import BlobNotFound
-    from ocixfs.http import download, redact
+def _fetch_profile_url(url: str, http: FetchConfig, cache_dir: Path | None) -> Profile | None:
+    import time
+
+    from ocixfs.cache.manifests import ABSENT, KnownDocument, digest_of, recall, recall_body
+    from ocixfs.cache.manifests import remember as remember_answer
+    from ocixfs.errors import DocumentAbsent
+    from ocixfs.http import Validators, download_if_changed, redact
+
+    known = recall(cache_dir, url) if cache_dir is not None else None
+    kept = (recall_body(cache_dir, url, known, MAX_PROFILE_BYTES)
+            if cache_dir is not None and known is not None else None)
+    if known is not None and known.fresh() and (known.digest == ABSENT or kept is not None):
+        return None if kept is None else _decode_or_warn(kept, redact(url), strict=False)
+
+    def remember(answer: KnownDocument, body: bytes | None = None) -> None:
+        if cache_dir is not None:
+            remember_answer(cache_dir, url, answer, body)
 
     deadline = min(http.deadline, http.document_deadline)  # optional: never worth more
+    asked = time.time()
     try:
-        data = download(url, max_bytes=MAX_PROFILE_BYTES, config=http, deadline=deadline)
-    except BlobNotFound:
+        data, validators = download_if_changed(
+            url, known.validators if known is not None and kept is not None else None,
+            max_bytes=MAX_PROFILE_BYTES, config=http, deadline=deadline)
+    except DocumentAbsent as exc:
+        remember(KnownDocument(ABSENT, Validators(max_age=exc.max_age), asked))
         return None
     except OcixError as exc:
         log.warning("%s", exc)
         return None
+    if data is None:  # not modified: the body kept
+        assert known is not None and kept is not None
+        if validators.max_age > 0:
+            remember(KnownDocument(known.digest, validators, asked))
+        return _decode_or_warn(kept, redact(url), strict=False)
+    remember(KnownDocument(digest_of(data), validators, asked), data)
     return _decode_or_warn(data, redact(url), strict=False)
 
 
