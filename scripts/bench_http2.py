@@ -221,7 +221,8 @@ def nginx_h2(root: Path, run_dir: Path, *, sendfile: bool) -> Iterator[Server]:
     run_dir.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
     conf = run_dir / "nginx.conf"
-    conf.write_text(template.format(run=run_dir, host=servers.LOOPBACK, port=port, root=root))
+    conf.write_text(template.format(run=run_dir, host=servers.LOOPBACK, port=port, root=root,
+                                    locations=servers.PLAIN))
     argv: list[str | Path] = ["nginx", "-c", conf, "-p", run_dir, "-e", run_dir / "error.log"]
     with servers.started(argv, run_dir / "nginx.out", stop_signal=signal.SIGQUIT) as proc:
         servers.wait_until(

@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from ocixfs.cache.index import index_path
+from ocixfs.cache.manifests import file_version
 from ocixfs.image.format import manifest_digest
 from ocixfs.mount.profile import Profile, encode_profile, profile_beside
-from tests.mounting import Mounts, needs_fuse, run_ocixfs, wait_for
+from tests.mounting import OCIXFS, Mounts, is_mounted, needs_fuse, run_ocixfs, wait_for
 from tests.nginx import CONFIG, Nginx
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -221,3 +223,55 @@ def test_a_kept_profile_that_does_not_hash_to_its_record_is_downloaded_again(
         assert [s for _, s in document_statuses(server)] == ["200", "200"]
         assert profile_beside(url) == played  # no cache named: asks every time
         assert len(document_statuses(server)) == 3
+
+
+def _mount_traced(image: Path, site: Path, tmp_path: Path, trace: Path) -> str:
+    """Mount ``image`` in the foreground under strace (files it opens go to ``trace``),
+    read /etc/motd, unmount; what it read."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir(exist_ok=True)
+    command = ["strace", "-f", "-qq", "-e", "trace=open,openat,openat2", "-o",
+               os.fspath(trace), *OCIXFS, "mount", "--foreground", "--no-service",
+               os.fspath(image), os.fspath(mountpoint), "--store", os.fspath(site / "store"),
+               "--cache-dir", os.fspath(tmp_path / "cache")]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            wait_for(lambda: is_mounted(mountpoint), what="the mount")
+            return (mountpoint / "etc" / "motd").read_text()
+        finally:
+            run_ocixfs("umount", os.fspath(mountpoint), check=False)
+            proc.wait(timeout=30)
+
+
+def test_a_manifest_file_mounted_again_unchanged_is_not_even_read(
+    tmp_path: Path, site: Path
+) -> None:
+    """A local manifest whose device, inode, size, mtime and ctime are those recorded when
+    this host last read it is not opened again (its tree comes from the index); one
+    replaced, or written in place, is read and served."""
+    image = build(site, "version 1\n")
+    cache = tmp_path / "cache"
+    wait_for(lambda: file_version(os.fspath(image)) is not None, what="a settled file")
+    opened = [tmp_path / f"trace{n}" for n in range(4)]
+    assert _mount_traced(image, site, tmp_path, opened[0]) == "version 1\n"
+    wait_for_index(cache, image)
+    assert _mount_traced(image, site, tmp_path, opened[1]) == "version 1\n"
+    named = f'"{image}"'  # as strace quotes it (not IMAGE.profile)
+    assert named in opened[0].read_text()
+    assert named not in opened[1].read_text()
+
+    rebuilt = build(site, "version 2\n", version=2)  # a new file renamed over it
+    assert _mount_traced(rebuilt, site, tmp_path, opened[2]) == "version 2\n"
+    assert named in opened[2].read_text()
+
+    (tmp_path / "other-site").mkdir()
+    other = build(tmp_path / "other-site", "version 3\n", version=3)
+    wait_for(lambda: file_version(os.fspath(image)) is not None, what="a settled file")
+    assert _mount_traced(image, site, tmp_path, opened[3]) == "version 2\n"
+    inode = image.stat().st_ino
+    with image.open("r+b") as file:  # written in place: the same inode
+        file.write(other.read_bytes())
+        file.truncate()
+    assert image.stat().st_ino == inode
+    shutil.copytree(other.parent / "store", site / "store", dirs_exist_ok=True)
+    assert _mount_traced(image, site, tmp_path, opened[3]) == "version 3\n"

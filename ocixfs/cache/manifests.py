@@ -5,7 +5,9 @@ later mount of the same URL asks only whether it changed (a 304 answer is a roun
 instead of the whole document) and takes a manifest's tree from the image index
 (``cache.index``) by that digest, a profile from the copy kept here. While the version is
 fresh (the server's ``Cache-Control: max-age`` or ``Expires``, counted from its last
-answer; for a 404 too) it does not even ask.
+answer; for a 404 too) it does not even ask. A manifest file is recorded the same way
+under its ``file://`` URL, its version the file's identity (``file_version``), so that a
+file mounted again unchanged is not even read.
 
 One small JSON file per URL, ``CACHE/manifests/<hex>.json`` (``hex`` = BLAKE3 of the
 URL), and for a profile its bytes in ``<hex>.body``, each written atomically; one that
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ from ocixfs.http import Validators
 from ocixfs.image.loading import open_regular, read_limited
 from ocixfs.safefs import private_directory, write_atomically
 
-__all__ = ["KnownDocument", "recall", "recall_body", "remember"]
+__all__ = ["KnownDocument", "file_version", "recall", "recall_body", "remember"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,25 @@ class KnownDocument:
         """Whether that version is still current without asking (``Validators.max_age``
         from ``checked``; never when the clock is before ``checked``)."""
         return 0.0 <= time.time() - self.checked < self.validators.max_age
+
+
+_RACY_NS = 2_000_000_000
+
+
+def file_version(path: str) -> Validators | None:
+    """What identifies the version of the manifest file at ``path``, as a server's ``ETag``
+    would: its device, inode, size, mtime and ctime (a file written or replaced changes
+    one of them; ctime cannot be set back). None when it is not a regular file, or was
+    modified in the last two seconds: timestamps advance in clock ticks, so a file may be
+    written again within the tick it shows and keep all five."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or time.time_ns() - st.st_ctime_ns < _RACY_NS:
+        return None
+    return Validators(etag=f"file {st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:"
+                           f"{st.st_ctime_ns}")
 
 
 def _record_path(cache_dir: Path, url: str) -> Path:

@@ -363,13 +363,36 @@ def _load_tree(
     source: str, digest: str | None, fetch: FetchConfig, cache_dir: Path,
     stores: Sequence[StoreSpec],
 ) -> tuple[PinnedBytes, LoadedTree, Profile | None, Sequence[StoreSpec]]:
-    from ocixfs.cache.index import open_tree
-    from ocixfs.image.loading import is_url, read_pinned
+    from ocixfs.image.loading import is_url
 
     if is_url(source):
         return *_load_url(source, digest, fetch, cache_dir), None, stores
-    image = read_pinned(source, expected_digest=digest, http=fetch)
-    return image, open_tree(image.data, image.digest, cache_dir, source=image.name), None, stores
+    return *_load_file(source, digest, fetch, cache_dir), None, stores
+
+
+def _load_file(path: str, digest: str | None, fetch: FetchConfig,
+               cache_dir: Path) -> tuple[PinnedBytes, LoadedTree]:
+    """A manifest file, not even read when it is the version (``file_version``) this host
+    last read under that name and its tree is in the image index; else read, checked
+    against ``digest``, and remembered when the file did not change while it was read."""
+    import time
+
+    from ocixfs.cache.index import LoadedTree, indexed_tree, open_tree
+    from ocixfs.cache.manifests import KnownDocument, file_version, recall, remember
+    from ocixfs.image.loading import PinnedBytes, read_pinned
+
+    key = Path(os.path.abspath(path)).as_uri()
+    version = file_version(path)
+    known = recall(cache_dir, key) if version is not None else None
+    if known is not None and known.validators == version and digest in (None, known.digest):
+        tree = indexed_tree(known.digest, cache_dir)
+        if tree is not None:
+            name = os.path.basename(path) or path
+            return PinnedBytes(path, name, known.digest, b""), LoadedTree(tree, from_index=True)
+    image = read_pinned(path, expected_digest=digest, http=fetch)
+    if version is not None and file_version(path) == version:
+        remember(cache_dir, key, KnownDocument(image.digest, version, time.time()))
+    return image, open_tree(image.data, image.digest, cache_dir, source=image.name)
 
 
 def _load_url(url: str, digest: str | None, fetch: FetchConfig,

@@ -3,7 +3,7 @@
 usage: scripts/bench/run [--quick] [--images minbase,python,large] [--links 100mbit,20mbit]
                          [--contenders skopeo-umoci,casync,ocixfs,ocixfs-profile,ocixfs-recorded,
                                        ocixfs-borrowed,ocixfs-next-ondemand,ocixfs-predict,
-                                       ocixfs-warm]
+                                       ocixfs-warm,ocixfs-warm-fresh]
                          [--runs N] [--work-dir DIR] [--json FILE] [--compress zstd|none]
                          [--manifest local|link] [--slow-run-seconds S] [--rebuild-images]
                          [--no-verify-link]

@@ -160,10 +160,20 @@ http {{
         listen {host}:{port};
         root {root};
         gzip_static on;  # a manifest with NAME.gz beside it goes out compressed
-        location / {{ }}
+{locations}
     }}
 }}
 """
+
+
+PLAIN = "        location / { }"
+# What the README tells a publisher to send: immutable blobs and packs; manifests, profiles
+# and ocix-store.json current for a minute, 404s included.
+PUBLISHER_HEADERS = """\
+        location ~ /(blobs/blake3|packs)/[0-9a-f]+[^/]*$ {
+            add_header Cache-Control "public, max-age=31536000, immutable";
+        }
+        location / { add_header Cache-Control "public, max-age=60" always; }"""
 
 
 class Nginx:
@@ -182,12 +192,15 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, run_dir: Path) -> Iterator[Nginx]:
-    """Serve root read-only over HTTP on a free loopback port."""
+def nginx(root: Path, run_dir: Path, *, publisher_headers: bool = False) -> Iterator[Nginx]:
+    """Serve root read-only over HTTP on a free loopback port (with ``publisher_headers``,
+    the ``Cache-Control`` headers the README advises)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = run_dir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(run=run_dir, host=LOOPBACK, port=port, root=root))
+    locations = PUBLISHER_HEADERS if publisher_headers else PLAIN
+    conf.write_text(NGINX_CONF.format(run=run_dir, host=LOOPBACK, port=port, root=root,
+                                      locations=locations))
     argv: list[str | Path] = ["nginx", "-c", conf, "-p", run_dir, "-e", run_dir / "error.log"]
     with started(argv, run_dir / "nginx.out", stop_signal=signal.SIGQUIT) as proc:
         wait_until(
