@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 
 from ocixfs.cache.index import index_path
-from ocixfs.cache.manifests import file_version
+from ocixfs.cache.manifests import (
+    KEEP_RECORDS,
+    KnownDocument,
+    digest_of,
+    file_version,
+    recall,
+    recall_body,
+    remember,
+)
+from ocixfs.http import Validators
 from ocixfs.image.format import manifest_digest
 from ocixfs.mount.profile import Profile, encode_profile, profile_beside
 from tests.mounting import OCIXFS, Mounts, is_mounted, needs_fuse, run_ocixfs, wait_for
@@ -275,3 +284,32 @@ def test_a_manifest_file_mounted_again_unchanged_is_not_even_read(
     assert image.stat().st_ino == inode
     shutil.copytree(other.parent / "store", site / "store", dirs_exist_ok=True)
     assert _mount_traced(image, site, tmp_path, opened[3]) == "version 3\n"
+
+
+def test_records_are_kept_for_the_most_recently_used_urls(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    records = cache / "manifests"
+
+    def url(n: int) -> str:
+        return f"http://origin.example/{n}.ocix.profile"
+
+    def record(n: int) -> None:
+        body = b"profile %d" % n
+        remember(cache, url(n), KnownDocument(digest_of(body), Validators(etag=f'"{n}"'), 0.0),
+                 body)
+
+    for n in range(KEEP_RECORDS):
+        record(n)
+        (path,) = [p for p in records.glob("*.json")
+                   if json.loads(p.read_text())["url"] == url(n)]
+        os.utime(path, (1_000 + n, 1_000 + n))  # written in that order
+    used = recall(cache, url(0))  # the oldest, used again
+    assert used is not None
+    record(KEEP_RECORDS)
+    assert len(list(records.glob("*.json"))) == len(list(records.glob("*.body"))) == KEEP_RECORDS
+    assert recall(cache, url(1)) is None  # the least recently used: gone, body and all
+    assert recall_body(cache, url(0), used, 1 << 20) == b"profile 0"
+    latest = recall(cache, url(KEEP_RECORDS))
+    assert latest is not None
+    assert recall_body(cache, url(KEEP_RECORDS), latest, 1 << 20) == b"profile %d" % KEEP_RECORDS

@@ -7,8 +7,9 @@
     CACHE/tmp/<hex>.fetch           a host-wide fetch claim, flock()ed by the fetching process
     CACHE/profiles/<hex>.profile    access profiles recorded on this host
     CACHE/index/<hex>.index         inode tables of images loaded here (``cache.index``)
-    CACHE/manifests/<hex>.json      what identifies manifests downloaded here, by URL
-                                    (``cache.manifests``)
+    CACHE/manifests/<hex>.json      what identifies the manifests (and profiles beside
+                                    them) read here, by URL or file:// (``cache.manifests``)
+    CACHE/manifests/<hex>.body      the bytes of such a profile
     CACHE/usage                     the shared usage counter (48 bytes, flock()ed to update)
     CACHE/evict.lock                flock()ed by whoever evicts, removes blobs or rescans
     CACHE/demand.lock               read-locked by each process with on-demand fetches

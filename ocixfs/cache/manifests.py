@@ -10,7 +10,8 @@ under its ``file://`` URL, its version the file's identity (``file_version``), s
 file mounted again unchanged is not even read.
 
 One small JSON file per URL, ``CACHE/manifests/<hex>.json`` (``hex`` = BLAKE3 of the
-URL), and for a profile its bytes in ``<hex>.body``, each written atomically; one that
+URL), and for a profile its bytes in ``<hex>.body``, each written atomically; the
+``KEEP_RECORDS`` most recently used are kept (a recall touches its record); one that
 cannot be read, is too large, malformed, names another URL or (a body) does not hash to
 the recorded digest counts as absent. A server's 304 can only bring back a document this
 host accepted from that URL before (and ``--digest`` is checked against it as against
@@ -18,6 +19,7 @@ any)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,10 +36,12 @@ from ocixfs.http import Validators
 from ocixfs.image.loading import open_regular, read_limited
 from ocixfs.safefs import private_directory, write_atomically
 
-__all__ = ["KnownDocument", "file_version", "recall", "recall_body", "remember"]
+__all__ = ["ABSENT", "KEEP_RECORDS", "KnownDocument", "digest_of", "file_version", "recall",
+           "recall_body", "remember"]
 
 log = logging.getLogger(__name__)
 
+KEEP_RECORDS = 256
 _MAX_RECORD = 8192
 _DIGEST_PREFIX = "b3:"
 ABSENT = ""
@@ -111,6 +115,7 @@ def recall(cache_dir: Path, url: str) -> KnownDocument | None:
         validators = Validators(etag, modified, float(max_age))
         if not (validators or validators.max_age > 0):
             return None
+        os.utime(path, follow_symlinks=False)  # used: the last to be trimmed
         return KnownDocument(digest, validators, float(checked))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnsafePathError):
         return None
@@ -145,5 +150,20 @@ def remember(cache_dir: Path, url: str, known: KnownDocument, body: bytes | None
         if body is not None:
             write_atomically(_body_path(cache_dir, url), body, mode=0o600)
         write_atomically(path, json.dumps(record).encode(), mode=0o600)
+        _trim(path.parent)
     except (OSError, UnsafePathError) as exc:
         log.info("cannot record %s: %s", path, exc)
+
+
+def _trim(directory: Path) -> None:
+    """Remove the least recently used records (and their bodies) beyond ``KEEP_RECORDS``."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+                found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+    found.sort(reverse=True)
+    for _, record in found[KEEP_RECORDS:]:
+        for path in (record, record.removesuffix(".json") + ".body"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
