@@ -115,7 +115,8 @@ def recall(cache_dir: Path, url: str) -> KnownDocument | None:
         validators = Validators(etag, modified, float(max_age))
         if not (validators or validators.max_age > 0):
             return None
-        os.utime(path, follow_symlinks=False)  # used: the last to be trimmed
+        with contextlib.suppress(OSError):  # used: the last to be trimmed
+            os.utime(path, follow_symlinks=False)
         return KnownDocument(digest, validators, float(checked))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnsafePathError):
         return None
