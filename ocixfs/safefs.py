@@ -15,6 +15,8 @@ root's writes (or ``chmod``, ``unlink``) anywhere. The rules here close that cla
 - ``private_directory``: a trusted directory that is also owned by the caller and not
   writable by anyone else; one merely readable by others is tightened to the given mode.
   For the cache and the runtime directory (control sockets, daemon logs).
+  ``checked_private_directory`` is the same, returning a ``str``: the host service's
+  client, which every root mount starts with, does not import ``pathlib``.
 - ``write_atomically``: a user-named output file is written under a random name created
   with ``O_EXCL`` in the same directory (never following a planted symlink), synced, then
   renamed over the target, so the target is whole or untouched.
@@ -25,14 +27,17 @@ at fault) or ``OSError``; callers translate the latter at their own boundary.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from pathlib import Path
 
 from ocixfs.errors import UnsafePathError
 
+TYPE_CHECKING = False  # (not typing's: the service's client imports this module)
+if TYPE_CHECKING:
+    from pathlib import Path
+
 __all__ = [
+    "checked_private_directory",
     "private_directory",
     "trusted_directory",
     "trusted_path",
@@ -48,31 +53,31 @@ def trusted_path(path: str | os.PathLike[str], *, what: str) -> Path:
     on the way is owned by root or the caller and no directory is writable by others
     unless sticky. Components that do not exist yet are returned as given (the caller
     creates them). Raises ``UnsafePathError``; ``what`` names the path in the message."""
+    from pathlib import Path
+
     return Path(_resolve(os.path.abspath(path), what, 0))
 
 
 def trusted_directory(path: str | os.PathLike[str], *, what: str, mode: int = 0o755) -> Path:
     """``trusted_path``, with the missing directories created (the last with ``mode``,
     parents 0755, both less the umask), and checked again once they exist."""
-    resolved = trusted_path(path, what=what)
-    missing = []
-    for candidate in (resolved, *resolved.parents):
-        if os.path.lexists(candidate):
-            break
-        missing.append(candidate)
-    for candidate in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # checked below, whoever made it
-            os.mkdir(candidate, mode if candidate == resolved else _PARENT_MODE)
-    resolved = trusted_path(resolved, what=what)
-    if not resolved.is_dir():
-        raise UnsafePathError(f"{what} {resolved}: not a directory")
-    return resolved
+    from pathlib import Path
+
+    return Path(_trusted_directory(os.fspath(path), what, mode))
 
 
 def private_directory(path: str | os.PathLike[str], *, what: str, mode: int = 0o700) -> Path:
     """A ``trusted_directory`` owned by the caller and writable by nobody else, created
     with ``mode`` if missing and tightened to it if others may read or enter it."""
-    resolved = trusted_directory(path, what=what, mode=mode)
+    from pathlib import Path
+
+    return Path(checked_private_directory(path, what=what, mode=mode))
+
+
+def checked_private_directory(path: str | os.PathLike[str], *, what: str,
+                              mode: int = 0o700) -> str:
+    """``private_directory``, as a ``str``."""
+    resolved = _trusted_directory(os.fspath(path), what, mode)
     fd = os.open(resolved, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -87,6 +92,24 @@ def private_directory(path: str | os.PathLike[str], *, what: str, mode: int = 0o
             os.fchmod(fd, mode)
     finally:
         os.close(fd)
+    return resolved
+
+
+def _trusted_directory(path: str, what: str, mode: int) -> str:
+    resolved = _resolve(os.path.abspath(path), what, 0)
+    missing = []
+    candidate = resolved
+    while not os.path.lexists(candidate):
+        missing.append(candidate)
+        candidate = os.path.dirname(candidate)
+    for candidate in reversed(missing):
+        try:  # noqa: SIM105 (no contextlib: the service's client imports this module)
+            os.mkdir(candidate, mode if candidate == resolved else _PARENT_MODE)
+        except FileExistsError:
+            pass  # checked below, whoever made it
+    resolved = _resolve(resolved, what, 0)
+    if not os.path.isdir(resolved):
+        raise UnsafePathError(f"{what} {resolved}: not a directory")
     return resolved
 
 
@@ -144,8 +167,10 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
             os.close(fd)
         os.replace(tmp, target)
     except BaseException:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (as above)
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
     directory_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -81,7 +81,7 @@ def one_run(image: Path, args: list[str], mountpoint: Path, files: list[str],
 
 def request_only(image: Path, args: list[str], mountpoint: Path, env: dict[str, str]) -> float:
     """Seconds for the service to take one mount request to its exit status."""
-    from ocixfs.mount.service import mount_through_service
+    from ocixfs.mount.serviceclient import mount_through_service
 
     mountpoint.mkdir()
     saved = dict(os.environ)

@@ -50,10 +50,16 @@ def _no_host_service_left() -> Iterator[None]:
     if os.geteuid() != 0:
         return
     from ocixfs.errors import OcixError
-    from ocixfs.mount.runtime import runtime_dir
-    from ocixfs.mount.service import ServicePaths, ask_service, connect, identity, stop_service
+    from ocixfs.mount.runtime import runtime_dir_name
+    from ocixfs.mount.serviceclient import (
+        ServicePaths,
+        ask_service,
+        connect,
+        identity,
+        stop_service,
+    )
 
-    paths = ServicePaths(runtime_dir())
+    paths = ServicePaths(runtime_dir_name())
     try:
         conn = connect(paths, start=False)
         if conn is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ocixfs.mount.service import SYSTEMD_BOOTED
+from ocixfs.mount.serviceclient import SYSTEMD_BOOTED
 from tests.faultserver import Fault, FaultServer
 from tests.forwardproxy import ForwardProxy
 from tests.mounting import (

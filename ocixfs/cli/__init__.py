@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # (not typing's: a root ``mount`` hands itself over before importing it)
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
@@ -134,7 +134,7 @@ def _mount_through_service(argv: Sequence[str]) -> int | None:
                 or len(name) > 2 and any(full.startswith(name) for full in _IN_PROCESS)
                 or arg == "-h"):
             return None
-    from ocixfs.mount.service import mount_through_service
+    from ocixfs.mount.serviceclient import mount_through_service
 
     return _reporting_errors(lambda: mount_through_service(argv))
 

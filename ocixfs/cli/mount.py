@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     asks it before anything is parsed, so ``service_asked`` means it declined), else
     here."""
     if not (args.foreground or args.no_service or args.service_asked) and os.geteuid() == 0:
-        from ocixfs.mount.service import mount_through_service
+        from ocixfs.mount.serviceclient import mount_through_service
 
         status = mount_through_service(args.command_line)
         if status is not None:

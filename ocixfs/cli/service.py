@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stop() -> int:
-    from ocixfs.mount.service import service_paths, stop_service
+    from ocixfs.mount.serviceclient import service_paths, stop_service
 
     pid = stop_service(service_paths())
     print("ocixfs: the service is not running" if pid is None
@@ -77,7 +77,7 @@ def _stop() -> int:
 
 
 def _request(op: str, *, start: bool) -> dict[str, Any] | None:
-    from ocixfs.mount.service import ask_service, connect, service_paths
+    from ocixfs.mount.serviceclient import ask_service, connect, service_paths
 
     conn = connect(service_paths(create=start), start=start)
     if conn is None:
@@ -88,7 +88,7 @@ def _request(op: str, *, start: bool) -> dict[str, Any] | None:
 
 def _show(answer: dict[str, Any] | None, as_json: bool) -> int:
     from ocixfs.errors import OcixError
-    from ocixfs.mount.service import service_paths
+    from ocixfs.mount.serviceclient import service_paths
 
     if answer is None:
         raise OcixError(f"the ocixfs service did not start (see {service_paths().log})")

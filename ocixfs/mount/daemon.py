@@ -156,7 +156,7 @@ def run_background(config: MountConfig, loader: ImageLoader) -> int:
     return _wait_for_child(pid, read_fd, config.mountpoint)
 
 
-def open_log_file(path: Path) -> int:
+def open_log_file(path: str | os.PathLike[str]) -> int:
     """The daemon's log, opened for appending (created 0600), never through a symlink:
     a planted one would have root append to any file. Raises ``UsageError``."""
     try:

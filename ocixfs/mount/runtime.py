@@ -6,11 +6,14 @@ it. Imports next to nothing: the host service's client starts with it."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from ocixfs.safefs import private_directory
+from ocixfs.safefs import checked_private_directory
 
-__all__ = ["mount_id", "runtime_dir"]
+TYPE_CHECKING = False  # (not typing's: the service's client imports this module)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["mount_id", "runtime_dir", "runtime_dir_name"]
 
 
 def runtime_dir(*, create: bool = False) -> Path:
@@ -19,13 +22,20 @@ def runtime_dir(*, create: bool = False) -> Path:
     0700) whenever it exists, and made so first with ``create``. Raises
     ``UnsafePathError``: a directory another user controls could hold a fake daemon's
     socket or a symlink where the daemon appends its log."""
+    from pathlib import Path
+
+    return Path(runtime_dir_name(create=create))
+
+
+def runtime_dir_name(*, create: bool = False) -> str:
+    """``runtime_dir``, as a ``str``."""
     if os.geteuid() == 0:
-        path = Path("/run/ocixfs")
+        path = "/run/ocixfs"
     else:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
-        path = Path(xdg) / "ocixfs" if xdg else Path(f"/tmp/ocixfs-{os.geteuid()}")
+        path = os.path.join(xdg, "ocixfs") if xdg else f"/tmp/ocixfs-{os.geteuid()}"
     if create or os.path.lexists(path):
-        return private_directory(path, what="runtime directory")
+        return checked_private_directory(path, what="runtime directory")
     return path
 
 

@@ -27,6 +27,7 @@ socket (under ``service.lock``, so two first mounts start one service) and start
 ``ocixfs service run`` on it in a new session, logging to ``service.log`` (not on a host
 run by systemd: there the service is a unit, ``systemd/ocixfs.socket``). A service whose
 modules are older than the installed files (``code_version``) is stopped and started anew.
+The client half is ``mount.serviceclient``, which imports next to nothing.
 """
 
 from __future__ import annotations
@@ -36,403 +37,41 @@ import json
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ocixfs.errors import OcixError
-from ocixfs.mount.runtime import runtime_dir
-from ocixfs.safefs import private_directory
+from ocixfs.mount.serviceclient import (
+    MAX_REQUEST,
+    REQUEST_TIMEOUT,
+    STALE_CODE,
+    ServiceError,
+    ServicePaths,
+    ask_service,
+    bind,
+    code_version,
+    enter_worker,
+    identity,
+    locked,
+    read_line,
+    service_paths,
+    try_connect,
+)
 
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable
     from typing import Any
 
-__all__ = [
-    "BYPASS_ENV",
-    "SERVICE_DIR_ENV",
-    "SOCKET_NAME",
-    "ServicePaths",
-    "ask_service",
-    "connect",
-    "mount_through_service",
-    "run_service",
-    "service_paths",
-    "stop_service",
-]
+__all__ = ["parse_listen", "run_service"]
+
 
 def _log() -> logging.Logger:
-    """This module's logger; ``logging`` is imported only when something is said (the
-    client, which is every root ``ocixfs mount``, imports as little as it can)."""
     import logging
 
     return logging.getLogger(__name__)
-
-
-SERVICE_DIR_ENV = "OCIXFS_SERVICE_DIR"
-SOCKET_NAME = "service.sock"
-BYPASS_ENV = "OCIXFS_NO_SERVICE"
-SOCKET_MODE = 0o600
-HANDSHAKE_TIMEOUT = 10.0   # a running service forks a worker in milliseconds
-START_TIMEOUT = 60.0       # a service just started imports first (cold disk: seconds)
-REQUEST_TIMEOUT = 10.0     # how long a worker waits for a client's request or its "go"
-MAX_REQUEST = 1 << 20
-STOP_WAIT = 10.0
-STALE_CODE = "stale code"
-_STALE = -1  # not an exit status: _delegate's "start the service anew"
-SYSTEMD_BOOTED = "/run/systemd/system"
-_CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-_in_worker = False  # True in a child of the service: its mounts never ask the service
-
-
-class ServiceError(OcixError):
-    """The service's socket or directory is not what it must be (one line for the user)."""
-
-
-class ServicePaths:
-    """Where the service lives: its socket, the lock taken to start it, its log. (Not a
-    dataclass: the client imports as little as it can.)"""
-
-    __slots__ = ("directory",)
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    @property
-    def socket(self) -> Path:
-        return self.directory / SOCKET_NAME
-
-    @property
-    def lock(self) -> Path:
-        return self.directory / "service.lock"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "service.log"
-
-
-def service_paths(*, create: bool = False) -> ServicePaths:
-    """The service's directory: ``$OCIXFS_SERVICE_DIR``, else the runtime directory
-    (``/run/ocixfs`` for root), checked private whenever it exists (``UnsafePathError``)."""
-    given = os.environ.get(SERVICE_DIR_ENV)
-    if not given:
-        return ServicePaths(runtime_dir(create=create))
-    if create or os.path.lexists(given):
-        return ServicePaths(private_directory(given, what="service directory"))
-    return ServicePaths(Path(given))
-
-
-def identity() -> str:
-    """What a client and a service must share to serve each other's mounts: the same
-    ocixfs, run by the same interpreter."""
-    import ocixfs
-
-    return f"{ocixfs.__version__} {os.path.realpath(sys.executable)} {ocixfs.__file__}"
-
-
-def code_version() -> str:
-    """The newest modification time of the package's modules: a service that imported
-    older code than the files now hold (ocixfs was upgraded) is stopped and started anew
-    by the next mount."""
-    import ocixfs
-
-    newest = 0
-    pending = [os.path.dirname(ocixfs.__file__)]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False) and entry.name != "__pycache__":
-                    pending.append(entry.path)
-                elif entry.name.endswith(".py"):
-                    newest = max(newest, entry.stat().st_mtime_ns)
-    return str(newest)
-
-
-# ----------------------------------------------------------------------------------------
-# The client
-
-
-def mount_through_service(argv: Sequence[str]) -> int | None:
-    """Run ``ocixfs ARGV`` (a mount) in the service, starting it if needed, and return
-    its exit status; what it prints goes to this process's stdout and stderr. None when
-    the service is not for this caller (not root, ``OCIXFS_NO_SERVICE`` set, already in a
-    worker, another mount namespace or ocixfs): the caller then mounts in-process.
-    Raises ``ServiceError`` (or ``UnsafePathError``) for a socket or directory that is
-    not the service's."""
-    if _in_worker or os.geteuid() != 0 or os.environ.get(BYPASS_ENV):
-        return None
-    try:
-        paths = service_paths(create=True)
-        code = code_version()
-        for _attempt in range(2):
-            conn = connect(paths, start=not _systemd_runs_the_host())
-            if conn is None:
-                return None
-            with conn:
-                status = _delegate(conn, argv, code)
-            if status != _STALE:
-                return status
-            _log().debug("the ocixfs service runs older code; starting it anew")
-            stop_service(paths, unless_code=code)
-    except (OSError, ValueError) as exc:  # a read-only /run, an answer cut short...
-        _log().debug("no ocixfs service (%s); mounting in this process", exc)
-    return None
-
-
-def _systemd_runs_the_host() -> bool:
-    """Under systemd, a service started by a mount would live in the cgroup of whatever
-    ran that mount (a unit, a login session) and die with it, taking along every mount it
-    made since: there the service runs only as its own unit (``systemd/ocixfs.socket``),
-    and without it mounts stay in-process. (sd_booted(3): this directory exists.)"""
-    return os.path.isdir(SYSTEMD_BOOTED)
-
-
-def connect(paths: ServicePaths, *, start: bool) -> socket.socket | None:
-    """A connection to the running service; with ``start``, one started first if none
-    answers (a stale socket is replaced). None if there is none (or it could not start).
-    Raises ``ServiceError`` for a socket that is not the service's or refuses us."""
-    conn = _try_connect(paths.socket)
-    if conn is not None or not start:
-        return conn
-    with _locked(paths.lock):
-        conn = _try_connect(paths.socket)  # another first mount may have started it
-        if conn is None:
-            _start_service(paths)
-            conn = _try_connect(paths.socket)
-    if conn is not None:
-        conn.settimeout(START_TIMEOUT)
-    return conn
-
-
-def ask_service(conn: socket.socket, op: str, **args: str) -> dict[str, Any]:
-    """One ``status``/``stop`` request on ``conn``; its JSON answer."""
-    conn.settimeout(HANDSHAKE_TIMEOUT)
-    conn.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-    answer: dict[str, Any] = json.loads(_read_line(conn) or b"{}")
-    return answer
-
-
-def stop_service(paths: ServicePaths, *, unless_code: str | None = None) -> int | None:
-    """Stop the running service (unless it runs ``unless_code``: another client has
-    already started it anew) and wait until it has exited; its pid, None if none ran.
-    Mounts keep serving."""
-    conn = connect(paths, start=False)
-    if conn is None:
-        return None
-    with conn:
-        args = {} if unless_code is None else {"unless_code": unless_code}
-        pid = ask_service(conn, "stop", **args).get("pid")
-    if not isinstance(pid, int):
-        return None
-    from ocixfs.mount.daemon import wait_for_exit
-
-    if not wait_for_exit(pid, STOP_WAIT):
-        raise OcixError(f"the ocixfs service (pid {pid}) was asked to stop and is still "
-                        f"running after {STOP_WAIT:g} s")
-    return pid
-
-
-def _try_connect(path: Path) -> socket.socket | None:
-    """Connect to the socket at ``path`` after checking it is a socket that only its
-    owner, this user, can connect to; None when nothing is there or nobody listens."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ServiceError(f"service socket {path}: not a socket; remove it")
-    if st.st_uid != os.geteuid():
-        raise ServiceError(f"service socket {path}: owned by uid {st.st_uid}, not by you "
-                           f"(uid {os.geteuid()}); remove it")
-    if st.st_mode & 0o022:
-        raise ServiceError(f"service socket {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
-                           f"others connect; remove it (the service makes it {SOCKET_MODE:04o})")
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        conn.settimeout(HANDSHAKE_TIMEOUT)
-        conn.connect(os.fspath(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        conn.close()
-        return None  # gone, or stale: nobody listens
-    except OSError as exc:
-        conn.close()
-        raise ServiceError(f"service socket {path}: {exc.strerror or exc}") from None
-    return conn
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def bind(path: Path) -> socket.socket:
-    """A listening socket at ``path`` (a stale one replaced), mode 0600. The caller holds
-    the lock, and the directory is private, so nobody can reach it meanwhile."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        path.unlink(missing_ok=True)
-        sock.bind(os.fspath(path))
-        os.chmod(path, SOCKET_MODE)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _start_service(paths: ServicePaths) -> None:
-    """Bind the socket and start ``ocixfs service run`` on it, detached (a new session,
-    reparented to init), with a clean environment and its output in ``service.log``.
-    Clients that connect before it accepts wait in the socket's backlog."""
-    from ocixfs.mount.daemon import open_log_file
-
-    log_fd = open_log_file(paths.log)
-    try:
-        listener = bind(paths.socket)
-    except OSError as exc:
-        os.close(log_fd)
-        _log().debug("cannot start the ocixfs service: %s", exc)
-        return
-    env = {"PATH": os.environ.get("PATH", _CLEAN_PATH)}
-    for name in ("PYTHONPATH", SERVICE_DIR_ENV):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    argv = [sys.executable, "-m", "ocixfs", "service", "run", "--listen-fd", "3"]
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            os.setsid()
-            if os.fork() == 0:
-                _exec_detached(argv, env, listener.fileno(), log_fd)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    os.close(log_fd)
-    listener.close()
-
-
-def _exec_detached(argv: list[str], env: dict[str, str], listen_fd: int, log_fd: int) -> None:
-    """Become ``argv`` with stdin and stdout on /dev/null, stderr on ``log_fd``, the
-    listening socket as fd 3 and no other descriptor of the client's (its caller's open
-    files must not live on in the service and every mount it makes)."""
-    import fcntl
-
-    listen_copy = fcntl.fcntl(listen_fd, fcntl.F_DUPFD, 10)  # above what is rearranged
-    log_copy = fcntl.fcntl(log_fd, fcntl.F_DUPFD, 10)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for target, fd in ((0, devnull), (1, devnull), (2, log_copy), (3, listen_copy)):
-        os.dup2(fd, target)
-    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-    os.chdir("/")
-    os.execve(argv[0], argv, env)
-
-
-def _delegate(conn: socket.socket, argv: Sequence[str], code: str) -> int | None:
-    """Hand the command to the service; its exit status (None: refused; ``_STALE``: the
-    service runs older code than ``code``)."""
-    request = {"op": "mount", "argv": list(argv), "env": dict(os.environ),
-               "umask": _umask(), "identity": identity(), "code": code}
-    try:
-        fds = _stdio_and_cwd()
-    except OSError as exc:
-        _log().debug("cannot hand this process's files to the service (%s)", exc)
-        return None
-    try:
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
-        answer = _read_line(conn).decode(errors="replace").strip()
-        if answer.startswith(f"refused {STALE_CODE}"):
-            return _STALE
-        worker = int(answer[4:]) if answer.startswith("pid ") else None
-        if worker is not None:
-            conn.sendall(b"go\n")
-    except (OSError, ValueError) as exc:
-        _log().debug("the ocixfs service did not answer (%s); mounting in this process", exc)
-        return None
-    finally:
-        for fd in fds[3:]:
-            os.close(fd)
-    if worker is None:
-        _log().debug("the ocixfs service declined (%s); mounting in this process", answer)
-        return None
-    return _wait_for_worker(conn, worker)
-
-
-def _wait_for_worker(conn: socket.socket, worker: int) -> int:
-    """The worker's exit status; signals meant for us go to it meanwhile."""
-    conn.settimeout(None)
-    forwarded: list[int] = []
-    with _forwarding_signals(worker, forwarded):
-        try:
-            line = _read_line(conn).decode(errors="replace").strip()
-        except OSError:
-            line = ""
-    if line.startswith("status ") and line[7:].lstrip("-").isdigit():
-        return int(line[7:])
-    if forwarded:
-        return 128 + forwarded[-1]
-    print(f"ocixfs: the ocixfs service's worker {worker} died (see "
-          f"{service_paths().log})", file=sys.stderr)
-    return 1
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _stdio_and_cwd() -> list[int]:
-    """The caller's stdin, stdout, stderr (``/dev/null`` for a closed one) and a
-    descriptor of its working directory, to hand to the worker."""
-    fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
-    fds.append(os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    return fds
-
-
-@contextlib.contextmanager
-def _forwarding_signals(pid: int, forwarded: list[int]) -> Iterator[None]:
-    """While the worker runs: Ctrl-C (and SIGTERM, SIGHUP) reach it as if it were us."""
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signum)
-
-    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, forward) for signum in caught}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _read_line(conn: socket.socket) -> bytes:
-    """Bytes up to and including the first newline (or the end of the stream)."""
-    data = b""
-    while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,7 +126,7 @@ def run_service(
                 listener.close()
             with contextlib.suppress(OSError):
                 if bound is not None and os.stat(paths.socket).st_ino == bound:
-                    paths.socket.unlink()
+                    os.unlink(paths.socket)
     _log().info("service %d stopped (%d workers still running on their own)",
              service_pid, len(state.children))
     return 0
@@ -501,8 +140,8 @@ def _listening_socket(paths: ServicePaths, listen_fd: int | None) -> tuple[socke
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
         return socket.socket(fileno=3), False  # systemd's (SD_LISTEN_FDS_START)
-    with _locked(paths.lock):
-        conn = _try_connect(paths.socket)
+    with locked(paths.lock):
+        conn = try_connect(paths.socket)
         if conn is not None:
             with conn:
                 pid = ask_service(conn, "status").get("pid")
@@ -582,8 +221,7 @@ def _reap(state: _State) -> None:
 
 def _child(state: _State, conn: socket.socket, kind: str, private: tuple[int, ...]) -> int:
     """A connection's own process: nothing of the service's loop survives in it."""
-    global _in_worker
-    _in_worker = True
+    enter_worker()
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
@@ -594,7 +232,7 @@ def _child(state: _State, conn: socket.socket, kind: str, private: tuple[int, ..
         os.close(fd)
     try:
         conn.settimeout(REQUEST_TIMEOUT)
-        data, fds = _receive(conn) if kind == "unix" else (_read_line(conn), [])
+        data, fds = _receive(conn) if kind == "unix" else (read_line(conn), [])
         if data.startswith((b"GET ", b"HEAD ")):
             _answer_http(conn, data, state)
             return 0
@@ -664,7 +302,7 @@ def _worker(state: _State, conn: socket.socket, request: dict[str, Any],
         conn.sendall(f"refused {refusal}\n".encode())
         return 0
     conn.sendall(f"pid {os.getpid()}\n".encode())
-    if _read_line(conn).strip() != b"go":
+    if read_line(conn).strip() != b"go":
         return 0  # the client gave up (it mounts in its own process)
     _become_caller(request, fds)
     os.register_at_fork(after_in_child=conn.close)  # the FUSE daemon must not hold it
