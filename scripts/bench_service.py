@@ -10,7 +10,7 @@ With --entries N the image is a generated N-entry manifest (``scripts/bench_form
 no file is read, an empty store) and each mode is first timed once on a fresh cache (the
 manifest decoded, no image index yet) before the runs (the index in the cache).
 
-A third row times the request alone: `ocixfs.mount.service.mount_through_service` called in
+A third row times the request alone: `ocixfs.mount.serviceclient.mount_through_service` called in
 this process (no interpreter start, no imports), i.e. the service's side plus the
 client's protocol.
 
