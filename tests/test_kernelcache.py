@@ -249,3 +249,29 @@ def test_elf_reader_refuses_what_it_does_not_know(tmp_path: Path) -> None:
         with pytest.raises((ValueError, IndexError, kernelcache.struct.error)):
             image = kernelcache._ElfImage(content)
             image.jump_slot("fuse_session_new")
+
+
+def test_a_mount_reads_ahead_a_mebibyte_so_a_sequential_read_takes_few_requests(
+    tmp_path: Path, mounts: object
+) -> None:
+    """The mount's read-ahead window is 1 MiB (FUSE's default is 128 KiB): reading an
+    8 MiB file from start to end in 64 KiB steps takes about 8 READs, not 64."""
+    tree, store = tmp_path / "tree", tmp_path / "store"
+    tree.mkdir()
+    content = os.urandom(8 << 20)
+    (tree / "big.bin").write_bytes(content)
+    image = tmp_path / "image.ocix"
+    run_ocixfs("build", f"dir:{tree}", "--store", os.fspath(store), "--output", os.fspath(image))
+    with mounts(image, tmp_path / "mnt", "--store", os.fspath(store),  # type: ignore[operator]
+                "--cache-dir", os.fspath(tmp_path / "cache")) as mount:
+        device = os.stat(mount.mountpoint).st_dev
+        knob = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        assert knob.read_text().strip() == str(kernelcache.READ_AHEAD_KIB)
+        before = mount.stats()["fs"]["reads"]
+        read = bytearray()
+        with (mount.mountpoint / "big.bin").open("rb", buffering=0) as file:
+            while piece := file.read(64 << 10):
+                read += piece
+        assert read == content
+        requests = mount.stats()["fs"]["reads"] - before
+        assert 8 <= requests <= 12, requests

@@ -200,7 +200,8 @@ class MountSession:
         predictor (their first steps, a look at the cache for every planned blob, would
         hold up the trio thread while the kernel's first requests wait) and keep the
         index of a tree decoded from its manifest."""
-        await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
+        served = await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
+        kernelcache.read_ahead(served.st_dev)
         if self._store_checks is not None:
             self._store_checks.report()
         ready()
