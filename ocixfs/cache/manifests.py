@@ -11,11 +11,11 @@ file mounted again unchanged is not even read.
 
 One small JSON file per URL, ``CACHE/manifests/<hex>.json`` (``hex`` = BLAKE3 of the
 URL), and for a profile its bytes in ``<hex>.body``, each written atomically; the
-``KEEP_RECORDS`` most recently used are kept (a recall touches its record); one that
-cannot be read, is too large, malformed, names another URL or (a body) does not hash to
-the recorded digest counts as absent. A server's 304 can only bring back a document this
-host accepted from that URL before (and ``--digest`` is checked against it as against
-any)."""
+``KEEP_RECORDS`` most recently used are kept (a recall touches its record, at most once an
+hour); one that cannot be read, is too large, malformed, names another URL or (a body)
+does not hash to the recorded digest counts as absent. A server's 304 can only bring back
+a document this host accepted from that URL before (and ``--digest`` is checked against
+it as against any)."""
 
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ from ocixfs.image.loading import open_regular, read_limited
 from ocixfs.safefs import private_directory, write_atomically
 
 __all__ = ["ABSENT", "KEEP_RECORDS", "KnownDocument", "digest_of", "file_version", "recall",
-           "recall_body", "remember"]
+           "recall_body", "refresh", "remember"]
 
 log = logging.getLogger(__name__)
 
 KEEP_RECORDS = 256
+_TOUCH_INTERVAL = 3600.0  # a record's last use is refreshed at most this often
 _MAX_RECORD = 8192
 _DIGEST_PREFIX = "b3:"
 ABSENT = ""
@@ -103,6 +104,7 @@ def recall(cache_dir: Path, url: str) -> KnownDocument | None:
         private_directory(path.parent, what="manifest records")
         with open_regular(path) as file:
             record = json.loads(read_limited(file, _MAX_RECORD))
+            touched = os.fstat(file.fileno()).st_mtime
         digest, etag, modified = record["digest"], record["etag"], record["last_modified"]
         checked, max_age = record.get("checked", 0.0), record.get("max_age", 0.0)
         if (record["url"] != url or not isinstance(digest, str)
@@ -115,8 +117,9 @@ def recall(cache_dir: Path, url: str) -> KnownDocument | None:
         validators = Validators(etag, modified, float(max_age))
         if not (validators or validators.max_age > 0):
             return None
-        with contextlib.suppress(OSError):  # used: the last to be trimmed
-            os.utime(path, follow_symlinks=False)
+        if time.time() - touched > _TOUCH_INTERVAL:  # used: among the last to be trimmed
+            with contextlib.suppress(OSError):
+                os.utime(path, follow_symlinks=False)
         return KnownDocument(digest, validators, float(checked))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnsafePathError):
         return None
@@ -154,6 +157,14 @@ def remember(cache_dir: Path, url: str, known: KnownDocument, body: bytes | None
         _trim(path.parent)
     except (OSError, UnsafePathError) as exc:
         log.info("cannot record %s: %s", path, exc)
+
+
+def refresh(cache_dir: Path, url: str, known: KnownDocument, validators: Validators,
+            asked: float) -> None:
+    """After a 304 to a request made at ``asked`` with ``known``'s validators: record the
+    freshness it gave. Nothing to write when it gave none: the record still revalidates."""
+    if validators.max_age > 0:
+        remember(cache_dir, url, KnownDocument(known.digest, validators, asked))
 
 
 def _trim(directory: Path) -> None:

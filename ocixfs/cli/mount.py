@@ -377,18 +377,17 @@ def _load_file(path: str, digest: str | None, fetch: FetchConfig,
     against ``digest``, and remembered when the file did not change while it was read."""
     import time
 
-    from ocixfs.cache.index import LoadedTree, indexed_tree, open_tree
+    from ocixfs.cache.index import open_tree
     from ocixfs.cache.manifests import KnownDocument, file_version, recall, remember
-    from ocixfs.image.loading import PinnedBytes, read_pinned
+    from ocixfs.image.loading import read_pinned
 
     key = Path(os.path.abspath(path)).as_uri()
     version = file_version(path)
     known = recall(cache_dir, key) if version is not None else None
     if known is not None and known.validators == version and digest in (None, known.digest):
-        tree = indexed_tree(known.digest, cache_dir)
-        if tree is not None:
-            name = os.path.basename(path) or path
-            return PinnedBytes(path, name, known.digest, b""), LoadedTree(tree, from_index=True)
+        found = _from_index(path, os.path.basename(path) or path, known.digest, cache_dir)
+        if found is not None:
+            return found
     image = read_pinned(path, expected_digest=digest, http=fetch)
     if version is not None and file_version(path) == version:
         remember(cache_dir, key, KnownDocument(image.digest, version, time.time()))
@@ -403,17 +402,14 @@ def _load_url(url: str, digest: str | None, fetch: FetchConfig,
     (``cache.manifests``) whose tree is in the image index; else whole."""
     import time
 
-    from ocixfs.cache.index import LoadedTree, indexed_tree, open_tree
-    from ocixfs.cache.manifests import ABSENT, KnownDocument, recall, remember
+    from ocixfs.cache.index import open_tree
+    from ocixfs.cache.manifests import ABSENT, KnownDocument, recall, refresh, remember
     from ocixfs.http import download_if_changed, redact, refuse_credentials
     from ocixfs.image.format import DEFAULT_LIMITS
-    from ocixfs.image.loading import PinnedBytes, pin
+    from ocixfs.image.loading import pin
 
     def indexed(known_digest: str) -> tuple[PinnedBytes, LoadedTree] | None:
-        tree = indexed_tree(known_digest, cache_dir)
-        if tree is None:
-            return None
-        return PinnedBytes(url, redact(url), known_digest, b""), LoadedTree(tree, from_index=True)
+        return _from_index(url, redact(url), known_digest, cache_dir)
 
     refuse_credentials(url, "IMAGE")
     known = recall(cache_dir, url)
@@ -430,8 +426,7 @@ def _load_url(url: str, digest: str | None, fetch: FetchConfig,
         assert known is not None  # not modified: the manifest last received
         found = indexed(known.digest)
         if found is not None:
-            if validators.max_age > 0:
-                remember(cache_dir, url, KnownDocument(known.digest, validators, asked))
+            refresh(cache_dir, url, known, validators, asked)
             return found
         asked = time.time()
         data, validators = download_if_changed(url, None, config=fetch,
@@ -440,6 +435,19 @@ def _load_url(url: str, digest: str | None, fetch: FetchConfig,
     image = pin(data, url, expected_digest=digest)
     remember(cache_dir, url, KnownDocument(image.digest, validators, asked))
     return image, open_tree(image.data, image.digest, cache_dir, source=image.name)
+
+
+def _from_index(source: str, name: str, digest: str,
+                cache_dir: Path) -> tuple[PinnedBytes, LoadedTree] | None:
+    """The manifest ``digest`` of ``source`` taken from the image index alone (its bytes
+    are not needed: the tree is there), or None when the index does not hold it."""
+    from ocixfs.cache.index import LoadedTree, indexed_tree
+    from ocixfs.image.loading import PinnedBytes
+
+    tree = indexed_tree(digest, cache_dir)
+    if tree is None:
+        return None
+    return PinnedBytes(source, name, digest, b""), LoadedTree(tree, from_index=True)
 
 
 def _load_registry_tree(

@@ -427,21 +427,24 @@ def read_profile_file(path: Path) -> bytes:
 def _fetch_profile_url(url: str, http: FetchConfig, cache_dir: Path | None) -> Profile | None:
     import time
 
-    from ocixfs.cache.manifests import ABSENT, KnownDocument, digest_of, recall, recall_body
-    from ocixfs.cache.manifests import remember as remember_answer
+    from ocixfs.cache.manifests import (
+        ABSENT,
+        KnownDocument,
+        digest_of,
+        recall,
+        recall_body,
+        refresh,
+        remember,
+    )
     from ocixfs.errors import DocumentAbsent
     from ocixfs.http import Validators, download_if_changed, redact
 
-    known = recall(cache_dir, url) if cache_dir is not None else None
-    kept = (recall_body(cache_dir, url, known, MAX_PROFILE_BYTES)
-            if cache_dir is not None and known is not None else None)
+    known = kept = None
+    if cache_dir is not None:
+        known = recall(cache_dir, url)
+        kept = recall_body(cache_dir, url, known, MAX_PROFILE_BYTES) if known is not None else None
     if known is not None and known.fresh() and (known.digest == ABSENT or kept is not None):
         return None if kept is None else _decode_or_warn(kept, redact(url), strict=False)
-
-    def remember(answer: KnownDocument, body: bytes | None = None) -> None:
-        if cache_dir is not None:
-            remember_answer(cache_dir, url, answer, body)
-
     deadline = min(http.deadline, http.document_deadline)  # optional: never worth more
     asked = time.time()
     try:
@@ -449,17 +452,18 @@ def _fetch_profile_url(url: str, http: FetchConfig, cache_dir: Path | None) -> P
             url, known.validators if known is not None and kept is not None else None,
             max_bytes=MAX_PROFILE_BYTES, config=http, deadline=deadline)
     except DocumentAbsent as exc:
-        remember(KnownDocument(ABSENT, Validators(max_age=exc.max_age), asked))
+        if cache_dir is not None:
+            remember(cache_dir, url, KnownDocument(ABSENT, Validators(max_age=exc.max_age), asked))
         return None
     except OcixError as exc:
         log.warning("%s", exc)
         return None
-    if data is None:  # not modified: the body kept
-        assert known is not None and kept is not None
-        if validators.max_age > 0:
-            remember(KnownDocument(known.digest, validators, asked))
-        return _decode_or_warn(kept, redact(url), strict=False)
-    remember(KnownDocument(digest_of(data), validators, asked), data)
+    if data is None:  # not modified: asked only with the validators of the body kept
+        assert cache_dir is not None and known is not None and kept is not None
+        refresh(cache_dir, url, known, validators, asked)
+        data = kept
+    elif cache_dir is not None:
+        remember(cache_dir, url, KnownDocument(digest_of(data), validators, asked), data)
     return _decode_or_warn(data, redact(url), strict=False)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -45,7 +46,6 @@ from typing import TYPE_CHECKING
 from ocixfs.errors import OcixError
 from ocixfs.mount.serviceclient import (
     MAX_REQUEST,
-    REQUEST_TIMEOUT,
     STALE_CODE,
     ServiceError,
     ServicePaths,
@@ -61,17 +61,14 @@ from ocixfs.mount.serviceclient import (
 )
 
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Callable
     from typing import Any
 
 __all__ = ["parse_listen", "run_service"]
 
+log = logging.getLogger(__name__)
 
-def _log() -> logging.Logger:
-    import logging
-
-    return logging.getLogger(__name__)
+REQUEST_TIMEOUT = 10.0  # how long a worker waits for a client's request or its "go"
 
 
 # ----------------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def run_service(
     state = _State(listeners, run_command, metrics)
     service_pid = os.getpid()
     try:
-        _log().info("service %d listening on %s", service_pid, paths.socket)
+        log.info("service %d listening on %s", service_pid, paths.socket)
         ready()
         _loop(state)
     finally:
@@ -127,7 +124,7 @@ def run_service(
             with contextlib.suppress(OSError):
                 if bound is not None and os.stat(paths.socket).st_ino == bound:
                     os.unlink(paths.socket)
-    _log().info("service %d stopped (%d workers still running on their own)",
+    log.info("service %d stopped (%d workers still running on their own)",
              service_pid, len(state.children))
     return 0
 
@@ -240,7 +237,7 @@ def _child(state: _State, conn: socket.socket, kind: str, private: tuple[int, ..
             return 1  # the TCP port serves metrics, nothing else
         return _dispatch(state, conn, json.loads(data), fds)
     except Exception as exc:
-        _log().warning("service request failed: %s: %s", type(exc).__name__, exc)
+        log.warning("service request failed: %s: %s", type(exc).__name__, exc)
         return 1
 
 
@@ -349,8 +346,6 @@ def _become_caller(request: dict[str, Any], fds: list[int]) -> None:
     sys.stdout = open(1, "w", closefd=False, errors="surrogateescape",  # noqa: SIM115
                       buffering=1 if os.isatty(1) else -1)
     sys.stderr = open(2, "w", closefd=False, errors="backslashreplace", buffering=1)  # noqa: SIM115
-    import logging
-
     logging.getLogger("ocixfs").handlers.clear()
 
 

@@ -53,7 +53,7 @@ def _log() -> logging.Logger:
     """This module's logger; ``logging`` is imported only when something is said."""
     import logging
 
-    return logging.getLogger("ocixfs.mount.service")
+    return logging.getLogger(__name__)
 
 
 SERVICE_DIR_ENV = "OCIXFS_SERVICE_DIR"
@@ -62,7 +62,6 @@ BYPASS_ENV = "OCIXFS_NO_SERVICE"
 SOCKET_MODE = 0o600
 HANDSHAKE_TIMEOUT = 10.0   # a running service forks a worker in milliseconds
 START_TIMEOUT = 60.0       # a service just started imports first (cold disk: seconds)
-REQUEST_TIMEOUT = 10.0     # how long a worker waits for a client's request or its "go"
 MAX_REQUEST = 1 << 20
 STOP_WAIT = 10.0
 STALE_CODE = "stale code"

@@ -200,8 +200,7 @@ class MountSession:
         predictor (their first steps, a look at the cache for every planned blob, would
         hold up the trio thread while the kernel's first requests wait) and keep the
         index of a tree decoded from its manifest."""
-        served = await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
-        kernelcache.read_ahead(served.st_dev)
+        await trio.to_thread.run_sync(_widen_read_ahead_once_served, self.config.mountpoint)
         if self._store_checks is not None:
             self._store_checks.report()
         ready()
@@ -297,6 +296,12 @@ class _AccessLogs:
     def note_access(self, node_path: str, ino: int) -> None:
         for access_log in self._logs:
             access_log.note_access(node_path, ino)
+
+
+def _widen_read_ahead_once_served(mountpoint: Path) -> None:
+    """Wait until the mount answers (a ``stat`` of it), then widen its read-ahead window
+    (``kernelcache.read_ahead``). Blocking: a worker thread's."""
+    kernelcache.read_ahead(os.stat(mountpoint).st_dev)
 
 
 def _fuse_mount(ops: Operations, mountpoint: Path, options: set[str]) -> None:
