@@ -39,26 +39,16 @@ import shutil
 import stat
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-OCIXFS = [sys.executable, "-m", "ocixfs"]
-WORK = Path(os.environ.get("OCIXFS_BENCH_DIR", "/var/tmp/ocixfs-bench"))
+from bench_find import OCIXFS, WORK, drop_caches, timed_find
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed_find(root: Path) -> float:
+def cold_find(root: Path) -> float:
     drop_caches()
-    start = time.perf_counter()
-    subprocess.run(["find", str(root), "-ls"], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return timed_find(root)
 
 
 @contextlib.contextmanager
@@ -177,15 +167,15 @@ def main() -> None:
               f"{(work / 'meta.erofs').stat().st_size / 1e6:.1f} MB")
         times: dict[str, list[float]] = {"local disk": [], "ocixfs": [], "overlay": []}
         for _ in range(args.runs):
-            times["local disk"].append(timed_find(reference))
+            times["local disk"].append(cold_find(reference))
             with ocixfs_mount(image, store, work / "data", work / "cache") as data:
-                times["ocixfs"].append(timed_find(data))
+                times["ocixfs"].append(cold_find(data))
             with (
                 ocixfs_mount(image, store, work / "data", work / "cache") as data,
                 erofs_mount(work / "meta.erofs", work / "blob", work / "meta") as metadata,
                 overlay_mount(metadata, data, work / "root") as root,
             ):
-                times["overlay"].append(timed_find(root))
+                times["overlay"].append(cold_find(root))
                 checked = same_content(reference, root)
         local = statistics.median(times["local disk"])
         print(f"`find -ls` over {args.image}, first walk, caches dropped, medians of "

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_find import cpu_seconds, drop_caches
+
 DIRECTORIES = 1263
 FILES_PER_DIRECTORY = 7
 DAY = 86400.0
@@ -110,11 +112,6 @@ def serve(mountpoint: str, with_fusetrio: bool) -> None:
     pyfuse3.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    tasks = Path(f"/proc/{pid}/task").iterdir()
-    return sum(int((task / "schedstat").read_text().split()[0]) for task in tasks) / 1e9
-
-
 def one_run(mountpoint: Path, with_fusetrio: bool) -> tuple[float, float, int]:
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(mountpoint)]
@@ -126,8 +123,7 @@ def one_run(mountpoint: Path, with_fusetrio: bool) -> tuple[float, float, int]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("the minimal filesystem did not mount")
             time.sleep(0.05)
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_caches()
         before = cpu_seconds(server.pid)
         start = time.perf_counter()
         subprocess.run(["find", str(mountpoint), "-ls"], check=True, stdout=subprocess.DEVNULL)

@@ -14,29 +14,26 @@ requests are counted. Prints medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-OCIXFS = [sys.executable, "-m", "ocixfs"]
+from bench_find import OCIXFS, drop_caches, mount_stats
+
 WINDOWS_KIB = (128, 1024)
 
 
 def reads(mountpoint: Path) -> int:
-    done = subprocess.run([*OCIXFS, "stats", str(mountpoint), "--json"], check=True,
-                          capture_output=True, text=True)
-    count: int = json.loads(done.stdout)["fs"]["reads"]
-    return count
+    fs = mount_stats(mountpoint)["fs"]
+    assert isinstance(fs, dict)
+    return int(fs["reads"])
 
 
 def timed_cat(path: Path, mountpoint: Path) -> tuple[float, int]:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    drop_caches()
     before = reads(mountpoint)
     start = time.perf_counter()
     subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)
