@@ -145,10 +145,12 @@ def _check(path: str, st: os.stat_result, what: str) -> None:
                               f"{stat.S_IMODE(st.st_mode):04o}) and not sticky")
 
 
-def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+def write_atomically(path: str | os.PathLike[str], data: bytes | bytearray, *,
+                     mode: int = 0o644, sync: bool = True) -> None:
     """Replace the file ``path`` with ``data``: written under a fresh random name beside it
-    (``O_EXCL``: a planted file or symlink is never opened), synced, renamed into place,
-    and the directory synced. ``path`` itself is never followed: a symlink there is
+    (``O_EXCL``: a planted file or symlink is never opened), synced (unless not
+    ``sync``: for files a reader authenticates anyway), renamed into place, and the
+    directory synced. ``path`` itself is never followed: a symlink there is
     replaced, not written through. On failure the temporary file is removed and
     ``path`` is untouched. Raises ``OSError``."""
     target = os.fspath(path)
@@ -162,7 +164,8 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -172,6 +175,8 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
         except OSError:
             pass
         raise
+    if not sync:
+        return
     directory_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(directory_fd)

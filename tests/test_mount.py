@@ -311,24 +311,30 @@ def test_writes_fail_read_only(mounted: Mount) -> None:
 
 
 def test_suid_and_dev_are_off_unless_asked(mount_image: MountImage) -> None:
+    """Both for a first mount (FUSE) and a later one (stacked: the overlay gets them)."""
     with mount_image(at="m1") as mount:
-        options = _mount_options(mount.mountpoint)
+        fstype, options = _mount_options(mount.mountpoint)
+        assert fstype == "fuse.ocixfs"
         assert {"ro", "nosuid", "nodev"} <= options
         assert "noexec" not in options
         assert "allow_other" in options or os.geteuid() != 0
-    with mount_image("-o", "suid,dev,noexec,noatime,x-systemd.automount,_netdev", at="m2") as mount:
-        options = _mount_options(mount.mountpoint)
+    with mount_image(at="m2") as mount:
+        fstype, options = _mount_options(mount.mountpoint)
+        assert {"ro", "nosuid", "nodev"} <= options and "noexec" not in options
+    with mount_image("-o", "suid,dev,noexec,noatime,x-systemd.automount,_netdev", at="m3") as mount:
+        fstype, options = _mount_options(mount.mountpoint)
         assert "nosuid" not in options and "nodev" not in options
         assert {"noexec", "noatime"} <= options
+    assert fstype == "overlay" or os.geteuid() != 0
 
 
-def _mount_options(mountpoint: Path) -> set[str]:
+def _mount_options(mountpoint: Path) -> tuple[str, set[str]]:
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
             fields = line.split()
             if fields[1] == os.fspath(mountpoint):
-                assert fields[2] == "fuse.ocixfs"
-                return set(fields[3].split(","))
+                assert fields[2] in ("fuse.ocixfs", "overlay")
+                return fields[2], set(fields[3].split(","))
     raise AssertionError(f"{mountpoint} not mounted")
 
 

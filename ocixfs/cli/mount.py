@@ -45,7 +45,7 @@ examples:
 FUSE_FLAGS = {"suid", "nosuid", "dev", "nodev", "allow_other", "ro", "rw", "default_permissions",
               "exec", "noexec", "atime", "noatime", "nodiratime", "relatime", "auto", "noauto",
               "nofail", "_netdev", "user", "nouser", "users", "defaults", "nonempty",
-              "nopacks"}
+              "nopacks", "fuseonly"}
 KERNEL_FLAGS = {"exec", "noexec", "atime", "noatime", "nodiratime"}
 # How long each network step of the first look at a store may take (it holds up no mount:
 # a store that has not answered when the mount is ready is logged when it does).
@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "log=FILE, store_auth=FILE, ca_file=FILE, proxy=URL, uidshift=N, "
                         "gidshift=N (add N to every owner / group: an unprivileged "
                         "container's id base); x-* and comment=* are ignored (fstab); "
-                        "nopacks: see --no-packs")
+                        "nopacks: see --no-packs; fuseonly: see --fuse-only")
     parser.add_argument("--prefetch", default="auto", metavar="auto|none|all|FILE",
                         help="what to fetch before it is read: 'auto' plays the profile beside "
                         "the manifest (IMAGE.profile), else the one this host recorded, else "
@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the access profile of this mount to FILE at unmount")
     parser.add_argument("--log-file", type=Path, metavar="FILE",
                         help="where the background daemon logs (default: the runtime dir)")
+    parser.add_argument("--fuse-only", action="store_true",
+                        help="serve names, attributes and listings through FUSE too. By "
+                        "default a mount made by root on Linux 6.12 or later is an overlay "
+                        "of the image's EROFS metadata image (kept in the cache) over its "
+                        "FUSE mount: the kernel answers lookups, stat, readdir and readlink "
+                        "itself, and only file contents are read through FUSE")
     parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     parser.add_argument("--no-service", action="store_true",
                         help="mount in this process, not through the host service (root's "
@@ -258,7 +264,18 @@ def _mount_config(
         packs=not args.no_packs and "nopacks" not in flags,
         uid_shift=_id_shift(values, "uidshift"),
         gid_shift=_id_shift(values, "gidshift"),
+        stack=_stacks(args, flags),
     )
+
+
+def _stacks(args: argparse.Namespace, flags: set[str]) -> bool:
+    """Whether the kernel serves the mount's metadata (``mount.stacking``): as root, unless
+    told otherwise, on a kernel that can."""
+    if args.fuse_only or "fuseonly" in flags or os.geteuid() != 0:
+        return False
+    from ocixfs.mount.stacking import kernel_can_stack
+
+    return kernel_can_stack()
 
 
 def _id_shift(values: dict[str, list[str]], name: str) -> int:

@@ -32,6 +32,8 @@ class MountConfig:
       unprivileged container's id base).
     - ``write_index``: the tree was decoded from the manifest; once serving, the daemon
       keeps it in the host's index (``cache.index``) for the next mount.
+    - ``stack``: the kernel serves the metadata from the image's EROFS metadata image,
+      the FUSE mount only file contents (``mount.stacking``).
     - ``log_file``: where a background daemon logs; ``remove_routine_log``: remove it at a
       clean unmount if it holds nothing but routine lines (the default log in the runtime
       directory; never a file the user named).
@@ -59,6 +61,7 @@ class MountConfig:
     uid_shift: int = 0
     gid_shift: int = 0
     write_index: bool = False
+    stack: bool = False
 
     def fuse_options(self) -> set[str]:
         """The FUSE mount options: read-only, nodev/nosuid unless asked, permissions

@@ -33,8 +33,8 @@ from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 from ocixfs.mount.startup import ImageLoader, PendingLoad
 
-__all__ = ["check_mountpoint", "mount_type", "open_log_file", "run_background", "run_foreground",
-           "sd_notify", "unmount", "wait_for_exit"]
+__all__ = ["check_mountpoint", "is_ocixfs_mount", "mount_type", "open_log_file",
+           "run_background", "run_foreground", "sd_notify", "unmount", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _mount_owner(mountpoint: Path) -> str:
     from ocixfs.mount.control import request, socket_path
 
     if not socket_path(mountpoint).exists():
-        if mount_type(mountpoint) == "fuse.ocixfs":
+        if is_ocixfs_mount(mountpoint):
             return f" (a stale ocixfs mount; run 'ocixfs umount {mountpoint}' first)"
         return ""
     try:
@@ -83,6 +83,13 @@ def _mount_owner(mountpoint: Path) -> str:
     except OcixError:
         return f" whose ocixfs daemon is gone; run 'ocixfs umount {mountpoint}' first"
     return f" (served by ocixfs daemon {pid})"
+
+
+def is_ocixfs_mount(mountpoint: Path) -> bool:
+    """Whether the topmost mount at ``mountpoint`` is an ocixfs mount (FUSE or stacked)."""
+    from ocixfs.mount.stacking import is_stacked
+
+    return mount_type(mountpoint) == "fuse.ocixfs" or is_stacked(mountpoint)
 
 
 def mount_type(mountpoint: Path) -> str:
@@ -246,16 +253,21 @@ def _stop_child(pid: int, mountpoint: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     os.waitpid(pid, 0)
-    if mount_type(mountpoint) == "fuse.ocixfs":
+    if is_ocixfs_mount(mountpoint):
         with contextlib.suppress(OcixError):
             unmount(mountpoint, lazy=True)
+    from ocixfs.mount.stacking import Layers
+
+    Layers.of(mountpoint).remove()  # one killed while it stacked
 
 
 def unmount(mountpoint: Path, *, lazy: bool) -> None:
-    """Unmount a FUSE mount (``fusermount3 -u``, else ``umount``; ``lazy``: detach it even
-    while busy). Raises ``OcixError`` with the tool's reason."""
+    """Unmount an ocixfs mount (``fusermount3 -u``, else or when stacked ``umount``;
+    ``lazy``: detach it even while busy). Raises ``OcixError`` with the tool's reason."""
+    from ocixfs.mount.stacking import is_stacked
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool is not None:
+    if tool is not None and not is_stacked(mountpoint):
         command = [tool, "-u", *(["-z"] if lazy else []), os.fspath(mountpoint)]
     else:
         command = ["umount", *(["-l"] if lazy else []), os.fspath(mountpoint)]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ocixfs.errors import OcixError
-from ocixfs.mount.daemon import mount_type
+from ocixfs.mount.daemon import is_ocixfs_mount, mount_type
 from ocixfs.safefs import trusted_directory
 
 __all__ = [
@@ -389,7 +389,7 @@ def _probe(path: Path) -> str | None:
 def _ensure_mounted(run_dir: Path, spec: ImageSpec, lower: Path, shift: IdShift,
                     ocixfs: Sequence[str], name: str) -> None:
     fstype = _mounted(lower)
-    if fstype is not None and fstype != "fuse.ocixfs":
+    if fstype is not None and not is_ocixfs_mount(lower):
         raise HookError(f"{lower} holds a {fstype} mount, not ocixfs")
     if fstype is not None:
         problem = _probe(lower)

@@ -13,21 +13,23 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
 
-from ocixfs.cache.index import write_index
+from ocixfs.cache.index import open_metadata_image, write_index, write_metadata_image
 from ocixfs.errors import OcixError, leaf_exceptions
 from ocixfs.fetch.reader import Reader, open_reader
 from ocixfs.http import redact
-from ocixfs.mount import fusetrio, kernelcache
+from ocixfs.mount import fusetrio, kernelcache, stacking
 from ocixfs.mount.control import ControlServer
 from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.predict import ElfPredictor
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
+from ocixfs.mount.stacking import Layers
 from ocixfs.mount.startup import LoadedImage, PendingLoad, StoreChecks
 from ocixfs.store.spec import is_registry_ref
 
@@ -65,6 +67,9 @@ class MountSession:
         self._predictor: ElfPredictor | None = None
         self._background_failures: Counter[str] = Counter()
         self._store_checks: StoreChecks | None = None
+        self._stopped_by_signal = False
+        self._write_metadata_image = False
+        self.stacked = False
 
     async def serve(self, ready: Callable[[], None]) -> None:
         """Load the image, mount it, call ``ready`` once it serves, and serve until
@@ -125,21 +130,39 @@ class MountSession:
         self._ops, self._reader = ops, reader
         control = self._control_server()
         listening = control.bind()
+        layers = Layers.of(self.config.mountpoint) if self.config.stack else None
         try:
-            _fuse_mount(ops, self.config.mountpoint, self.config.fuse_options())
+            if layers is not None:
+                layers.create()
+            _fuse_mount(ops, self.config.mountpoint if layers is None else layers.data,
+                        self.config.fuse_options())
         except BaseException:
             listening.close()
             control.path.unlink(missing_ok=True)
+            if layers is not None:
+                layers.remove()
             raise
         try:
             nursery.start_soon(self._guarded, "control", control.serve, listening)
             nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
-            nursery.start_soon(self._announce_when_serving, ready, nursery)
+            nursery.start_soon(self._announce_when_serving, ready, nursery, layers)
             await pyfuse3.main()
         finally:
             nursery.cancel_scope.cancel()
-            pyfuse3.close(unmount=True)
+            if layers is None:
+                pyfuse3.close(unmount=True)
+            else:
+                pyfuse3.close(unmount=False)
+                self._release_stack(layers)
             self._save_profiles()
+
+    def _release_stack(self, layers: Layers) -> None:
+        """After a stacked session: the mount at the mountpoint is detached when the daemon
+        stopped on its own (a signal; an unmount has already removed it), and the layers
+        are gone in any case."""
+        if self._stopped_by_signal:
+            stacking.unstack(self.config.mountpoint)
+        layers.remove()
 
     async def _guarded(
         self, name: str, task: Callable[..., Awaitable[None]], *args: object
@@ -195,12 +218,16 @@ class MountSession:
             save_profile(self.config.record_profile, recorded)
 
     async def _announce_when_serving(self, ready: Callable[[], None],
-                                     nursery: trio.Nursery) -> None:
-        """Call ``ready`` once the mount answers; then start the prefetcher and the
-        predictor (their first steps, a look at the cache for every planned blob, would
-        hold up the trio thread while the kernel's first requests wait) and keep the
-        index of a tree decoded from its manifest."""
-        await trio.to_thread.run_sync(_widen_read_ahead_once_served, self.config.mountpoint)
+                                     nursery: trio.Nursery, layers: Layers | None) -> None:
+        """Call ``ready`` once the mount answers (stacked first, if it is to be); then
+        start the prefetcher and the predictor (their first steps, a look at the cache
+        for every planned blob, would hold up the trio thread while the kernel's first
+        requests wait) and keep the index of a tree decoded from its manifest."""
+        if layers is None:
+            await trio.to_thread.run_sync(_widen_read_ahead_once_served,
+                                          self.config.mountpoint)
+        else:
+            await trio.to_thread.run_sync(self._stack_once_served, layers)
         if self._store_checks is not None:
             self._store_checks.report()
         ready()
@@ -212,11 +239,33 @@ class MountSession:
         if self.config.write_index:
             await self._guarded("index", trio.to_thread.run_sync, write_index,
                                 self.config.cache_dir, self.image_digest, self._tree)
+        if self._write_metadata_image:
+            await self._guarded("metadata image", trio.to_thread.run_sync, partial(
+                write_metadata_image, self.config.cache_dir, self.image_digest, self._tree,
+                uid_shift=self.config.uid_shift, gid_shift=self.config.gid_shift))
+
+    def _stack_once_served(self, layers: Layers) -> None:
+        """Once the FUSE mount answers, stack the metadata image over it at the mountpoint
+        (``mount.stacking``), or move it there when there is no image. Blocking: a worker
+        thread's."""
+        _widen_read_ahead_once_served(layers.data)
+        config = self.config
+        meta_fd = open_metadata_image(config.cache_dir, self.image_digest,
+                                      uid_shift=config.uid_shift, gid_shift=config.gid_shift)
+        self._write_metadata_image = meta_fd is None
+        flags = stacking.mount_flags(config.kernel_flags, suid=config.suid, dev=config.dev)
+        try:
+            self.stacked = stacking.stack(layers, meta_fd, config.mountpoint,
+                                          source=config.fsname, flags=flags)
+        finally:
+            if meta_fd is not None:
+                os.close(meta_fd)
 
     async def _stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s: %s, unmounting", self.config.mountpoint, signal.Signals(signum).name)
+                self._stopped_by_signal = True
                 pyfuse3.terminate()
                 return
 
@@ -261,6 +310,7 @@ class MountSession:
             "kernel_caching": {
                 "listings": kernelcache.listings_cached(),
                 "symlinks": kernelcache.symlinks_cached(),
+                "metadata": self.stacked,
             },
             "reader": self._reader.statistics().as_dict(),
             "prefetch": self._prefetcher.statistics().as_dict() if self._prefetcher else None,
