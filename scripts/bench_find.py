@@ -6,13 +6,16 @@
 Uses an image the start-up benchmark built (`scripts/bench/run`, work directory
 /var/tmp/ocixfs-bench or $OCIXFS_BENCH_DIR): its OCIX manifest and local store, and the
 unpacked root file system it was made from as the local-disk reference. Nothing touches
-the network (`find` reads no file content). Each run: drop the kernel's caches, `find -ls`
-on local disk twice (cold, then from the kernel's caches); then mount afresh (empty
-cache directory), drop caches, `find -ls` twice over the mount. Prints medians as a
-Markdown table, with the ratio to local disk, then the median of each run's own ratio
-(first find over cold local disk of the same run: steadier on a shared machine), the
-daemon's CPU time during the first find (all its threads, from schedstat: barely moved by
-other load) and the requests the first find sent it.
+the network (`find` reads no file content). Each run, with a fresh cache directory: one
+mount and unmount of the image (a first mount keeps the image index and the EROFS
+metadata image), then for each kind of mount of the image now seen before, stacked (the
+default as root: the kernel serves the metadata) and `--fuse-only`: drop the kernel's
+caches, `find -ls` on local disk twice (cold, then from the kernel's caches), mount,
+drop caches, `find -ls` twice over the mount. Prints medians as a Markdown table, with
+the ratio to local disk, then the median of each run's own ratio (first find over cold
+local disk of the same run: steadier on a shared machine), the daemon's CPU time during
+the first find (all its threads, from schedstat: barely moved by other load) and the
+requests the first find sent it.
 
 The mount bypasses the host service (`--no-service`): as root, `ocixfs mount` would
 otherwise hand the mount to a service that may run another checkout's code.
@@ -59,18 +62,23 @@ def cpu_seconds(pid: int) -> float:
     return sum(int((task / "schedstat").read_text().split()[0]) for task in tasks) / 1e9
 
 
-def first_find(mnt: Path, rows: dict[str, list[float]], requests: dict[str, list[int]]) -> None:
+def first_find(mnt: Path, kind: str, rows: dict[str, list[float]],
+               requests: dict[str, list[int]]) -> None:
     """Time the first `find` over a fresh mount; note the daemon's CPU and request counts."""
     pid = int(str(mount_stats(mnt)["pid"]))
     fs_before = mount_stats(mnt)["fs"]
     drop_caches()
     cpu = cpu_seconds(pid)
-    rows.setdefault("ocixfs, first find", []).append(timed_find(mnt))
-    rows.setdefault("daemon CPU", []).append(cpu_seconds(pid) - cpu)
+    rows.setdefault(f"{kind}, first find", []).append(timed_find(mnt))
+    rows.setdefault(f"{kind}, daemon CPU", []).append(cpu_seconds(pid) - cpu)
     fs_after = mount_stats(mnt)["fs"]
     assert isinstance(fs_before, dict) and isinstance(fs_after, dict)
     for name in ("listings", "readlinks", "lookups"):
-        requests.setdefault(name, []).append(int(fs_after[name]) - int(fs_before[name]))
+        requests.setdefault(f"{kind}: {name}", []).append(
+            int(fs_after[name]) - int(fs_before[name]))
+
+
+KINDS = {"ocixfs": [], "ocixfs --fuse-only": ["--fuse-only"]}
 
 
 def main() -> int:
@@ -91,34 +99,57 @@ def main() -> int:
         mnt = Path(tmp, "mnt")
         mnt.mkdir()
         for run in range(args.runs):
-            drop_caches()
-            rows.setdefault("local disk, cold", []).append(timed_find(rootfs))
-            rows.setdefault("local disk, again", []).append(timed_find(rootfs))
             cache = Path(tmp, f"cache-{run}")
-            subprocess.run([*OCIXFS, "mount", str(manifest), str(mnt), "--store", str(store),
-                            "--cache-dir", str(cache), "--no-service"], check=True)
-            try:
-                first_find(mnt, rows, requests)
-                rows.setdefault("ocixfs, again", []).append(timed_find(mnt))
-            finally:
-                subprocess.run([*OCIXFS, "umount", str(mnt)], check=True)
+            mount = [*OCIXFS, "mount", str(manifest), str(mnt), "--store", str(store),
+                     "--cache-dir", str(cache), "--no-service"]
+            subprocess.run(mount, check=True)
+            wait_for_metadata_image(cache)
+            subprocess.run([*OCIXFS, "umount", str(mnt)], check=True)
+            for kind, options in KINDS.items():
+                drop_caches()
+                rows.setdefault(f"local disk, cold ({kind})", []).append(timed_find(rootfs))
+                rows.setdefault(f"local disk, again ({kind})", []).append(timed_find(rootfs))
+                subprocess.run([*mount, *options], check=True)
+                try:
+                    first_find(mnt, kind, rows, requests)
+                    rows.setdefault(f"{kind}, again", []).append(timed_find(mnt))
+                finally:
+                    subprocess.run([*OCIXFS, "umount", str(mnt)], check=True)
+    report(args, rows, requests, entries=sum(1 for _ in rootfs.rglob("*")))
+    return 0
+
+
+def wait_for_metadata_image(cache: Path, timeout: float = 120.0) -> None:
+    """Wait until the first mount's daemon has kept the image's metadata image."""
+    deadline = time.monotonic() + timeout
+    while not any((cache / "index").glob("*.erofs")):
+        if time.monotonic() > deadline:
+            sys.exit("bench_find: the first mount wrote no metadata image")
+        time.sleep(0.05)
+
+
+def report(args: argparse.Namespace, rows: dict[str, list[float]],
+           requests: dict[str, list[int]], *, entries: int) -> None:
     medians = {name: statistics.median(times) for name, times in rows.items()}
-    entries = sum(1 for _ in rootfs.rglob("*"))
     print(f"`find -ls` over {args.image} ({entries:,} entries), medians of {args.runs} runs\n")
     print("| find -ls | seconds | x local disk |\n|---|---:|---:|")
-    for name, local in (("first find", "local disk, cold"), ("again", "local disk, again")):
-        print(f"| local disk, {'cold' if name == 'first find' else 'again'} | "
-              f"{medians[local]:.3f} | 1.0 |")
-        ours = medians[f"ocixfs, {name}"]
-        print(f"| ocixfs, {name} | {ours:.3f} | {ours / medians[local]:.1f} |")
-    ratios = [ours / local for ours, local in
-              zip(rows["ocixfs, first find"], rows["local disk, cold"], strict=True)]
-    counts = ", ".join(f"{name} {statistics.median(values):,.0f}"
-                       for name, values in requests.items())
-    print(f"\nfirst find: median of per-run ratios {statistics.median(ratios):.2f}x "
-          f"(runs: {', '.join(f'{ratio:.2f}' for ratio in ratios)}); daemon CPU "
-          f"{medians['daemon CPU']:.3f} s; requests: {counts}")
-    return 0
+    for kind in KINDS:
+        for name in ("first find", "again"):
+            local = medians[f"local disk, {'cold' if name == 'first find' else 'again'} ({kind})"]
+            ours = medians[f"{kind}, {name}"]
+            print(f"| local disk, {'cold' if name == 'first find' else 'again'} | "
+                  f"{local:.3f} | 1.0 |")
+            print(f"| {kind}, {name} | {ours:.3f} | {ours / local:.2f} |")
+    print()
+    for kind in KINDS:
+        ratios = [ours / local for ours, local in
+                  zip(rows[f"{kind}, first find"], rows[f"local disk, cold ({kind})"],
+                      strict=True)]
+        counts = ", ".join(f"{name.split(': ')[1]} {statistics.median(values):,.0f}"
+                           for name, values in requests.items() if name.startswith(kind + ":"))
+        print(f"{kind}, first find: median of per-run ratios {statistics.median(ratios):.2f}x "
+              f"(runs: {', '.join(f'{ratio:.2f}' for ratio in ratios)}); daemon CPU "
+              f"{medians[f'{kind}, daemon CPU']:.3f} s; requests: {counts}")
 
 
 if __name__ == "__main__":

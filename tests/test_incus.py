@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ocixfs.mount.daemon import mount_type
 from ocixfs.mount.incus import (
     RUN_DIR,
     HookContext,
@@ -269,6 +270,20 @@ def _run_instances(
     again = _run("incus", "start", names["priv2"], timeout=120)
     assert again.returncode == 0, again.stderr
     assert _booted(names["priv2"]) in ("running", "degraded")
+    # the image was mounted before with this shift: this mount is stacked (the kernel
+    # serves the metadata), and systemd boots on it
+    assert mount_type(priv_lower) == "overlay"
+
+    # the same for an unprivileged instance: once both users of its mount stop, the next
+    # start mounts it again, stacked, under LXC's own overlay in the user namespace
+    for name in (names["unpriv"], names["unpriv2"]):
+        assert _run("incus", "stop", "--force", name, timeout=120).returncode == 0
+    wait_for(lambda: not is_mounted(unpriv_lower), timeout=30, what="the mount released")
+    restarted = _run("incus", "start", unpriv, timeout=180)
+    assert restarted.returncode == 0, restarted.stderr
+    assert mount_type(unpriv_lower) == "overlay"
+    assert _booted(unpriv) in ("running", "degraded"), _exec(unpriv, "systemctl --failed").stdout
+    assert _exec(unpriv, "cat /root/kept; stat -c %u:%g /etc/shadow").stdout == "kept\n0:42\n"
 
     # delete: the last instance of each mount takes it away
     for name in names.values():

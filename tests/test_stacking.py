@@ -256,7 +256,6 @@ def test_every_end_of_a_stacked_mount_leaves_nothing(
     mountpoint = tmp_path / "mnt"
     args = store_args(nginx.url, tmp_path / "cache")
     _mount_twice(mounts, ocix, mountpoint, *args)
-    layers = Layers.of(mountpoint).root
 
     def ended_by(stop: str) -> None:
         mount = mounts(ocix, mountpoint, *args)
@@ -270,7 +269,7 @@ def test_every_end_of_a_stacked_mount_leaves_nothing(
             os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not process_alive(pid), what=f"the daemon to end after {stop}")
         assert not is_mounted(mountpoint), stop
-        assert not layers.exists(), stop
+        assert not Layers.of(mountpoint, pid).root.exists(), stop
 
     ended_by("umount")
     ended_by("SIGTERM")
@@ -289,6 +288,7 @@ def test_every_end_of_a_stacked_mount_leaves_nothing(
     assert not is_mounted(mountpoint)
     mounts(ocix, mountpoint, *args).start()  # and it mounts again
     assert mount_type(mountpoint) == "overlay"
+    assert not list(Path("/run/ocixfs/layers").iterdir())  # every layer detached, removed
 
 
 def test_a_tampered_metadata_image_is_rewritten_not_mounted(

@@ -258,7 +258,7 @@ def _stop_child(pid: int, mountpoint: Path) -> None:
             unmount(mountpoint, lazy=True)
     from ocixfs.mount.stacking import Layers
 
-    Layers.of(mountpoint).remove()  # one killed while it stacked
+    Layers.of(mountpoint, pid).remove()  # one killed while it stacked
 
 
 def unmount(mountpoint: Path, *, lazy: bool) -> None:

@@ -130,7 +130,7 @@ class MountSession:
         self._ops, self._reader = ops, reader
         control = self._control_server()
         listening = control.bind()
-        layers = Layers.of(self.config.mountpoint) if self.config.stack else None
+        layers = Layers.of(self.config.mountpoint, os.getpid()) if self.config.stack else None
         try:
             if layers is not None:
                 layers.create()

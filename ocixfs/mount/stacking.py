@@ -4,9 +4,9 @@ over its FUSE mount.
 A stacked mount is three mounts made as one (root only, a kernel with EROFS file-backed
 mounts and overlayfs data-only layers, Linux 6.12 or later):
 
-1. the daemon's FUSE mount, made at ``RUNTIME/layers/<id>/data``;
+1. the daemon's FUSE mount, made at ``RUNTIME/layers/<id>-<pid>/data``;
 2. the image's EROFS metadata image (``image.erofs``, kept by ``cache.index``), mounted
-   read-only from the daemon's descriptor of it at ``RUNTIME/layers/<id>/meta``;
+   read-only from the daemon's descriptor of it at ``RUNTIME/layers/<id>-<pid>/meta``;
 3. at the mountpoint, a read-only overlay ``lowerdir=META::DATA,metacopy=on,
    redirect_dir=follow``: ``META`` answers every lookup, ``stat``, ``readdir``,
    ``readlink`` and ``getxattr``; a regular file's content is opened in the data-only
@@ -62,8 +62,9 @@ class Layers:
     root: Path
 
     @classmethod
-    def of(cls, mountpoint: Path) -> Layers:
-        return cls(runtime_dir() / _LAYERS / mount_id(mountpoint))
+    def of(cls, mountpoint: Path, daemon: int) -> Layers:
+        """The layers of the mount at ``mountpoint`` served by process ``daemon``."""
+        return cls(runtime_dir() / _LAYERS / f"{mount_id(mountpoint)}-{daemon}")
 
     @property
     def data(self) -> Path:
