@@ -150,6 +150,36 @@ def test_a_metadata_image_is_only_opened_when_authenticated(tmp_path: Path) -> N
     assert not path.exists()
 
 
+def test_an_image_verified_this_boot_is_not_read_again_unless_replaced(tmp_path: Path) -> None:
+    """The note in the runtime directory stands for this boot, this inode and size: a
+    later open skips reading the image (a bit flipped in place is then not seen, as the
+    kernel's own page cache would not see it either), while a file replaced by a new one,
+    as every writer here does, is checked again."""
+    from ocixfs.cache.index import open_metadata_image
+
+    tree, digest, cache = _tree_with_everything(), "b3:" + "cd" * 32, tmp_path / "cache"
+    verified = tmp_path / "run" / "verified"
+    write_metadata_image(cache, digest, tree)
+    [path] = (cache / "index").glob("*.erofs")
+    for _ in range(2):
+        fd = open_metadata_image(cache, digest, verified=verified)
+        assert fd is not None
+        os.close(fd)
+    assert (verified / path.name).read_text().split()[2:] == [
+        str(os.stat(path).st_ino), str(os.stat(path).st_size)]
+    with open(path, "r+b") as image:  # in place: same inode and size
+        image.seek(BOOT_SIZE + 5000)
+        image.write(b"\xff")
+    assert open_metadata_image(cache, digest) is None  # read whole: refused
+    fd = open_metadata_image(cache, digest, verified=verified)  # noted: trusted
+    assert fd is not None
+    os.close(fd)
+    replacement = path.with_suffix(".new")
+    replacement.write_bytes(path.read_bytes())
+    replacement.rename(path)  # a new inode
+    assert open_metadata_image(cache, digest, verified=verified) is None
+
+
 # ---- real mounts ---------------------------------------------------------------------
 
 
@@ -210,6 +240,8 @@ def test_a_seen_image_is_stacked_and_walked_without_fuse(
             os.readlink(where)
     counters = _fs_counters(mountpoint)
     assert (counters["listings"], counters["lookups"], counters["readlinks"]) == (0, 0, 0)
+    shown = run_ocixfs("stats", os.fspath(mountpoint)).stdout
+    assert "metadata     served by the kernel" in shown
     assert differences(root, mountpoint) == []
     assert _fs_counters(mountpoint)["lookups"] > 0  # contents come through FUSE
     assert not any(name in xattrs(mountpoint / "usr/share/data/large.bin")
@@ -301,7 +333,9 @@ def test_a_tampered_metadata_image_is_rewritten_not_mounted(
     [image] = (tmp_path / "cache" / "index").glob("*.erofs")
     data = bytearray(image.read_bytes())
     data[-1] ^= 0xFF
-    image.write_bytes(data)
+    damaged = image.with_suffix(".damaged")
+    damaged.write_bytes(data)
+    damaged.rename(image)  # a new file: checked again (in place it counts once a boot)
     with mounts(ocix, mountpoint, *args):
         assert mount_type(mountpoint) == "fuse.ocixfs"
         assert differences(root, mountpoint) == []

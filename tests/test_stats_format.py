@@ -63,3 +63,10 @@ def test_the_played_profile_is_named_with_its_paths_in_this_tree() -> None:
     assert f"played       borrowed from b3:{'cd' * 32}: 78 of its 80 paths are files of this " \
            "image" in text
     assert "played       no profile" in format_stats({**SAMPLE, "played_profile": None})
+
+
+def test_who_serves_the_metadata_is_shown() -> None:
+    assert "metadata     served through FUSE" in format_stats(SAMPLE)
+    stacked = {**SAMPLE, "kernel_caching": {"listings": True, "symlinks": True,
+                                            "metadata": True}}
+    assert "metadata     served by the kernel (stacked: EROFS over FUSE)" in format_stats(stacked)

@@ -96,6 +96,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"local        {files['files_local']} of {files['files']} files, "
         f"{format_bytes(files['bytes_local'])} of {format_bytes(files['bytes'])}"
     )
+    stacked = stats.get("kernel_caching", {}).get("metadata")
+    lines.append("metadata     " + ("served by the kernel (stacked: EROFS over FUSE)" if stacked
+                                   else "served through FUSE"))
     lines.append(f"profile      {stats.get('profile_files', 0)} files opened so far")
     played = stats.get("played_profile")
     lines.append("played       " + (

@@ -29,6 +29,7 @@ from ocixfs.mount.fs import FsOptions, Operations
 from ocixfs.mount.predict import ElfPredictor
 from ocixfs.mount.prefetch import Prefetcher, plan
 from ocixfs.mount.profile import AccessRecorder, cached_profile_path, save_profile
+from ocixfs.mount.runtime import runtime_dir
 from ocixfs.mount.stacking import Layers
 from ocixfs.mount.startup import LoadedImage, PendingLoad, StoreChecks
 from ocixfs.store.spec import is_registry_ref
@@ -251,7 +252,8 @@ class MountSession:
         _widen_read_ahead_once_served(layers.data)
         config = self.config
         meta_fd = open_metadata_image(config.cache_dir, self.image_digest,
-                                      uid_shift=config.uid_shift, gid_shift=config.gid_shift)
+                                      uid_shift=config.uid_shift, gid_shift=config.gid_shift,
+                                      verified=runtime_dir() / "verified")
         self._write_metadata_image = meta_fd is None
         flags = stacking.mount_flags(config.kernel_flags, suid=config.suid, dev=config.dev)
         try:

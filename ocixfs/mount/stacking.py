@@ -21,8 +21,10 @@ detaches the overlay itself (``unstack``). After a daemon died, names, attribute
 listings still answer (the kernel holds them), and reading a file not in the page cache
 fails with ``ENOTCONN``.
 
-If the overlay cannot be made, the FUSE mount is moved to the mountpoint
-(``MS_MOVE``) and serves everything, as an unstacked mount does.
+When there is no metadata image yet (the first mount of an image on this host: its
+daemon writes one once it serves) or the overlay cannot be made (logged), the FUSE mount
+is moved to the mountpoint (``MS_MOVE``) and serves everything, as an unstacked mount
+does.
 """
 
 from __future__ import annotations

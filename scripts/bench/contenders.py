@@ -42,6 +42,8 @@ Contenders (names used on the command line):
 - ``ocixfs-warm-fresh`` the same, the origin sending the ``Cache-Control`` headers the
                      README advises (manifests and profiles current for 60 s, 404s too), so
                      a mount within that minute asks the origin nothing before it serves.
+- ``ocixfs-warm-fresh-fuse`` the same with ``--fuse-only``: the metadata served through
+                     FUSE instead of by the kernel (stacked), for an A/B in one run.
 """
 
 from __future__ import annotations
@@ -294,8 +296,10 @@ class _OcixfsSession:
         warm_cache: bool,
         prefetch: str | None,
         seed_cache: Path | None = None,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.ctx = ctx
+        self.options = options
         self.relay = relay
         self.requests = requests
         self.warm_cache = warm_cache
@@ -327,7 +331,7 @@ class _OcixfsSession:
             argv += ["--prefetch", self.prefetch]
         if record is not None:
             argv += ["--record-profile", record]
-        return argv
+        return [*argv, *self.options]
 
     def run_once(self, *, record: Path | None = None) -> RunResult:
         ctx = self.ctx
@@ -380,7 +384,7 @@ class Ocixfs:
              "recorded": "ocixfs-recorded",
              "borrowed": "ocixfs-borrowed", "next-ondemand": "ocixfs-next-ondemand",
              "predict": "ocixfs-predict", "warm": "ocixfs-warm",
-             "warm-fresh": "ocixfs-warm-fresh"}
+             "warm-fresh": "ocixfs-warm-fresh", "warm-fresh-fuse": "ocixfs-warm-fresh-fuse"}
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -403,6 +407,8 @@ class Ocixfs:
             "warm": "ocixfs mount, cache filled by an earlier run",
             "warm-fresh": "ocixfs mount, cache filled by an earlier run, the origin sending "
                           "Cache-Control: max-age=60 on manifests and profiles (404s too)",
+            "warm-fresh-fuse": "ocixfs-warm-fresh with --fuse-only (the metadata through "
+                               "FUSE, not stacked)",
         }[mode]
         self.needs_ocixfs = True
 
@@ -415,10 +421,10 @@ class Ocixfs:
             return
         with (
             nginx(ctx.ocix_image.parent, ctx.scratch / "nginx",
-                  publisher_headers=self.mode == "warm-fresh") as server,
+                  publisher_headers=self.mode.startswith("warm-fresh")) as server,
             Relay(target=("127.0.0.1", server.port), link=ctx.link) as relay,
         ):
-            warm = self.mode in ("warm", "warm-fresh")
+            warm = self.mode in ("warm", "warm-fresh", "warm-fresh-fuse")
             profile = ctx.scratch / "recorded.profile"
             if self.mode == "predict":
                 spec = ctx.spec
@@ -431,6 +437,7 @@ class Ocixfs:
                 warm_cache=warm,
                 prefetch=(str(profile) if self.mode in ("profile", "predict")
                           else "none" if self.mode == "ondemand" else None),
+                options=("--fuse-only",) if self.mode == "warm-fresh-fuse" else (),
             )
             if self.mode == "profile":
                 recorder = _OcixfsSession(
@@ -544,5 +551,5 @@ CONTENDERS: dict[str, Contender] = {
     for c in (SkopeoUmoci(), Casync(), Ocixfs("cold"), Ocixfs("ondemand"), Ocixfs("profile"),
               Ocixfs("recorded"),
               Ocixfs("borrowed"), Ocixfs("next-ondemand"), Ocixfs("predict"), Ocixfs("warm"),
-              Ocixfs("warm-fresh"))
+              Ocixfs("warm-fresh"), Ocixfs("warm-fresh-fuse"))
 }
