@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
@@ -47,6 +46,8 @@ __all__ = ["MountSession"]
 log = logging.getLogger(__name__)
 
 WARM_MAX_BYTES = 512 << 20  # of a start-up's cached files read ahead into memory
+QUIET_SECONDS = 1.0  # no request for this long: the start-up is over (_keep_for_next_mount)
+QUIET_WAIT_MAX = 30.0
 
 
 class MountSession:
@@ -70,6 +71,7 @@ class MountSession:
         self._store_checks: StoreChecks | None = None
         self._stopped_by_signal = False
         self._write_metadata_image = False
+        self._write_index_pending = False
         self.stacked = False
 
     async def serve(self, ready: Callable[[], None]) -> None:
@@ -103,6 +105,7 @@ class MountSession:
         self.config = replace(self.config, profile=image.profile, stores=image.stores,
                               predict=self.config.predict and image.profile is None,
                               write_index=not image.from_index)
+        self._write_index_pending = self.config.write_index
 
     async def _play_early(self, packs: PackPlayer,
                           *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -156,6 +159,7 @@ class MountSession:
                 pyfuse3.close(unmount=False)
                 self._release_stack(layers)
             self._save_profiles()
+            self._write_next_mount_caches()
 
     def _release_stack(self, layers: Layers) -> None:
         """After a stacked session: the mount at the mountpoint is detached when the daemon
@@ -237,13 +241,44 @@ class MountSession:
             nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
         if self._predictor is not None:
             nursery.start_soon(self._guarded, "predict", self._predictor.run)
-        if self.config.write_index:
-            await self._guarded("index", trio.to_thread.run_sync, write_index,
-                                self.config.cache_dir, self.image_digest, self._tree)
-        if self._write_metadata_image:
-            await self._guarded("metadata image", trio.to_thread.run_sync, partial(
-                write_metadata_image, self.config.cache_dir, self.image_digest, self._tree,
-                uid_shift=self.config.uid_shift, gid_shift=self.config.gid_shift))
+        if self.config.write_index or self._write_metadata_image:
+            await self._guarded("index", self._keep_for_next_mount)
+
+    async def _keep_for_next_mount(self) -> None:
+        """Once the mount has been quiet for ``QUIET_SECONDS`` (at the latest after
+        ``QUIET_WAIT_MAX``), keep what the next mount of the image needs: the image index
+        of a tree decoded from its manifest, and the metadata image if there was none.
+        For 100,000 entries each costs about a second of CPU, which a start-up's
+        requests would otherwise wait behind. A mount that ends first writes them as its
+        daemon exits (``_serve``)."""
+        deadline = trio.current_time() + QUIET_WAIT_MAX
+        seen = -1
+        while trio.current_time() < deadline:
+            activity = self._activity()
+            if activity == seen:
+                break
+            seen = activity
+            await trio.sleep(QUIET_SECONDS)
+        await trio.to_thread.run_sync(self._write_next_mount_caches)
+
+    def _activity(self) -> int:
+        """How many requests the mount has answered so far (near enough)."""
+        assert self._ops is not None
+        counts = self._ops.statistics()
+        return (counts.reads + counts.lookups + counts.negative_lookups + counts.listings
+                + counts.readlinks + counts.xattr_misses)
+
+    def _write_next_mount_caches(self) -> None:
+        """``_keep_for_next_mount``'s writes, once (blocking: a worker thread's, or the
+        daemon's as it exits)."""
+        config = self.config
+        index, self._write_index_pending = self._write_index_pending, False
+        metadata, self._write_metadata_image = self._write_metadata_image, False
+        if index:
+            write_index(config.cache_dir, self.image_digest, self._tree)
+        if metadata:
+            write_metadata_image(config.cache_dir, self.image_digest, self._tree,
+                                 uid_shift=config.uid_shift, gid_shift=config.gid_shift)
 
     def _stack_once_served(self, layers: Layers) -> None:
         """Once the FUSE mount answers, stack the metadata image over it at the mountpoint
