@@ -29,7 +29,15 @@ from ocixfs.image.format import Entry, Kind, Manifest
 from ocixfs.image.tree import Tree
 from ocixfs.mount.daemon import mount_type
 from ocixfs.mount.stacking import Layers, kernel_can_stack
-from tests.mounting import Mounts, is_mounted, process_alive, run_ocixfs, store_args, wait_for
+from tests.mounting import (
+    OCIXFS,
+    Mounts,
+    is_mounted,
+    process_alive,
+    run_ocixfs,
+    store_args,
+    wait_for,
+)
 from tests.nginx import Nginx
 from tests.test_mount import build, make_rootfs
 from tests.treecompare import differences, walk, xattrs
@@ -342,3 +350,31 @@ def test_a_tampered_metadata_image_is_rewritten_not_mounted(
         wait_for(lambda: image.read_bytes() != data, what="the image rewritten")
     with mounts(ocix, mountpoint, *args):
         assert mount_type(mountpoint) == "overlay"
+
+
+def test_stacking_works_where_every_mount_is_shared(tmp_path: Path) -> None:
+    """Under systemd every mount has shared propagation (``mount --make-rshared /``), where
+    moving a mount is refused and mounts made in /run propagate: in a mount namespace set
+    up that way, the first mount serves through FUSE, the next is stacked, and unmounting
+    leaves nothing."""
+    root = make_rootfs(tmp_path / "rootfs")
+    ocix = build(root, tmp_path / "store", tmp_path / "image.ocix")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount = " ".join([*OCIXFS, "mount", os.fspath(ocix), os.fspath(mountpoint),
+                      *store_args(f"file://{tmp_path / 'store'}", tmp_path / "cache"),
+                      "--no-service"])
+    umount = " ".join([*OCIXFS, "umount", os.fspath(mountpoint)])
+    where = f"grep ' {mountpoint} ' /proc/self/mounts | cut -d' ' -f3"
+    script = f"""set -e
+mount --make-rshared /
+{mount}; {where}; cat {mountpoint}/etc/hostname; {umount}
+{mount}; {where}; cat {mountpoint}/etc/hostname; {umount}
+grep -c ' {mountpoint} ' /proc/self/mounts || true
+"""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "unchanged", "sh", "-c",
+                           script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fuse.ocixfs", "ocixfs-test-0", "overlay", "ocixfs-test-0",
+                                   "0"]

@@ -134,7 +134,11 @@ class MountSession:
         self._ops, self._reader = ops, reader
         control = self._control_server()
         listening = control.bind()
-        layers = Layers.of(self.config.mountpoint, os.getpid()) if self.config.stack else None
+        meta_fd = None
+        if self.config.stack:
+            meta_fd = await trio.to_thread.run_sync(self._open_metadata_image)
+            self._write_metadata_image = meta_fd is None
+        layers = None if meta_fd is None else Layers.of(self.config.mountpoint, os.getpid())
         try:
             if layers is not None:
                 layers.create()
@@ -145,11 +149,13 @@ class MountSession:
             control.path.unlink(missing_ok=True)
             if layers is not None:
                 layers.remove()
+            if meta_fd is not None:
+                os.close(meta_fd)
             raise
         try:
             nursery.start_soon(self._guarded, "control", control.serve, listening)
             nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
-            nursery.start_soon(self._announce_when_serving, ready, nursery, layers)
+            nursery.start_soon(self._announce_when_serving, ready, nursery, layers, meta_fd)
             await pyfuse3.main()
         finally:
             nursery.cancel_scope.cancel()
@@ -222,17 +228,17 @@ class MountSession:
         if self.config.record_profile is not None:
             save_profile(self.config.record_profile, recorded)
 
-    async def _announce_when_serving(self, ready: Callable[[], None],
-                                     nursery: trio.Nursery, layers: Layers | None) -> None:
+    async def _announce_when_serving(self, ready: Callable[[], None], nursery: trio.Nursery,
+                                     layers: Layers | None, meta_fd: int | None) -> None:
         """Call ``ready`` once the mount answers (stacked first, if it is to be); then
         start the prefetcher and the predictor (their first steps, a look at the cache
         for every planned blob, would hold up the trio thread while the kernel's first
         requests wait) and keep the index of a tree decoded from its manifest."""
-        if layers is None:
+        if layers is None or meta_fd is None:
             await trio.to_thread.run_sync(_widen_read_ahead_once_served,
                                           self.config.mountpoint)
         else:
-            await trio.to_thread.run_sync(self._stack_once_served, layers)
+            await trio.to_thread.run_sync(self._stack_once_served, layers, meta_fd)
         if self._store_checks is not None:
             self._store_checks.report()
         ready()
@@ -280,23 +286,25 @@ class MountSession:
             write_metadata_image(config.cache_dir, self.image_digest, self._tree,
                                  uid_shift=config.uid_shift, gid_shift=config.gid_shift)
 
-    def _stack_once_served(self, layers: Layers) -> None:
+    def _open_metadata_image(self) -> int | None:
+        """A descriptor of the image's metadata image if this host has a good one (then
+        the mount is stacked), else None (it is written for the next mount). Blocking."""
+        config = self.config
+        return open_metadata_image(config.cache_dir, self.image_digest,
+                                   uid_shift=config.uid_shift, gid_shift=config.gid_shift,
+                                   verified=runtime_dir() / "verified")
+
+    def _stack_once_served(self, layers: Layers, meta_fd: int) -> None:
         """Once the FUSE mount answers, stack the metadata image over it at the mountpoint
-        (``mount.stacking``), or move it there when there is no image. Blocking: a worker
-        thread's."""
+        (``mount.stacking``). Blocking: a worker thread's."""
         _widen_read_ahead_once_served(layers.data)
         config = self.config
-        meta_fd = open_metadata_image(config.cache_dir, self.image_digest,
-                                      uid_shift=config.uid_shift, gid_shift=config.gid_shift,
-                                      verified=runtime_dir() / "verified")
-        self._write_metadata_image = meta_fd is None
         flags = stacking.mount_flags(config.kernel_flags, suid=config.suid, dev=config.dev)
         try:
             self.stacked = stacking.stack(layers, meta_fd, config.mountpoint,
                                           source=config.fsname, flags=flags)
         finally:
-            if meta_fd is not None:
-                os.close(meta_fd)
+            os.close(meta_fd)
 
     async def _stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -22,21 +22,21 @@ listings still answer (the kernel holds them), and reading a file not in the pag
 fails with ``ENOTCONN``.
 
 When there is no metadata image yet (the first mount of an image on this host: its
-daemon writes one once it serves) or the overlay cannot be made (logged), the FUSE mount
-is moved to the mountpoint (``MS_MOVE``) and serves everything, as an unstacked mount
-does.
+daemon writes one once it serves), the FUSE mount is made at the mountpoint and serves
+everything. If the overlay cannot be made (logged), the FUSE mount is moved to the
+mountpoint (``MS_MOVE``) instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ocixfs.errors import OcixError
 from ocixfs.mount.runtime import mount_id, runtime_dir
 
 __all__ = ["Layers", "is_stacked", "kernel_can_stack", "mount_flags", "stack", "unstack"]
@@ -86,11 +86,13 @@ class Layers:
         runtime_dir(create=True)
         base = self.root.parent
         base.mkdir(mode=0o700, exist_ok=True)
+        problem = None
         if not _mounts_at(base):
-            problem = (_mount(os.fspath(base), base, "", _MS_BIND, "")
-                       or _mount("none", base, "", _MS_PRIVATE, ""))
-            if problem is not None:
-                log.warning("%s: cannot make it a private mount: %s", base, problem)
+            problem = _mount(os.fspath(base), base, "", _MS_BIND, "")
+        # always: a mount namespace made since may have made it shared (mount --make-rshared)
+        problem = problem or _mount("none", base, "", _MS_PRIVATE, "")
+        if problem is not None:
+            log.warning("%s: cannot make it a private mount: %s", base, problem)
         self.root.mkdir(mode=0o700)
         self.data.mkdir(mode=0o700)
         self.meta.mkdir(mode=0o700)
@@ -137,32 +139,29 @@ def mount_flags(kernel_flags: frozenset[str], *, suid: bool, dev: bool) -> int:
     return flags
 
 
-def stack(layers: Layers, meta_fd: int | None, mountpoint: Path, *, source: str,
+def stack(layers: Layers, meta_fd: int, mountpoint: Path, *, source: str,
           flags: int) -> bool:
     """Mount the metadata image (``meta_fd``) and the overlay (module doc), then detach
     the layers. Blocking: the overlay's first lookups are served by the FUSE mount, so
-    this runs in a worker thread, never in the trio thread. With no image, or on a
-    failure (logged), the FUSE mount is moved to the mountpoint instead; returns whether
-    the overlay was made."""
-    problem = None
-    if meta_fd is not None:
-        problem = _mount(f"/proc/self/fd/{meta_fd}", layers.meta, "erofs",
-                         _MS_RDONLY | _MS_NODEV | _MS_NOSUID, "")
-        if problem is None:
-            options = (f"lowerdir={layers.meta}::{layers.data},metacopy=on,"
-                       "redirect_dir=follow")
-            problem = _mount(source, mountpoint, "overlay", flags, options)
-        if problem is not None:
-            log.warning("%s: the kernel cannot serve the metadata (%s); FUSE serves it all",
-                        mountpoint, problem)
-    if meta_fd is None or problem is not None:
-        moved = _mount(os.fspath(layers.data), mountpoint, "", _MS_MOVE, "")
-        if moved is not None:
-            raise OSError(errno.EIO, f"cannot move the FUSE mount into place: {moved}")
+    this runs in a worker thread, never in the trio thread. On a failure (logged), the
+    FUSE mount is moved to the mountpoint instead; returns whether the overlay was made.
+    Raises ``OcixError`` if even that fails (the daemon then ends, unmounting it)."""
+    problem = _mount(f"/proc/self/fd/{meta_fd}", layers.meta, "erofs",
+                     _MS_RDONLY | _MS_NODEV | _MS_NOSUID, "")
+    if problem is None:
+        options = f"lowerdir={layers.meta}::{layers.data},metacopy=on,redirect_dir=follow"
+        problem = _mount(source, mountpoint, "overlay", flags, options)
+    if problem is None:
         layers.remove()
-        return False
+        return True
+    log.warning("%s: the kernel cannot serve the metadata (%s); FUSE serves it all",
+                mountpoint, problem)
+    moved = _mount(os.fspath(layers.data), mountpoint, "", _MS_MOVE, "")
+    if moved is not None:
+        raise OcixError(f"{mountpoint}: cannot mount: overlay: {problem}; moving the FUSE "
+                        f"mount into place: {moved} (mount with --fuse-only)")
     layers.remove()
-    return True
+    return False
 
 
 def unstack(mountpoint: Path) -> None:
