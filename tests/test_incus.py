@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from ocixfs.mount.daemon import mount_type
 from ocixfs.mount.incus import (
     RUN_DIR,
     HookContext,
@@ -35,6 +34,7 @@ from ocixfs.mount.incus import (
     pre_start,
     raw_lxc,
 )
+from ocixfs.mount.mounts import mount_type
 from ocixfs.mount.stacking import kernel_can_stack
 from tests.mounting import Mount, force_unmount, is_mounted, needs_fuse, run_ocixfs, wait_for
 from tests.nginx import Nginx

@@ -20,6 +20,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -27,7 +28,7 @@ from ocixfs.cache.index import write_metadata_image
 from ocixfs.image.erofs import BOOT_SIZE, Unrepresentable, metadata_image
 from ocixfs.image.format import Entry, Kind, Manifest
 from ocixfs.image.tree import Tree
-from ocixfs.mount.daemon import mount_type
+from ocixfs.mount.mounts import mount_type
 from ocixfs.mount.stacking import Layers, kernel_can_stack
 from tests.mounting import (
     OCIXFS,
@@ -223,8 +224,8 @@ def _metadata_served_by_kernel(mountpoint: Path) -> bool:
 
 
 def _mount_twice(mounts: Mounts, ocix: Path, mountpoint: Path, *args: str) -> None:
-    """Mount once (FUSE; the metadata image is written once it serves), unmount, and
-    mount again (stacked)."""
+    """Mount once (FUSE; the metadata image is written once the mount is quiet), unmount,
+    and mount again (stacked)."""
     cache = Path(args[args.index("--cache-dir") + 1])
     with mounts(ocix, mountpoint, *args):
         assert mount_type(mountpoint) == "fuse.ocixfs"
@@ -235,11 +236,26 @@ def _mount_twice(mounts: Mounts, ocix: Path, mountpoint: Path, *args: str) -> No
     assert _metadata_served_by_kernel(mountpoint)
 
 
-def test_a_seen_image_is_stacked_and_walked_without_fuse(
-        tmp_path: Path, rootfs: tuple[Path, Path, Path], nginx: Nginx, mounts: Mounts) -> None:
+class Stacked(NamedTuple):
+    """The ``rootfs`` image, stacked at ``mountpoint`` (``mount`` args: ``args``)."""
+
+    root: Path
+    ocix: Path
+    mountpoint: Path
+    args: list[str]
+
+
+@pytest.fixture
+def stacked(tmp_path: Path, rootfs: tuple[Path, Path, Path], nginx: Nginx,
+            mounts: Mounts) -> Stacked:
     root, _, ocix = rootfs
-    mountpoint = tmp_path / "mnt"
-    _mount_twice(mounts, ocix, mountpoint, *store_args(nginx.url, tmp_path / "cache"))
+    args = store_args(nginx.url, tmp_path / "cache")
+    _mount_twice(mounts, ocix, tmp_path / "mnt", *args)
+    return Stacked(root, ocix, tmp_path / "mnt", args)
+
+
+def test_a_seen_image_is_stacked_and_walked_without_fuse(stacked: Stacked) -> None:
+    root, mountpoint = stacked.root, stacked.mountpoint
     seen = walk(mountpoint)
     for path, st in seen.items():
         where = mountpoint / path.lstrip("/")
@@ -290,12 +306,9 @@ def test_an_image_erofs_cannot_hold_is_served_by_fuse(
             assert os.getxattr(tmp_path / "mnt/etc/hostname", "trusted.overlay.opaque") == b"y"
 
 
-def test_every_end_of_a_stacked_mount_leaves_nothing(
-        tmp_path: Path, rootfs: tuple[Path, Path, Path], nginx: Nginx, mounts: Mounts) -> None:
-    _, _, ocix = rootfs
-    mountpoint = tmp_path / "mnt"
-    args = store_args(nginx.url, tmp_path / "cache")
-    _mount_twice(mounts, ocix, mountpoint, *args)
+def test_every_end_of_a_stacked_mount_leaves_nothing(stacked: Stacked,
+                                                     mounts: Mounts) -> None:
+    _, ocix, mountpoint, args = stacked
 
     def ended_by(stop: str) -> None:
         mount = mounts(ocix, mountpoint, *args)
@@ -332,11 +345,8 @@ def test_every_end_of_a_stacked_mount_leaves_nothing(
 
 
 def test_a_tampered_metadata_image_is_rewritten_not_mounted(
-        tmp_path: Path, rootfs: tuple[Path, Path, Path], nginx: Nginx, mounts: Mounts) -> None:
-    root, _, ocix = rootfs
-    mountpoint = tmp_path / "mnt"
-    args = store_args(nginx.url, tmp_path / "cache")
-    _mount_twice(mounts, ocix, mountpoint, *args)
+        tmp_path: Path, stacked: Stacked, mounts: Mounts) -> None:
+    root, ocix, mountpoint, args = stacked
     run_ocixfs("umount", os.fspath(mountpoint))
     [image] = (tmp_path / "cache" / "index").glob("*.erofs")
     data = bytearray(image.read_bytes())

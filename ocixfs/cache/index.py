@@ -4,8 +4,9 @@
 its inode tree. The first time, the manifest is decoded and validated in full and the
 tree built (``image.format``, ``image.tree``); the tree is then packed
 (``image.packed``) and kept as ``CACHE/index/<hex of the manifest digest>.index`` (a
-mount uses ``open_tree`` and its daemon calls ``write_index`` once it serves, so the first
-mount of a big image does not wait for the write). The
+mount uses ``open_tree`` and its daemon calls ``write_index`` once the mount has been quiet
+for a second, or as it exits, so the first mount of a big image does not wait for the
+write, nor does its start-up). The
 next load of the same bytes (the digest is their BLAKE3, computed anyway to pin them)
 unpacks that file instead: no decode, no validation, nodes made on first use.
 
@@ -41,8 +42,8 @@ never reads, hold the header that authenticates it the same way (magic, this bui
 digest, shifts, length, and the keyed BLAKE3 of those and of the image after the boot
 area). ``open_metadata_image`` hands the daemon a descriptor of an authenticated one:
 the kernel parses what it mounts, so a file nobody with the key wrote is never mounted.
-Like the index, it is written by the daemon of the first mount once it serves
-(``write_metadata_image``; for 100,000 entries it takes about a second), without
+Like the index, it is written by the daemon of the first mount once that mount is quiet
+(``write_metadata_image``; for 100,000 entries it takes about 1.5 s), without
 ``fsync``: a file torn by a crash fails its check and is written again.
 """
 
@@ -64,7 +65,7 @@ from pathlib import Path
 import blake3
 
 from ocixfs import __version__
-from ocixfs.cache.layout import INDEX
+from ocixfs.cache.layout import INDEX, TOUCH_INTERVAL
 from ocixfs.errors import FormatError, UnsafePathError
 from ocixfs.image.erofs import BOOT_SIZE, Unrepresentable, metadata_image
 from ocixfs.image.format import decode
@@ -111,7 +112,6 @@ _RESERVED = bytes(7)
 _BYTE_ORDER = 1 if sys.byteorder == "little" else 2
 _BUILD = __version__.encode()[:16]
 _MAX_INDEX_BYTES = 1 << 32
-_TOUCH_INTERVAL = 3600.0
 
 
 @dataclass(slots=True)
@@ -424,7 +424,7 @@ def _authenticated_image(path: Path, header: tuple[str, int, int], key: bytes,
                 raise FormatError(f"{path}: not authenticated by this host's key")
             if verified is not None:
                 _note_verified(verified, path.name, note)
-        if time.time() - st.st_mtime > _TOUCH_INTERVAL:
+        if time.time() - st.st_mtime > TOUCH_INTERVAL:
             with contextlib.suppress(OSError):
                 os.utime(fd)
     except (OSError, FormatError) as exc:

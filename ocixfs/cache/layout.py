@@ -7,6 +7,7 @@
     CACHE/tmp/<hex>.fetch           a host-wide fetch claim, flock()ed by the fetching process
     CACHE/profiles/<hex>.profile    access profiles recorded on this host
     CACHE/index/<hex>.index         inode tables of images loaded here (``cache.index``)
+    CACHE/index/<hex>.<u>.<g>.erofs their EROFS metadata images, per uid/gid shift
     CACHE/manifests/<hex>.json      what identifies the manifests (and profiles beside
                                     them) read here, by URL or file:// (``cache.manifests``)
     CACHE/manifests/<hex>.body      the bytes of such a profile
@@ -45,6 +46,7 @@ __all__ = [
     "MANIFESTS",
     "PROFILES",
     "TMP",
+    "TOUCH_INTERVAL",
     "USAGE_FILE",
     "BlobFile",
     "NotABlob",
@@ -69,6 +71,8 @@ MANIFESTS = "manifests"
 USAGE_FILE = "usage"
 EVICT_LOCK = "evict.lock"
 DEMAND_LOCK = "demand.lock"
+TOUCH_INTERVAL = 3600.0
+"""A file whose mtime records its last use (for trimming) is touched at most this often."""
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import blake3
 
-from ocixfs.cache.layout import MANIFESTS
+from ocixfs.cache.layout import MANIFESTS, TOUCH_INTERVAL
 from ocixfs.errors import UnsafePathError
 from ocixfs.http import Validators
 from ocixfs.image.loading import open_regular, read_limited
@@ -42,7 +42,6 @@ __all__ = ["ABSENT", "KEEP_RECORDS", "KnownDocument", "digest_of", "file_version
 log = logging.getLogger(__name__)
 
 KEEP_RECORDS = 256
-_TOUCH_INTERVAL = 3600.0  # a record's last use is refreshed at most this often
 _MAX_RECORD = 8192
 _DIGEST_PREFIX = "b3:"
 ABSENT = ""
@@ -117,7 +116,7 @@ def recall(cache_dir: Path, url: str) -> KnownDocument | None:
         validators = Validators(etag, modified, float(max_age))
         if not (validators or validators.max_age > 0):
             return None
-        if time.time() - touched > _TOUCH_INTERVAL:  # used: among the last to be trimmed
+        if time.time() - touched > TOUCH_INTERVAL:  # used: among the last to be trimmed
             with contextlib.suppress(OSError):
                 os.utime(path, follow_symlinks=False)
         return KnownDocument(digest, validators, float(checked))

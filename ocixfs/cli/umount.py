@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_fuse_mount(mountpoint: Path) -> bool:
-    from ocixfs.mount.daemon import mount_type
+    from ocixfs.mount.mounts import mount_type
     from ocixfs.mount.stacking import is_stacked
 
     return mount_type(mountpoint).startswith("fuse") or is_stacked(mountpoint)

@@ -66,7 +66,6 @@ _MAX_CHUNK_FORMAT = 31  # chunk size = block << format: up to 8 TiB
 _XATTR_PREFIXES = (("user.", 1), ("trusted.", 4), ("security.", 6))
 _XATTR_WHOLE = {"system.posix_acl_access": 2, "system.posix_acl_default": 3}
 _OVERLAY_PREFIXES = ("trusted.overlay.", "user.overlay.")
-_METACOPY = _XATTR_ENTRY.pack(len(b"overlay.metacopy"), 4, 0) + b"overlay.metacopy"
 
 _FILE_TYPES = {
     Kind.REGULAR: 1, Kind.DIRECTORY: 2, Kind.CHARACTER: 3, Kind.BLOCK: 4, Kind.FIFO: 5,
@@ -111,26 +110,23 @@ class _Writer:
         self._tree = tree
         self._uid_shift = uid_shift
         self._gid_shift = gid_shift
-        self._records: dict[int, _Record] = {}
-        self._order: list[_Record] = []
+        self._records: dict[int, _Record] = {}  # by inode, in depth-first order
 
     def write(self, boot: bytes) -> bytearray:
         root = self._tree.root
         for node in _depth_first(root):
             if node.ino not in self._records:
-                record = _Record(node)
-                self._records[node.ino] = record
-                self._order.append(record)
+                self._records[node.ino] = _Record(node)
         end = self._place_inodes()
         data_start = _round_up(end, BLOCK_SIZE) // BLOCK_SIZE
         block = data_start
-        for record in self._order:
+        for record in self._records.values():
             if record.block_count:
                 record.block_addr = block
                 block += record.block_count
         image = bytearray(block * BLOCK_SIZE)
         image[:len(boot)] = boot
-        for record in self._order:
+        for record in self._records.values():
             self._write_inode(image, record)
         self._write_super(image, root_nid=self._records[root.ino].nid, blocks=block)
         return image
@@ -139,7 +135,7 @@ class _Writer:
 
     def _place_inodes(self) -> int:
         position = _FIRST_INODE
-        for record in self._order:
+        for record in self._records.values():
             node = record.node
             record.xattrs = _xattr_body(node)
             inline = self._prepare_content(record)
@@ -170,9 +166,10 @@ class _Writer:
             return target
         if kind is Kind.REGULAR:
             record.size = node.size
+            if node.size > BLOCK_SIZE << _MAX_CHUNK_FORMAT:
+                raise Unrepresentable(f"{node.path}: {node.size} bytes, over EROFS's 8 TiB")
             if node.size:
                 record.layout = _CHUNK_BASED
-                return None
         return None
 
     def _settle_content(self, record: _Record, inline: bytes | None) -> None:
@@ -206,10 +203,7 @@ class _Writer:
                 record.tail = blocks.pop()
             record.blocks = blocks
         if kind is Kind.REGULAR and record.layout == _CHUNK_BASED:
-            chunk_format = max(0, (node.size - 1).bit_length() - BLOCK_BITS)
-            if chunk_format > _MAX_CHUNK_FORMAT:
-                raise Unrepresentable(f"{node.path}: {node.size} bytes, over EROFS's 8 TiB")
-            i_u = chunk_format
+            i_u = max(0, (node.size - 1).bit_length() - BLOCK_BITS)  # one chunk: the file
         elif kind in (Kind.CHARACTER, Kind.BLOCK):
             i_u = _encode_dev(node.entry.rdev or (0, 0))
         else:
@@ -246,7 +240,7 @@ class _Writer:
         if root_nid > 0xFFFF:
             raise Unrepresentable("root inode beyond EROFS's 16-bit root nid")
         _SUPER.pack_into(
-            image, BOOT_SIZE, _MAGIC, 0, 0, BLOCK_BITS, 0, root_nid, len(self._order), 0, 0,
+            image, BOOT_SIZE, _MAGIC, 0, 0, BLOCK_BITS, 0, root_nid, len(self._records), 0, 0,
             blocks, 0, 0, b"\0" * 16, b"ocixfs".ljust(16, b"\0"),
             _FEATURE_INCOMPAT_CHUNKED_FILE, 0, 0, 0, 0, 0, 0, 0, 0)
 
@@ -284,9 +278,9 @@ def _block_length(names: list[tuple[bytes, Node]]) -> int:
 
 def _xattr_body(node: Node) -> bytes:
     """A node's inline xattrs (header and entries), or empty when it has none."""
-    entries = [_xattr_entry(name, value) for name, value in _sorted(node.xattrs)]
+    entries = [_xattr_entry(name, value) for name, value in _image_xattrs(node.xattrs)]
     if node.kind is Kind.REGULAR and node.size:
-        entries.append(_METACOPY)
+        entries.append(_xattr_entry("trusted.overlay.metacopy", b""))
         entries.append(_xattr_entry("trusted.overlay.redirect",
                                     node.path.encode("utf-8", "surrogateescape")))
     if not entries:
@@ -294,7 +288,8 @@ def _xattr_body(node: Node) -> bytes:
     return _XATTR_HEADER + b"".join(_pad4(entry) for entry in entries)
 
 
-def _sorted(xattrs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+def _image_xattrs(xattrs: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+    """The manifest's xattrs, sorted by name; overlayfs's own cannot be among them."""
     for name in xattrs:
         if name.startswith(_OVERLAY_PREFIXES):
             raise Unrepresentable(f"xattr {name!r} is overlayfs's own")

@@ -30,10 +30,11 @@ class MountConfig:
     - ``record_profile``: where to save what this mount saw, besides the host's cache.
     - ``uid_shift``/``gid_shift``: added to every owner and group the mount reports (an
       unprivileged container's id base).
-    - ``write_index``: the tree was decoded from the manifest; once serving, the daemon
+    - ``write_index``: the tree was decoded from the manifest; once quiet, the daemon
       keeps it in the host's index (``cache.index``) for the next mount.
-    - ``stack``: the kernel serves the metadata from the image's EROFS metadata image,
-      the FUSE mount only file contents (``mount.stacking``).
+    - ``stack``: when this host has the image's EROFS metadata image, the kernel serves
+      the metadata from it and the FUSE mount only file contents (``mount.stacking``);
+      when not, the daemon writes one for the next mount.
     - ``log_file``: where a background daemon logs; ``remove_routine_log``: remove it at a
       clean unmount if it holds nothing but routine lines (the default log in the runtime
       directory; never a file the user named).

@@ -33,8 +33,8 @@ from ocixfs.log import only_routine_lines, timestamp_lines
 from ocixfs.mount.config import MountConfig
 from ocixfs.mount.startup import ImageLoader, PendingLoad
 
-__all__ = ["check_mountpoint", "is_ocixfs_mount", "mount_type", "open_log_file",
-           "run_background", "run_foreground", "sd_notify", "unmount", "wait_for_exit"]
+__all__ = ["check_mountpoint", "open_log_file", "run_background", "run_foreground", "sd_notify",
+           "unmount", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def _mount_owner(mountpoint: Path) -> str:
     """Who holds a mountpoint, for the refusal message. After a daemon died, the kernel's
     caches still answer ``stat`` on the root, so only the silent control socket tells."""
     from ocixfs.mount.control import request, socket_path
+    from ocixfs.mount.stacking import is_ocixfs_mount
 
     if not socket_path(mountpoint).exists():
         if is_ocixfs_mount(mountpoint):
@@ -83,28 +84,6 @@ def _mount_owner(mountpoint: Path) -> str:
     except OcixError:
         return f" whose ocixfs daemon is gone; run 'ocixfs umount {mountpoint}' first"
     return f" (served by ocixfs daemon {pid})"
-
-
-def is_ocixfs_mount(mountpoint: Path) -> bool:
-    """Whether the topmost mount at ``mountpoint`` is an ocixfs mount (FUSE or stacked)."""
-    from ocixfs.mount.stacking import is_stacked
-
-    return mount_type(mountpoint) == "fuse.ocixfs" or is_stacked(mountpoint)
-
-
-def mount_type(mountpoint: Path) -> str:
-    """The file system type of the topmost mount at ``mountpoint`` ("" if none)."""
-    target = os.fsencode(mountpoint).replace(b" ", b"\\040")
-    found = b""
-    try:
-        with open("/proc/self/mounts", "rb") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) > 2 and fields[1] == target:
-                    found = fields[2]
-    except OSError:
-        return ""
-    return found.decode(errors="replace")
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
@@ -253,11 +232,11 @@ def _stop_child(pid: int, mountpoint: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     os.waitpid(pid, 0)
+    from ocixfs.mount.stacking import Layers, is_ocixfs_mount
+
     if is_ocixfs_mount(mountpoint):
         with contextlib.suppress(OcixError):
             unmount(mountpoint, lazy=True)
-    from ocixfs.mount.stacking import Layers
-
     Layers.of(mountpoint, pid).remove()  # one killed while it stacked
 
 

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ocixfs.errors import OcixError
-from ocixfs.mount.daemon import is_ocixfs_mount, mount_type
+from ocixfs.mount.mounts import mount_type
+from ocixfs.mount.stacking import is_ocixfs_mount
 from ocixfs.safefs import trusted_directory
 
 __all__ = [

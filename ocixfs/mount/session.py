@@ -12,7 +12,8 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
@@ -70,8 +71,8 @@ class MountSession:
         self._background_failures: Counter[str] = Counter()
         self._store_checks: StoreChecks | None = None
         self._stopped_by_signal = False
-        self._write_metadata_image = False
-        self._write_index_pending = False
+        self._metadata_image_missing = False
+        self._next_mount_caches_written = False
         self.stacked = False
 
     async def serve(self, ready: Callable[[], None]) -> None:
@@ -105,7 +106,6 @@ class MountSession:
         self.config = replace(self.config, profile=image.profile, stores=image.stores,
                               predict=self.config.predict and image.profile is None,
                               write_index=not image.from_index)
-        self._write_index_pending = self.config.write_index
 
     async def _play_early(self, packs: PackPlayer,
                           *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -134,11 +134,8 @@ class MountSession:
         self._ops, self._reader = ops, reader
         control = self._control_server()
         listening = control.bind()
-        meta_fd = None
-        if self.config.stack:
-            meta_fd = await trio.to_thread.run_sync(self._open_metadata_image)
-            self._write_metadata_image = meta_fd is None
-        layers = None if meta_fd is None else Layers.of(self.config.mountpoint, os.getpid())
+        to_stack = await self._to_stack()
+        layers = to_stack.layers if to_stack is not None else None
         try:
             if layers is not None:
                 layers.create()
@@ -147,15 +144,13 @@ class MountSession:
         except BaseException:
             listening.close()
             control.path.unlink(missing_ok=True)
-            if layers is not None:
-                layers.remove()
-            if meta_fd is not None:
-                os.close(meta_fd)
+            if to_stack is not None:
+                to_stack.close()
             raise
         try:
             nursery.start_soon(self._guarded, "control", control.serve, listening)
             nursery.start_soon(self._guarded, "signals", self._stop_on_signals)
-            nursery.start_soon(self._announce_when_serving, ready, nursery, layers, meta_fd)
+            nursery.start_soon(self._announce_when_serving, ready, nursery, to_stack)
             await pyfuse3.main()
         finally:
             nursery.cancel_scope.cancel()
@@ -229,16 +224,16 @@ class MountSession:
             save_profile(self.config.record_profile, recorded)
 
     async def _announce_when_serving(self, ready: Callable[[], None], nursery: trio.Nursery,
-                                     layers: Layers | None, meta_fd: int | None) -> None:
+                                     to_stack: _ToStack | None) -> None:
         """Call ``ready`` once the mount answers (stacked first, if it is to be); then
         start the prefetcher and the predictor (their first steps, a look at the cache
         for every planned blob, would hold up the trio thread while the kernel's first
         requests wait) and keep the index of a tree decoded from its manifest."""
-        if layers is None or meta_fd is None:
+        if to_stack is None:
             await trio.to_thread.run_sync(_widen_read_ahead_once_served,
                                           self.config.mountpoint)
         else:
-            await trio.to_thread.run_sync(self._stack_once_served, layers, meta_fd)
+            await trio.to_thread.run_sync(self._stack_once_served, to_stack)
         if self._store_checks is not None:
             self._store_checks.report()
         ready()
@@ -247,7 +242,7 @@ class MountSession:
             nursery.start_soon(self._guarded, "prefetch", self._prefetcher.run)
         if self._predictor is not None:
             nursery.start_soon(self._guarded, "predict", self._predictor.run)
-        if self.config.write_index or self._write_metadata_image:
+        if self.config.write_index or self._metadata_image_missing:
             await self._guarded("index", self._keep_for_next_mount)
 
     async def _keep_for_next_mount(self) -> None:
@@ -275,36 +270,45 @@ class MountSession:
                 + counts.readlinks + counts.xattr_misses)
 
     def _write_next_mount_caches(self) -> None:
-        """``_keep_for_next_mount``'s writes, once (blocking: a worker thread's, or the
-        daemon's as it exits)."""
+        """``_keep_for_next_mount``'s writes, once: a worker thread's, or the daemon's as it
+        exits (blocking). The flag is taken before writing, so the two never both write."""
+        if self._next_mount_caches_written:
+            return
+        self._next_mount_caches_written = True
         config = self.config
-        index, self._write_index_pending = self._write_index_pending, False
-        metadata, self._write_metadata_image = self._write_metadata_image, False
-        if index:
+        if config.write_index:
             write_index(config.cache_dir, self.image_digest, self._tree)
-        if metadata:
+        if self._metadata_image_missing:
             write_metadata_image(config.cache_dir, self.image_digest, self._tree,
                                  uid_shift=config.uid_shift, gid_shift=config.gid_shift)
 
-    def _open_metadata_image(self) -> int | None:
-        """A descriptor of the image's metadata image if this host has a good one (then
-        the mount is stacked), else None (it is written for the next mount). Blocking."""
+    async def _to_stack(self) -> _ToStack | None:
+        """What to stack over the FUSE mount: with ``config.stack``, the layers and this
+        host's metadata image, if it has a good one; None otherwise (a mount that may
+        stack but has no image writes one for the next mount)."""
         config = self.config
-        return open_metadata_image(config.cache_dir, self.image_digest,
-                                   uid_shift=config.uid_shift, gid_shift=config.gid_shift,
-                                   verified=runtime_dir() / "verified")
+        if not config.stack:
+            return None
+        meta_fd = await trio.to_thread.run_sync(partial(
+            open_metadata_image, config.cache_dir, self.image_digest,
+            uid_shift=config.uid_shift, gid_shift=config.gid_shift,
+            verified=runtime_dir() / "verified"))
+        if meta_fd is None:
+            self._metadata_image_missing = True
+            return None
+        return _ToStack(Layers.of(config.mountpoint, os.getpid()), meta_fd)
 
-    def _stack_once_served(self, layers: Layers, meta_fd: int) -> None:
+    def _stack_once_served(self, to_stack: _ToStack) -> None:
         """Once the FUSE mount answers, stack the metadata image over it at the mountpoint
         (``mount.stacking``). Blocking: a worker thread's."""
-        _widen_read_ahead_once_served(layers.data)
+        _widen_read_ahead_once_served(to_stack.layers.data)
         config = self.config
         flags = stacking.mount_flags(config.kernel_flags, suid=config.suid, dev=config.dev)
         try:
-            self.stacked = stacking.stack(layers, meta_fd, config.mountpoint,
+            self.stacked = stacking.stack(to_stack.layers, to_stack.meta_fd, config.mountpoint,
                                           source=config.fsname, flags=flags)
         finally:
-            os.close(meta_fd)
+            os.close(to_stack.meta_fd)
 
     async def _stop_on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -379,6 +383,19 @@ class MountSession:
         return {
             "files": files, "files_local": files_local, "bytes": size, "bytes_local": size_local
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _ToStack:
+    """A stacked mount's layers and the descriptor of its metadata image (``close``: give
+    both up, when the FUSE mount failed)."""
+
+    layers: Layers
+    meta_fd: int
+
+    def close(self) -> None:
+        self.layers.remove()
+        os.close(self.meta_fd)
 
 
 class _AccessLogs:

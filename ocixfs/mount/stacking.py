@@ -30,30 +30,36 @@ mountpoint (``MS_MOVE``) instead.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ocixfs.errors import OcixError
+from ocixfs.mount.mounts import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_MOVE,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MountEntry,
+    mount,
+    mounted_at,
+    umount,
+)
 from ocixfs.mount.runtime import mount_id, runtime_dir
 
-__all__ = ["Layers", "is_stacked", "kernel_can_stack", "mount_flags", "stack", "unstack"]
+__all__ = ["Layers", "is_ocixfs_mount", "is_stacked", "kernel_can_stack", "mount_flags", "stack",
+           "unstack"]
 
 log = logging.getLogger(__name__)
 
-_MS_RDONLY = 0x1
-_MS_NOSUID = 0x2
-_MS_NODEV = 0x4
-_MS_NOEXEC = 0x8
-_MS_NOATIME = 0x400
-_MS_NODIRATIME = 0x800
-_MS_BIND = 0x1000
-_MS_MOVE = 0x2000
-_MS_PRIVATE = 0x40000
-_MNT_DETACH = 0x2
-_FLAG_BITS = {"noexec": _MS_NOEXEC, "noatime": _MS_NOATIME, "nodiratime": _MS_NODIRATIME}
+_FLAG_BITS = {"noexec": MS_NOEXEC, "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME}
 _LAYERS = "layers"
 
 
@@ -78,21 +84,22 @@ class Layers:
 
     def create(self) -> None:
         """Make the two empty directories (private to root), after clearing leftovers.
-        ``RUNTIME/layers`` is made a bind mount of itself with private propagation (once
-        per boot): layers mounted there are never copied into other mount namespaces,
+        ``RUNTIME/layers`` is made a bind mount of itself (once per boot) with private
+        propagation (at every mount: a namespace made since may have made it shared):
+        layers mounted there are never copied into other mount namespaces,
         and the FUSE mount can be moved out of it (``MS_MOVE`` refuses a mount whose
         parent is shared, as ``/run`` is under systemd)."""
-        self.remove()
+        if self.root.exists():  # a daemon of the same pid died while it stacked
+            self.remove()
         runtime_dir(create=True)
         base = self.root.parent
         base.mkdir(mode=0o700, exist_ok=True)
-        problem = None
-        if not _mounts_at(base):
-            problem = _mount(os.fspath(base), base, "", _MS_BIND, "")
-        # always: a mount namespace made since may have made it shared (mount --make-rshared)
-        problem = problem or _mount("none", base, "", _MS_PRIVATE, "")
-        if problem is not None:
-            log.warning("%s: cannot make it a private mount: %s", base, problem)
+        try:
+            if not mounted_at(base):
+                mount(os.fspath(base), base, None, MS_BIND)
+            mount("none", base, None, MS_PRIVATE)
+        except OSError as exc:
+            log.warning("%s: cannot make it a private mount: %s", base, exc.strerror)
         self.root.mkdir(mode=0o700)
         self.data.mkdir(mode=0o700)
         self.meta.mkdir(mode=0o700)
@@ -100,9 +107,8 @@ class Layers:
     def remove(self) -> None:
         """Detach whatever is still mounted on the layers and remove their directories."""
         for path in (self.meta, self.data):
-            for _ in range(_mounts_at(path)):
-                if not _umount(path, _MNT_DETACH):
-                    break
+            for _ in mounted_at(path):
+                _detach(path)
             with contextlib.suppress(OSError):
                 path.rmdir()
         with contextlib.suppress(OSError):
@@ -129,11 +135,11 @@ def kernel_can_stack() -> bool:
 
 def mount_flags(kernel_flags: frozenset[str], *, suid: bool, dev: bool) -> int:
     """The overlay's ``MS_*`` flags: read-only, and what the FUSE mount would have had."""
-    flags = _MS_RDONLY
+    flags = MS_RDONLY
     if not suid:
-        flags |= _MS_NOSUID
+        flags |= MS_NOSUID
     if not dev:
-        flags |= _MS_NODEV
+        flags |= MS_NODEV
     for name in kernel_flags:
         flags |= _FLAG_BITS.get(name, 0)
     return flags
@@ -146,20 +152,22 @@ def stack(layers: Layers, meta_fd: int, mountpoint: Path, *, source: str,
     this runs in a worker thread, never in the trio thread. On a failure (logged), the
     FUSE mount is moved to the mountpoint instead; returns whether the overlay was made.
     Raises ``OcixError`` if even that fails (the daemon then ends, unmounting it)."""
-    problem = _mount(f"/proc/self/fd/{meta_fd}", layers.meta, "erofs",
-                     _MS_RDONLY | _MS_NODEV | _MS_NOSUID, "")
-    if problem is None:
-        options = f"lowerdir={layers.meta}::{layers.data},metacopy=on,redirect_dir=follow"
-        problem = _mount(source, mountpoint, "overlay", flags, options)
-    if problem is None:
+    try:
+        mount(f"/proc/self/fd/{meta_fd}", layers.meta, "erofs", MS_RDONLY | MS_NODEV | MS_NOSUID)
+        mount(source, mountpoint, "overlay", flags,
+              f"lowerdir={layers.meta}::{layers.data},metacopy=on,redirect_dir=follow")
+    except OSError as exc:
+        problem = exc.strerror
+    else:
         layers.remove()
         return True
     log.warning("%s: the kernel cannot serve the metadata (%s); FUSE serves it all",
                 mountpoint, problem)
-    moved = _mount(os.fspath(layers.data), mountpoint, "", _MS_MOVE, "")
-    if moved is not None:
+    try:
+        mount(os.fspath(layers.data), mountpoint, None, MS_MOVE)
+    except OSError as exc:
         raise OcixError(f"{mountpoint}: cannot mount: overlay: {problem}; moving the FUSE "
-                        f"mount into place: {moved} (mount with --fuse-only)")
+                        f"mount into place: {exc.strerror} (mount with --fuse-only)") from None
     layers.remove()
     return False
 
@@ -167,53 +175,31 @@ def stack(layers: Layers, meta_fd: int, mountpoint: Path, *, source: str,
 def unstack(mountpoint: Path) -> None:
     """Detach the mount at ``mountpoint`` if it is one of ours (stacked, or the FUSE mount
     moved there): a daemon stopping on its own. The FUSE session then ends with it."""
-    lines = _mount_lines(mountpoint)
-    if is_stacked(mountpoint) or (lines and lines[-1][2] == b"fuse.ocixfs"):
-        _umount(mountpoint, _MNT_DETACH)
+    if is_ocixfs_mount(mountpoint):
+        _detach(mountpoint)
+
+
+def is_ocixfs_mount(mountpoint: Path) -> bool:
+    """Whether the topmost mount at ``mountpoint`` is an ocixfs mount (FUSE or stacked)."""
+    found = mounted_at(mountpoint)
+    return bool(found) and (found[-1].fstype == "fuse.ocixfs" or _is_ours(found[-1]))
 
 
 def is_stacked(mountpoint: Path) -> bool:
     """Whether the topmost mount at ``mountpoint`` is a stacked ocixfs mount: an overlay
     whose layers were made in this user's runtime directory."""
+    found = mounted_at(mountpoint)
+    return bool(found) and _is_ours(found[-1])
+
+
+def _is_ours(entry: MountEntry) -> bool:
     marker = b"lowerdir=" + os.fsencode(runtime_dir() / _LAYERS) + b"/"
-    found = _mount_lines(mountpoint)
-    return bool(found) and found[-1][2] == b"overlay" and marker in found[-1][3]
+    return entry.fstype == "overlay" and marker in entry.options
 
 
-def _mounts_at(path: Path) -> int:
-    """How many mounts are stacked at ``path`` (``os.path.ismount`` misses a bind mount
-    of a directory of the same file system)."""
-    return len(_mount_lines(path))
-
-
-def _mount_lines(path: Path) -> list[list[bytes]]:
-    """The fields of each ``/proc/self/mounts`` line mounted at ``path``, in order."""
-    target = os.fsencode(os.path.abspath(path)).replace(b" ", b"\\040")
+def _detach(path: Path) -> None:
+    """Detach the topmost mount at ``path`` (``MNT_DETACH``); a failure is logged."""
     try:
-        with open("/proc/self/mounts", "rb") as mounts:
-            return [fields for fields in (line.split() for line in mounts)
-                    if len(fields) > 3 and fields[1] == target]
-    except OSError:
-        return []
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _mount(source: str, target: Path, fstype: str, flags: int, options: str) -> str | None:
-    """``mount(2)``; None on success, else the reason."""
-    result = _libc().mount(os.fsencode(source), os.fsencode(target),
-                           fstype.encode() or None, ctypes.c_ulong(flags),
-                           options.encode() or None)
-    if result == 0:
-        return None
-    return os.strerror(ctypes.get_errno())
-
-
-def _umount(target: Path, flags: int) -> bool:
-    """``umount2(2)``; whether it succeeded (failures logged)."""
-    if _libc().umount2(os.fsencode(target), flags) == 0:
-        return True
-    log.warning("cannot unmount %s: %s", target, os.strerror(ctypes.get_errno()))
-    return False
+        umount(path, MNT_DETACH)
+    except OSError as exc:
+        log.warning("cannot unmount %s: %s", path, exc.strerror)

@@ -49,6 +49,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ocixfs.config import FetchConfig
 from ocixfs.errors import OcixError, UsageError
+from ocixfs.mount.mounts import (
+    MNT_DETACH,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    mount,
+    mounts_below,
+    umount,
+)
 
 if TYPE_CHECKING:  # imported when used: 'ocixfs profile --help' needs none of them
     from ocixfs.mount.config import MountConfig
@@ -70,8 +81,6 @@ RUN_ENVIRONMENT = {
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWPID = 0x20000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
-_MNT_DETACH = 2
 _PR_SET_PDEATHSIG = 1
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
             "urandom": (1, 9), "tty": (5, 0)}
@@ -311,7 +320,7 @@ def _runner(plan: RecordPlan, tree: Any, image_digest: str, paths: _RunPaths,
     verdict: dict[str, object] = {}
     try:
         _unshare(_CLONE_NEWNS)
-        _mount("none", Path("/"), None, _MS_REC | _MS_PRIVATE)
+        mount("none", Path("/"), None, MS_REC | MS_PRIVATE)
         for directory in (paths.lower, paths.root, paths.upper):
             directory.mkdir(exist_ok=True)
         _start_daemon(_mount_config(plan, paths), tree, image_digest, paths)
@@ -409,12 +418,12 @@ def _daemon(config: MountConfig, tree: Any, image_digest: str, paths: _RunPaths)
 
 def _overlay(paths: _RunPaths) -> None:
     """WORK/root: the image (read-only, FUSE) under a tmpfs that takes the writes."""
-    _mount("tmpfs", paths.upper, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755")
+    mount("tmpfs", paths.upper, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     (paths.upper / "upper").mkdir()
     (paths.upper / "work").mkdir()
     options = (f"lowerdir={paths.lower},upperdir={paths.upper}/upper,"
                f"workdir={paths.upper}/work")
-    _mount("overlay", paths.root, "overlay", _MS_NODEV, options)
+    mount("overlay", paths.root, "overlay", MS_NODEV, options)
 
 
 def _clean_up(paths: _RunPaths, init: int | None, verdict: dict[str, object]) -> None:
@@ -424,7 +433,7 @@ def _clean_up(paths: _RunPaths, init: int | None, verdict: dict[str, object]) ->
     if init is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(init, signal.SIGKILL)
-    for mountpoint in _mounts_below(paths.work):
+    for mountpoint in mounts_below(paths.work):
         _unmount(mountpoint)
     if not _reap_children(DAEMON_EXIT_TIMEOUT):
         for pid in _children():
@@ -459,22 +468,13 @@ def _children() -> list[int]:
     return found
 
 
-def _mounts_below(work: Path) -> list[Path]:
-    """Mountpoints under ``work`` in this namespace, the last mounted first."""
-    prefix = os.fsencode(work) + b"/"
-    found = []
-    with open("/proc/self/mounts", "rb") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 1 and fields[1].startswith(prefix):
-                found.append(Path(os.fsdecode(fields[1].replace(b"\\040", b" "))))
-    return found[::-1]
-
-
 def _unmount(mountpoint: Path) -> None:
     """Unmount, detaching lazily if something still holds it."""
-    if _umount2(mountpoint, 0) != 0:
-        _umount2(mountpoint, _MNT_DETACH)
+    try:
+        umount(mountpoint)
+    except OSError:
+        with contextlib.suppress(OSError):
+            umount(mountpoint, MNT_DETACH)
 
 
 def _report_log(log: Path) -> None:
@@ -521,7 +521,7 @@ def _init(root: Path, command: tuple[str, ...], output_to_stderr: bool) -> int:
         signal.signal(signum, _ignore)  # caught, so reset to the default at exec
     proc = root / "proc"
     proc.mkdir(exist_ok=True)
-    _mount("proc", proc, "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _minimal_dev(root / "dev")
     os.chroot(root)
     os.chdir("/")
@@ -544,7 +544,7 @@ def _ignore(signum: int, frame: object) -> None:
 
 def _minimal_dev(dev: Path) -> None:
     dev.mkdir(exist_ok=True)
-    _mount("tmpfs", dev, "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=1m")
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
     for name, (major, minor) in _DEVICES.items():
         os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(dev / name, 0o666)
@@ -570,17 +570,6 @@ def _checked(result: int, what: str) -> None:
 
 def _unshare(flags: int) -> None:
     _checked(_libc.unshare(flags), "unshare")
-
-
-def _mount(source: str, target: Path, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    _checked(_libc.mount(source.encode(), os.fsencode(target),
-                         fstype.encode() if fstype else None, ctypes.c_ulong(flags),
-                         data.encode() if data else None), f"mount {target}")
-
-
-def _umount2(target: Path, flags: int) -> int:
-    return int(_libc.umount2(os.fsencode(target), flags))
 
 
 def _prctl(option: int, value: int) -> None:
